@@ -1,0 +1,3 @@
+"""kd: Hydra-configured knowledge distillation of a teacher CNN into a student CNN."""
+
+__version__ = "0.1.0"

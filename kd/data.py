@@ -1,0 +1,323 @@
+"""Datasets as uint8 tensors, decoded once; seeded splits; batches built on the device.
+
+A data source returns the whole training and test sets as ``uint8`` tensors of shape
+``[N, 3, H, W]``. Training batches are drawn by permuting indices and normalised as
+whole batches on the device, so the hot loop has no per-sample Python work, no PIL
+and no DataLoader workers. Decoded arrays of on-disk datasets are cached in
+``cache_dir`` (never inside the data folder, which may be read-only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kd.errors import DataError
+from kd.storage import build_once
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: full train and test sets plus the seeded train/val split."""
+
+    name: str
+    classes: list[str]
+    train: ImageSet  # every training example; train_idx / val_idx select from it
+    test: ImageSet
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+    fingerprint: str  # content hash of all pixels and labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def content_hash(*tensors: torch.Tensor) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(memoryview(tensor.contiguous().cpu().numpy()).cast("B"))
+    return digest.hexdigest()
+
+
+class ImageData:
+    """Common part of every data source: validation split and preprocessing settings."""
+
+    name = "data"
+
+    def __init__(
+        self,
+        val_size: int = 0,
+        split_seed: int = 0,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        augment: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.val_size = int(val_size)
+        self.split_seed = int(split_seed)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.augment = bool(augment)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
+        raise NotImplementedError
+
+    def load(self) -> Dataset:
+        train, test, classes = self._load_sets()
+        if not 0 <= self.val_size < len(train):
+            raise DataError(
+                f"data.val_size={self.val_size} must be >= 0 and smaller than the "
+                f"{len(train)} training examples"
+            )
+        # The split depends on split_seed only, so runs with different training seeds
+        # are selected on the same validation examples.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = order[: self.val_size].sort().values, order[self.val_size :].sort().values
+        return Dataset(
+            name=self.name,
+            classes=classes,
+            train=train,
+            test=test,
+            train_idx=train_idx,
+            val_idx=val_idx,
+            mean=self.mean,
+            std=self.std,
+            augment=self.augment,
+            fingerprint=content_hash(train.images, train.labels, test.images, test.labels),
+        )
+
+
+class SyntheticData(ImageData):
+    """CIFAR-shaped images made in code: a smooth colour pattern per class plus noise."""
+
+    name = "synthetic"
+
+    def __init__(
+        self,
+        train_size: int = 512,
+        test_size: int = 256,
+        num_classes: int = 10,
+        image_size: int = 32,
+        noise: float = 48.0,
+        seed: int = 0,
+        **common,
+    ) -> None:
+        super().__init__(**common)
+        self.sizes = (int(train_size), int(test_size))
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.noise = float(noise)
+        self.seed = int(seed)
+
+    def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        coarse = torch.rand(self.num_classes, 3, 4, 4, generator=gen) * 255
+        prototypes = F.interpolate(coarse, size=self.image_size, mode="bilinear", align_corners=False)
+        sets = []
+        for size in self.sizes:
+            labels = torch.arange(size) % self.num_classes
+            labels = labels[torch.randperm(size, generator=gen)]
+            noise = torch.randn(size, 3, self.image_size, self.image_size, generator=gen) * self.noise
+            images = (prototypes[labels] + noise).clamp(0, 255).round().to(torch.uint8)
+            sets.append(ImageSet(images, labels))
+        return sets[0], sets[1], [f"class{i}" for i in range(self.num_classes)]
+
+
+class ImageFolderData(ImageData):
+    """Any ``root/{train,test}/<class>/<image>`` tree, decoded once and cached."""
+
+    name = "folder"
+
+    def __init__(self, root: str, **common) -> None:
+        super().__init__(**common)
+        self.root = Path(root).expanduser()
+
+    def _check_layout(self) -> None:
+        if not self.root.is_dir():
+            raise DataError(
+                f"data.root={self.root} does not exist; point data.root at a folder that "
+                "holds train/<class>/*.jpg and test/<class>/*.jpg"
+            )
+        for split in ("train", "test"):
+            split_dir = self.root / split
+            if not split_dir.is_dir():
+                raise DataError(f"data.root={self.root} has no {split}/ folder; expected train/ and test/")
+            class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
+            if not class_dirs:
+                raise DataError(f"{split_dir} holds no class folders")
+            for d in class_dirs:
+                if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()):
+                    raise DataError(f"class folder {d} holds no images; remove it or add images")
+
+    def _listing(self, split: str) -> list[tuple[str, int]]:
+        split_dir = self.root / split
+        files = []
+        for class_index, class_dir in enumerate(sorted(d for d in split_dir.iterdir() if d.is_dir())):
+            for f in sorted(class_dir.iterdir()):
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    files.append((str(f), class_index))
+        return files
+
+    def _decode(self, files: list[tuple[str, int]]) -> dict:
+        from PIL import Image
+
+        log.info("decoding %d images under %s (once; cached afterwards)", len(files), self.root)
+        arrays = []
+        for path, _ in files:
+            with Image.open(path) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise DataError(f"images under {self.root} differ in size ({sorted(shapes)[:3]}); resize them first")
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+        return {"images": images, "labels": labels}
+
+    def _load_split(self, split: str) -> ImageSet:
+        files = self._listing(split)
+        if self.cache_dir is None:
+            decoded = self._decode(files)
+        else:
+            # Keyed by every file's path, size and mtime: an edited tree is decoded anew.
+            key = hashlib.blake2b(digest_size=16)
+            for path, label in files:
+                st = os.stat(path)
+                key.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            cache_file = self.cache_dir / "decoded" / f"folder-{split}-{key.hexdigest()}.pt"
+            decoded, _ = build_once(cache_file, lambda: self._decode(files))
+        return ImageSet(decoded["images"], decoded["labels"])
+
+    def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
+        self._check_layout()
+        classes = [[d.name for d in sorted((self.root / s).iterdir()) if d.is_dir()] for s in ("train", "test")]
+        if classes[0] != classes[1]:
+            raise DataError(f"train/ and test/ under {self.root} hold different class folders")
+        return self._load_split("train"), self._load_split("test"), classes[0]
+
+
+class CIFAR10(ImageData):
+    """torchvision's CIFAR-10 (the original release), downloaded when allowed."""
+
+    name = "cifar10"
+
+    def __init__(self, root: str, download: bool = True, **common) -> None:
+        super().__init__(**common)
+        self.root = Path(root).expanduser()
+        self.download = bool(download)
+
+    def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
+        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+
+        sets = []
+        for train in (True, False):
+            try:
+                ds = TorchCIFAR10(str(self.root), train=train, download=self.download)
+            except Exception as exc:  # offline download, or files missing / corrupt
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise DataError(
+                    f"CIFAR-10 not found under data.root={self.root} "
+                    f"({'download failed: ' if self.download else ''}{reason}); point data.root at a "
+                    "folder holding cifar-10-batches-py, or use data=folder data.root=<ImageFolder tree>"
+                ) from None
+            # torchvision already keeps CIFAR-10 as one decoded uint8 array; no cache needed.
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            sets.append(ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64)))
+        return sets[0], sets[1], list(ds.classes)
+
+
+class Preprocess:
+    """uint8 batch -> normalised float batch on the device (optionally augmented)."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        channels_last: bool = False,
+    ) -> None:
+        shape = (1, len(mean), 1, 1)
+        # Fold /255 into the affine map: x * scale + shift.
+        self.scale = (1.0 / (255.0 * torch.tensor(std))).view(shape).to(device)
+        self.shift = (-torch.tensor(mean) / torch.tensor(std)).view(shape).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, images.float(), self.scale)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``padding``) and horizontal flip, per example, on uint8."""
+    n, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    rows = dy[:, None] + torch.arange(h, device=device)  # [n, h]
+    cols = dx[:, None] + torch.arange(w, device=device)  # [n, w]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class BatchStream:
+    """Shuffled mini-batches ``(example indices, uint8 images, labels)`` of one index set.
+
+    ``images`` and ``labels`` may live on the GPU; only the permutation is made on the
+    CPU, from a generator seeded by (seed, epoch), so every run sees the same order.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.indices = indices.to(images.device)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        indices = self.indices
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            indices = indices[torch.randperm(len(indices), generator=gen).to(indices.device)]
+        for start in range(0, len(indices), self.batch_size):
+            idx = indices[start : start + self.batch_size]
+            yield idx, self.images[idx], self.labels[idx]

@@ -1,0 +1,51 @@
+"""Which device and how many CPU threads a job uses, so parallel jobs share fairly."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from kd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(parallel_jobs: int, cores: int | None = None) -> int:
+    """Torch threads for one of ``parallel_jobs`` concurrent jobs: an equal share, at least 1."""
+    cores = available_cores() if cores is None else cores
+    return max(1, cores // max(1, parallel_jobs))
+
+
+def select_device(spec: str, job_num: int = 0, gpu_count: int | None = None) -> torch.device:
+    """Resolve ``trainer.device``; with several GPUs, job ``i`` gets GPU ``i mod k``.
+
+    The GPU is chosen here rather than through CUDA_VISIBLE_DEVICES because joblib
+    reuses worker processes, and CUDA reads that variable once per process.
+    """
+    if gpu_count is None:
+        gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec in ("auto", "cuda"):
+        if gpu_count > 0:
+            return torch.device("cuda", job_num % gpu_count)
+        if spec == "cuda":
+            raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec.startswith("cuda:"):
+        index = int(spec.split(":")[1])
+        if index >= gpu_count:
+            raise ConfigError(f"trainer.device={spec} but only {gpu_count} CUDA device(s) exist; use trainer.device=auto")
+        return torch.device(spec)
+    if spec == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.device=mps but MPS is not available; use trainer.device=cpu or auto")
+    return torch.device(spec)

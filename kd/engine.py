@@ -1,0 +1,132 @@
+"""The training loop and evaluation: plain PyTorch, no config parsing in here."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kd.data import BatchStream, Preprocess, augment_batch
+from kd.errors import Diverged
+
+log = logging.getLogger(__name__)
+
+# Gives teacher logits for a batch: (example indices, preprocessed images) -> logits.
+TeacherSignal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)  # one entry per finished epoch
+    train_seconds: float = 0.0  # optimisation steps only, validation excluded
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    preprocess: Preprocess,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Logits of ``model`` in eval mode for uint8 ``images``, as float32."""
+    was_training = model.training
+    model.eval()
+    outputs = [model(preprocess(images[i : i + batch_size])).float() for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preprocess: Preprocess,
+    batch_size: int = 1024,
+) -> float:
+    """Top-1 accuracy in percent (NaN for an empty set)."""
+    if len(labels) == 0:
+        return float("nan")
+    predictions = predict_logits(model, images, preprocess, batch_size).argmax(1)
+    return 100.0 * (predictions == labels.to(predictions.device)).float().mean().item()
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: BatchStream,
+    preprocess: Preprocess,
+    epochs: int,
+    *,
+    teacher: TeacherSignal | None = None,
+    augment_seed: int | None = None,
+    validate: Callable[[], float] | None = None,
+    amp: bool = False,
+    check_every: int = 10,
+    progress: bool = True,
+    desc: str = "train",
+) -> FitResult:
+    """Train ``model`` for ``epochs`` epochs; raises :class:`Diverged` on a non-finite loss.
+
+    The loss is read back to the host every ``check_every`` steps (and at the last
+    step of each epoch), which bounds the device syncs without letting a NaN run on.
+    """
+    device = next(model.parameters()).device
+    augment_gen = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
+    result = FitResult()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        _synchronize(device)
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        seen_sum = 0.0
+        bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        for step, (idx, images, labels) in enumerate(batches.epoch(epoch), start=1):
+            if augment_gen is not None:
+                images = augment_batch(images, augment_gen)
+            inputs = preprocess(images)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                student_logits = model(inputs)
+                teacher_logits = teacher(idx, inputs) if teacher is not None else None
+                loss = loss_fn(student_logits.float(), labels, teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            if step % check_every == 0 or step == len(batches):
+                mean_loss = loss_sum.item() / step
+                if not math.isfinite(mean_loss):
+                    bar.close()
+                    raise Diverged(epoch, step, loss.item())
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            bar.update(1)
+            seen_sum += 1
+        bar.close()
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        result.train_seconds += seconds
+        entry = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen_sum, 1), "seconds": seconds}
+        if validate is not None:
+            entry["val_acc"] = validate()
+        result.history.append(entry)
+        log.info(
+            "%s epoch %d/%d: loss %.4f%s (%.1fs)",
+            desc,
+            epoch,
+            epochs,
+            entry["train_loss"],
+            f", val acc {entry['val_acc']:.2f}%" if "val_acc" in entry else "",
+            seconds,
+        )
+    return result

@@ -1,0 +1,110 @@
+"""The teacher store: trained teachers addressed by what made them, and their logits.
+
+A teacher is a build artefact. Its address is a fingerprint of the settings that
+determine it (model, data contents and split, optimiser, epochs, batch size, seed),
+so every KD run that needs the same teacher finds the same file, and a teacher is
+trained at most once per store, even by parallel processes (see
+:func:`kd.storage.build_once`). Teacher logits over the training set are cached the
+same way, keyed by the checkpoint's bytes and the dataset's contents, so a changed
+teacher or dataset can never be served stale logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd.errors import CheckpointError
+from kd.storage import build_once, file_digest, load_checked, locked, save_checked
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class TeacherStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def checkpoint_path(self, key: str) -> Path:
+        return self.root / "teachers" / key / "model.pt"
+
+    def get_or_build(self, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
+        """The checkpoint stored under ``key``, built (once) if absent; and whether built."""
+        return build_once(self.checkpoint_path(key), build)
+
+    def publish(self, key: str, checkpoint: dict) -> bool:
+        """Store a checkpoint trained elsewhere, unless one is already there."""
+        path = self.checkpoint_path(key)
+        with locked(path.with_name(path.name + ".lock")):
+            if load_checked(path) is not None:
+                return False
+            save_checked(checkpoint, path)
+            return True
+
+    def logits(self, checkpoint_digest: str, data_key: str, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """Teacher logits for every training example, computed once per (teacher, data)."""
+        key = hashlib.sha256(f"{checkpoint_digest}\0{data_key}".encode()).hexdigest()[:24]
+        return build_once(self.root / "logits" / f"{key}.pt", compute)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a model checkpoint given by the user; one-line errors for every failure."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"teacher.checkpoint={path} does not exist; train a teacher or fix the path")
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        if sidecar.exists():
+            checkpoint = load_checked(path)
+            if checkpoint is None:
+                raise CheckpointError(
+                    f"teacher.checkpoint={path} is truncated or corrupt (checksum mismatch); retrain or restore it"
+                )
+        else:
+            checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=False)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(
+            f"teacher.checkpoint={path} cannot be read ({type(exc).__name__}); it is truncated or not a checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"teacher.checkpoint={path} holds a {type(checkpoint).__name__}, not a checkpoint")
+    if "state_dict" not in checkpoint:  # a bare state_dict saved with torch.save(model.state_dict())
+        checkpoint = {"state_dict": checkpoint}
+    checkpoint["path"] = str(path)
+    checkpoint["digest"] = file_digest(path)
+    return checkpoint
+
+
+def restore_model(checkpoint: dict, model: torch.nn.Module, target: str, num_classes: int) -> torch.nn.Module:
+    """Load ``checkpoint`` into ``model``; explains a wrong architecture or class count."""
+    where = checkpoint.get("path", "the teacher checkpoint")
+    saved_target = checkpoint.get("model_target")
+    if saved_target is not None and saved_target != target:
+        raise CheckpointError(f"{where} holds a {saved_target}, but teacher.model is {target}")
+    saved_classes = checkpoint.get("num_classes")
+    if saved_classes is not None and saved_classes != num_classes:
+        raise CheckpointError(f"{where} was trained for {saved_classes} classes, but the data has {num_classes}")
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{where} does not fit teacher.model={target}: {first}") from None
+    return model
+
+
+def make_checkpoint(model: torch.nn.Module, target: str, num_classes: int, **info: Any) -> dict:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {"model_target": target, "num_classes": num_classes, "state_dict": state, **info}

@@ -1,0 +1,55 @@
+"""Train one model, or sweep many, from a Hydra config.
+
+    python run.py                                   # student, CE, CIFAR-10
+    python run.py model=teacher                     # the teacher alone
+    python run.py loss=kd loss.temperature=4        # distil (teacher trained once, stored)
+    python run.py -m loss=kd loss.temperature=1,2,4,8
+    python run.py -m hparams_search=kd_optuna       # Optuna over temperature and alpha
+
+Returns the sweep objective: validation accuracy (test accuracy when data.val_size=0).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from kd import pipeline
+from kd.errors import KDError
+
+log = logging.getLogger("kd")
+
+
+def parallel_jobs(hydra_cfg: DictConfig) -> int:
+    """How many jobs of this sweep run at once on this machine (joblib's n_jobs)."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return 1
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1) or 1
+    return n_jobs if n_jobs > 0 else max(1, pipeline.available_cores() + 1 + n_jobs)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    try:
+        metrics = pipeline.run(
+            cfg,
+            output_dir=hydra_cfg.runtime.output_dir,
+            job_num=OmegaConf.select(hydra_cfg, "job.num", default=0) or 0,
+            parallel_jobs=parallel_jobs(hydra_cfg),
+        )
+    except KDError as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records this trial as failed and goes on
+        print(f"kd: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    return float(metrics["objective_value"])
+
+
+if __name__ == "__main__":
+    main()
