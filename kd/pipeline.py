@@ -188,6 +188,21 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def make_context(cfg: DictConfig, device: torch.device) -> Context:
+    """Load the configured data once and put it on ``device`` (the whole set; it is small)."""
+    data: Dataset = instantiate(cfg.data).load()
+    return Context(
+        cfg=cfg,
+        device=device,
+        data=data,
+        preprocess=Preprocess(data.mean, data.std, device, channels_last=bool(cfg.trainer.channels_last)),
+        train_images=data.train.images.to(device),
+        train_labels=data.train.labels.to(device),
+        test_images=data.test.images.to(device),
+        test_labels=data.test.labels.to(device),
+    )
+
+
 def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs: int = 1) -> dict:
     """Train and evaluate the configured model; returns the metrics written to disk."""
     started = time.time()
@@ -198,18 +213,9 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
     torch.set_num_threads(int(threads))
     store = TeacherStore(cfg.paths.store_dir)
 
-    data: Dataset = instantiate(cfg.data).load()
+    ctx = make_context(cfg, device)
+    data = ctx.data
     loss_fn = instantiate(cfg.loss)
-    ctx = Context(
-        cfg=cfg,
-        device=device,
-        data=data,
-        preprocess=Preprocess(data.mean, data.std, device, channels_last=bool(cfg.trainer.channels_last)),
-        train_images=data.train.images.to(device),
-        train_labels=data.train.labels.to(device),
-        test_images=data.test.images.to(device),
-        test_labels=data.test.labels.to(device),
-    )
     metrics: dict[str, Any] = {
         "model": _target(cfg.model).rsplit(".", 1)[-1],
         "loss": loss_fn.name,

@@ -1,0 +1,1 @@
+"""Hydra plugin: the Optuna sweeper made resumable and shareable (``hydra/sweeper=kd_optuna``)."""

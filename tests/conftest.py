@@ -1,0 +1,49 @@
+"""Shared fixtures: Hydra compose API and ``run.py`` in a subprocess, on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+RUN_PY = REPO / "run.py"
+
+# Small, fast settings every end-to-end run uses unless a test says otherwise.
+FAST = ["data=synthetic", "data.train_size=256", "data.test_size=128", "data.val_size=64",
+        "trainer.epochs=1", "trainer.batch_size=64", "trainer.progress=false", "trainer.device=cpu"]
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh directory to run in, with its own cache and teacher store."""
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("KD_STORE_DIR", raising=False)
+    return tmp_path
+
+
+def run_py(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, str(RUN_PY), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())

@@ -1,0 +1,86 @@
+import itertools
+
+import pytest
+from hydra.utils import instantiate
+
+from kd.config import validate
+from kd.errors import ConfigError
+
+MODELS, LOSSES, DATA = ["teacher", "student"], ["ce", "kd"], ["cifar10", "folder", "synthetic"]
+
+
+@pytest.mark.parametrize(("model", "loss", "data"), list(itertools.product(MODELS, LOSSES, DATA)))
+def test_every_group_combination_composes(compose_cfg, model, loss, data):
+    root = ["data.root=/some/where"] if data != "synthetic" else []
+    cfg = compose_cfg(f"model={model}", f"loss={loss}", f"data={data}", *root)
+    validate(cfg)
+    assert cfg.model._target_.endswith("DeepNN" if model == "teacher" else "LightNN")
+    assert cfg.teacher.model._target_ == "kd.models.DeepNN"
+    loss_fn = instantiate(cfg.loss)
+    assert loss_fn.needs_teacher == (loss == "kd")
+    if loss == "kd":
+        assert (loss_fn.temperature, loss_fn.alpha) == (2.0, 0.25)
+
+
+@pytest.mark.parametrize("experiment", ["seed_teacher", "seed_student", "seed_kd"])
+def test_seed_experiments_carry_the_seed_settings(compose_cfg, experiment):
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert (cfg.seed, cfg.optim.lr, cfg.trainer.batch_size, cfg.trainer.epochs) == (42, 1e-3, 128, 10)
+    assert cfg.data.val_size == 0 and cfg.data.augment is False
+    assert list(cfg.data.mean) == [0.485, 0.456, 0.406] and list(cfg.data.std) == [0.229, 0.224, 0.225]
+    expected = {"seed_teacher": ("DeepNN", "CrossEntropy"), "seed_student": ("LightNN", "CrossEntropy"),
+                "seed_kd": ("LightNN", "HintonKD")}[experiment]
+    assert (cfg.model._target_.rsplit(".", 1)[1], cfg.loss._target_.rsplit(".", 1)[1]) == expected
+
+
+def test_optuna_search_composes(compose_cfg):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hparams_search=kd_optuna"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("KDOptunaSweeper")
+    assert sweeper.direction == "maximize" and sweeper.sampler.seed == 42
+    assert sweeper.params["loss.temperature"] == "tag(log, interval(1.0, 20.0))"
+    assert sweeper.params["loss.alpha"] == "interval(0.0, 1.0)"
+    assert cfg.loss._target_ == "kd.losses.HintonKD"
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "slurm"])
+def test_launchers_compose(launcher):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    if launcher == "joblib":
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    else:
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        for key in ("partition", "gpus_per_node", "timeout_min", "mem_gb"):
+            assert key in cfg.hydra.launcher
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("loss.temperature=0", "loss.temperature"),
+        ("loss.temperature=-2", "loss.temperature"),
+        ("loss.alpha=1.5", "loss.alpha"),
+        ("loss.alpha=-0.1", "loss.alpha"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1e-3", "optim.lr"),
+        ("data.val_size=-1", "data.val_size"),
+        ("trainer.device=tpu", "trainer.device"),
+        ("trainer.epochs=two", "trainer.epochs"),
+    ],
+)
+def test_out_of_range_values_are_refused_by_name(compose_cfg, override, key):
+    cfg = compose_cfg("loss=kd", "data=synthetic", override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)

@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd.data import CIFAR10, BatchStream, ImageFolderData, Preprocess, SyntheticData, augment_batch
+from kd.errors import DataError
+
+
+def make_folder(root: Path, per_class: int = 3, classes=("cat", "dog"), size: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_synthetic_is_deterministic_and_class_balanced():
+    a, b = SyntheticData(train_size=100, test_size=50).load(), SyntheticData(train_size=100, test_size=50).load()
+    assert torch.equal(a.train.images, b.train.images) and a.fingerprint == b.fingerprint
+    assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (100, 3, 32, 32)
+    assert torch.bincount(a.train.labels).tolist() == [10] * 10
+    assert SyntheticData(train_size=100, test_size=50, seed=1).load().fingerprint != a.fingerprint
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    data = SyntheticData(train_size=200, val_size=30, split_seed=3).load()
+    assert len(data.val_idx) == 30 and len(data.train_idx) == 170
+    assert set(data.val_idx.tolist()).isdisjoint(data.train_idx.tolist())
+    assert sorted(data.val_idx.tolist() + data.train_idx.tolist()) == list(range(200))
+    again = SyntheticData(train_size=200, val_size=30, split_seed=3).load()
+    other = SyntheticData(train_size=200, val_size=30, split_seed=4).load()
+    assert torch.equal(data.val_idx, again.val_idx) and not torch.equal(data.val_idx, other.val_idx)
+
+
+@pytest.mark.parametrize("val_size", [200, 500])
+def test_val_size_not_smaller_than_train_is_refused(val_size):
+    with pytest.raises(DataError, match="data.val_size"):
+        SyntheticData(train_size=200, val_size=val_size).load()
+
+
+def test_folder_decodes_once_then_reads_cache(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "tree")
+    source = ImageFolderData(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=1)
+    data = source.load()
+    assert data.classes == ["cat", "dog"] and data.train.images.shape == (6, 3, 32, 32)
+    first = np.asarray(Image.open(root / "train" / "cat" / "0.png"))
+    assert torch.equal(data.train.images[0], torch.from_numpy(first.copy()).permute(2, 0, 1))
+    monkeypatch.setattr(ImageFolderData, "_decode", lambda *a: pytest.fail("decoded twice"))
+    assert ImageFolderData(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=1).load().fingerprint == data.fingerprint
+
+
+def test_folder_cache_notices_a_changed_file(tmp_path):
+    root = make_folder(tmp_path / "tree")
+    before = ImageFolderData(root=str(root), cache_dir=str(tmp_path / "cache")).load()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "train" / "dog" / "extra.png")
+    after = ImageFolderData(root=str(root), cache_dir=str(tmp_path / "cache")).load()
+    assert len(after.train) == len(before.train) + 1 and after.fingerprint != before.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [("missing_root", "does not exist"), ("no_test", "has no test/ folder"), ("empty_class", "holds no images")],
+)
+def test_folder_layout_errors(tmp_path, breakage, message):
+    root = make_folder(tmp_path / "tree")
+    if breakage == "missing_root":
+        root = tmp_path / "nowhere"
+    elif breakage == "no_test":
+        for f in (root / "test").rglob("*.png"):
+            f.unlink()
+        for d in sorted((root / "test").iterdir()):
+            d.rmdir()
+        (root / "test").rmdir()
+    else:
+        (root / "train" / "bird").mkdir()
+    with pytest.raises(DataError, match=message):
+        ImageFolderData(root=str(root)).load()
+
+
+def test_missing_cifar10_offline_names_the_root(tmp_path):
+    with pytest.raises(DataError, match=r"CIFAR-10 not found under data.root=.*nothing-here.*data=folder"):
+        CIFAR10(root=str(tmp_path / "nothing-here"), download=False).load()
+
+
+def test_preprocess_normalises_with_the_seed_statistics():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(Preprocess(mean, std, torch.device("cpu"))(images), expected)
+
+
+def test_augment_crops_and_flips_without_inventing_pixels():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).add(1).to(torch.uint8).view(2, 3, 8, 8)
+    out = augment_batch(images, torch.Generator().manual_seed(0), padding=2)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    for i in range(2):  # every output pixel is zero padding or a pixel of the same image
+        assert set(out[i].unique().tolist()) <= set(images[i].unique().tolist()) | {0}
+    same = augment_batch(images, torch.Generator().manual_seed(0), padding=0)
+    flipped = images.flip(-1)
+    for i in range(2):
+        assert torch.equal(same[i], images[i]) or torch.equal(same[i], flipped[i])
+
+
+def test_batch_stream_covers_its_indices_once_per_epoch_in_seeded_order():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    labels = torch.arange(10)
+    stream = BatchStream(images, labels, torch.tensor([0, 2, 3, 5, 7, 9]), batch_size=4, seed=1)
+    epoch1 = [idx for idx, _, _ in stream.epoch(1)]
+    seen = torch.cat(epoch1).tolist()
+    assert len(stream) == 2 and sorted(seen) == [0, 2, 3, 5, 7, 9]
+    for idx, x, y in stream.epoch(1):
+        assert torch.equal(y, idx) and torch.equal(x[:, 0, 0, 0].long(), idx)
+    assert seen == torch.cat([idx for idx, _, _ in stream.epoch(1)]).tolist()
+    assert seen != torch.cat([idx for idx, _, _ in stream.epoch(2)]).tolist()

@@ -1,0 +1,67 @@
+"""``run.py`` end to end in a subprocess, on tiny synthetic data."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, read_metrics, run_py
+
+pytestmark = pytest.mark.slow
+
+
+def test_ce_run_writes_metrics_and_checkpoint(workdir):
+    proc = run_py([*FAST, "hydra.run.dir=out/ce"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    metrics = read_metrics(workdir / "out/ce")
+    assert metrics["status"] == "completed"
+    assert (metrics["model"], metrics["loss"], metrics["params"]) == ("LightNN", "ce", 267_738)
+    assert metrics["temperature"] is None and metrics["alpha"] is None
+    assert metrics["epochs"] == 1 and metrics["seed"] == 42 and metrics["device"] == "cpu"
+    assert 0 <= metrics["val_acc"] <= 100 and 0 <= metrics["test_acc"] <= 100
+    assert metrics["objective"] == "val_acc" and metrics["train_seconds"] > 0
+    assert (workdir / "out/ce/model.pt").stat().st_size > 1_000_000  # 267,738 float32 weights
+
+
+def test_kd_trains_the_teacher_once_then_reuses_it(workdir):
+    first = run_py([*FAST, "loss=kd", "loss.temperature=4", "loss.alpha=0.5", "hydra.run.dir=out/kd1"], cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    m1 = read_metrics(workdir / "out/kd1")
+    assert (m1["loss"], m1["temperature"], m1["alpha"]) == ("kd", 4.0, 0.5)
+    assert m1["teacher_source"] == "trained" and m1["teacher_signal"] == "cache"
+    assert Path(m1["teacher_checkpoint"]).is_file()
+
+    second = run_py([*FAST, "loss=kd", "loss.temperature=8", "hydra.run.dir=out/kd2"], cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    m2 = read_metrics(workdir / "out/kd2")
+    assert m2["teacher_source"] == "store" and m2["teacher_checkpoint"] == m1["teacher_checkpoint"]
+    assert "training it once" not in second.stdout + second.stderr
+
+
+def test_seed_teacher_run_is_reused_by_seed_kd(workdir):
+    teacher = run_py(["experiment=seed_teacher", *FAST, "data.val_size=0", "hydra.run.dir=out/t"], cwd=workdir)
+    assert teacher.returncode == 0, teacher.stderr
+    assert read_metrics(workdir / "out/t")["objective"] == "test_acc"
+    kd = run_py(["experiment=seed_kd", *FAST, "data.val_size=0", "hydra.run.dir=out/kd"], cwd=workdir)
+    assert kd.returncode == 0, kd.stderr
+    assert read_metrics(workdir / "out/kd")["teacher_source"] == "store"
+
+
+def test_basic_multirun_writes_one_metrics_file_per_job(workdir):
+    proc = run_py(["-m", *FAST, "loss=kd", "loss.temperature=1,4", "loss.alpha=0.25,0.75",
+                   "hydra.sweep.dir=sweep"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    found = sorted((workdir / "sweep").glob("*/metrics.json"))
+    assert len(found) == 4
+    settings = {(m["temperature"], m["alpha"]) for m in (json.loads(f.read_text()) for f in found)}
+    assert settings == {(1.0, 0.25), (1.0, 0.75), (4.0, 0.25), (4.0, 0.75)}
+
+
+def test_diverging_run_stops_with_one_line_and_records_where(workdir):
+    proc = run_py([*FAST, "trainer.epochs=2", "optim.lr=1e30", "trainer.check_every=1", "hydra.run.dir=out/nan"],
+                  cwd=workdir)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("kd: error: training diverged")
+    metrics = read_metrics(workdir / "out/nan")
+    assert metrics["status"] == "diverged" and metrics["diverged_epoch"] == 1 and metrics["diverged_step"] >= 1
+    assert not (workdir / "out/nan/model.pt").exists()
