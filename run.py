@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kd import pipeline
+from kd.devices import available_cores
 from kd.errors import KDError
 
 log = logging.getLogger("kd")
@@ -30,7 +31,7 @@ def parallel_jobs(hydra_cfg: DictConfig) -> int:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return 1
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1) or 1
-    return n_jobs if n_jobs > 0 else max(1, pipeline.available_cores() + 1 + n_jobs)
+    return n_jobs if n_jobs > 0 else max(1, available_cores() + 1 + n_jobs)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -92,8 +92,7 @@ class ImageData:
         train, test, classes = self._load_sets()
         if not 0 <= self.val_size < len(train):
             raise DataError(
-                f"data.val_size={self.val_size} must be >= 0 and smaller than the "
-                f"{len(train)} training examples"
+                f"data.val_size={self.val_size} must be >= 0 and smaller than the {len(train)} training examples"
             )
         # The split depends on split_seed only, so runs with different training seeds
         # are selected on the same validation examples.

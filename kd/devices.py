@@ -42,9 +42,13 @@ def select_device(spec: str, job_num: int = 0, gpu_count: int | None = None) -> 
             return torch.device("mps")
         return torch.device("cpu")
     if spec.startswith("cuda:"):
-        index = int(spec.split(":")[1])
+        index = int(spec.split(":")[1]) if spec.split(":")[1].isdigit() else -1
+        if index < 0:
+            raise ConfigError(f"trainer.device={spec} is not cuda:N with a GPU number N")
         if index >= gpu_count:
-            raise ConfigError(f"trainer.device={spec} but only {gpu_count} CUDA device(s) exist; use trainer.device=auto")
+            raise ConfigError(
+                f"trainer.device={spec} but only {gpu_count} CUDA device(s) exist; use trainer.device=auto"
+            )
         return torch.device(spec)
     if spec == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.device=mps but MPS is not available; use trainer.device=cpu or auto")

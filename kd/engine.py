@@ -108,7 +108,7 @@ def fit(
                 mean_loss = loss_sum.item() / step
                 if not math.isfinite(mean_loss):
                     bar.close()
-                    raise Diverged(epoch, step, loss.item())
+                    raise Diverged(epoch, step, loss.item(), phase=desc)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             bar.update(1)
             seen_sum += 1

@@ -24,9 +24,8 @@ class CheckpointError(ConfigError):
 class Diverged(KDError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        self.epoch, self.step, self.value = epoch, step, value
+    def __init__(self, epoch: int, step: int, value: float, phase: str = "train") -> None:
+        self.epoch, self.step, self.value, self.phase = epoch, step, value, phase
         super().__init__(
-            f"training diverged: loss={value} at epoch {epoch}, step {step}; "
-            "lower optim.lr or loss.temperature"
+            f"training diverged: {phase} loss={value} at epoch {epoch}, step {step}; lower optim.lr or loss.temperature"
         )

@@ -21,7 +21,7 @@ from torch import nn
 
 from kd.config import validate
 from kd.data import BatchStream, Dataset, Preprocess
-from kd.devices import available_cores, select_device, threads_per_job
+from kd.devices import select_device, threads_per_job
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_logits
 from kd.errors import Diverged
 from kd.losses import CrossEntropy
@@ -233,19 +233,30 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
         "num_threads": int(threads),
         "host": platform.node(),
     }
-    log.info("device %s, %d threads, %s: %d train / %d val / %d test", device, threads, data.name,
-             len(data.train_idx), len(data.val_idx), len(data.test.labels))
-
-    teacher = None
-    if loss_fn.needs_teacher:
-        teacher, teacher_info = prepare_teacher(ctx, store)
-        metrics.update(teacher_info)
+    log.info(
+        "device %s, %d threads, %s: %d train / %d val / %d test",
+        device,
+        threads,
+        data.name,
+        len(data.train_idx),
+        len(data.val_idx),
+        len(data.test.labels),
+    )
 
     try:
+        teacher = None
+        if loss_fn.needs_teacher:
+            teacher, teacher_info = prepare_teacher(ctx, store)
+            metrics.update(teacher_info)
         trained = train_model(cfg.model, loss_fn, ctx, teacher=teacher, desc=metrics["model"])
     except Diverged as err:
-        metrics.update(status="diverged", diverged_epoch=err.epoch, diverged_step=err.step,
-                       wall_seconds=time.time() - started)
+        metrics.update(
+            status="diverged",
+            diverged_phase=err.phase,
+            diverged_epoch=err.epoch,
+            diverged_step=err.step,
+            wall_seconds=time.time() - started,
+        )
         write_json(output_dir / "metrics.json", metrics)
         raise
 
@@ -273,7 +284,11 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
         checkpoint=str(output_dir / "model.pt"),
     )
     write_json(output_dir / "metrics.json", metrics)
-    log.info("%s: val acc %s, test acc %.2f%%, %.1fs training", metrics["model"],
-             f"{trained.val_acc:.2f}%" if math.isfinite(trained.val_acc) else "n/a",
-             trained.test_acc, trained.fit.train_seconds)
+    log.info(
+        "%s: val acc %s, test acc %.2f%%, %.1fs training",
+        metrics["model"],
+        f"{trained.val_acc:.2f}%" if math.isfinite(trained.val_acc) else "n/a",
+        trained.test_acc,
+        trained.fit.train_seconds,
+    )
     return metrics

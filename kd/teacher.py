@@ -52,7 +52,9 @@ class TeacherStore:
             save_checked(checkpoint, path)
             return True
 
-    def logits(self, checkpoint_digest: str, data_key: str, compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    def logits(
+        self, checkpoint_digest: str, data_key: str, compute: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, bool]:
         """Teacher logits for every training example, computed once per (teacher, data)."""
         key = hashlib.sha256(f"{checkpoint_digest}\0{data_key}".encode()).hexdigest()[:24]
         return build_once(self.root / "logits" / f"{key}.pt", compute)

@@ -18,8 +18,16 @@ CONF = REPO / "conf"
 RUN_PY = REPO / "run.py"
 
 # Small, fast settings every end-to-end run uses unless a test says otherwise.
-FAST = ["data=synthetic", "data.train_size=256", "data.test_size=128", "data.val_size=64",
-        "trainer.epochs=1", "trainer.batch_size=64", "trainer.progress=false", "trainer.device=cpu"]
+FAST = [
+    "data=synthetic",
+    "data.train_size=256",
+    "data.test_size=128",
+    "data.val_size=64",
+    "trainer.epochs=1",
+    "trainer.batch_size=64",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+]
 
 
 @pytest.fixture
@@ -41,8 +49,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run_py(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, str(RUN_PY), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, str(RUN_PY), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -28,8 +28,11 @@ def test_seed_experiments_carry_the_seed_settings(compose_cfg, experiment):
     assert (cfg.seed, cfg.optim.lr, cfg.trainer.batch_size, cfg.trainer.epochs) == (42, 1e-3, 128, 10)
     assert cfg.data.val_size == 0 and cfg.data.augment is False
     assert list(cfg.data.mean) == [0.485, 0.456, 0.406] and list(cfg.data.std) == [0.229, 0.224, 0.225]
-    expected = {"seed_teacher": ("DeepNN", "CrossEntropy"), "seed_student": ("LightNN", "CrossEntropy"),
-                "seed_kd": ("LightNN", "HintonKD")}[experiment]
+    expected = {
+        "seed_teacher": ("DeepNN", "CrossEntropy"),
+        "seed_student": ("LightNN", "CrossEntropy"),
+        "seed_kd": ("LightNN", "HintonKD"),
+    }[experiment]
     assert (cfg.model._target_.rsplit(".", 1)[1], cfg.loss._target_.rsplit(".", 1)[1]) == expected
 
 

@@ -15,9 +15,9 @@ def _softmax(row, t):
 def _hand_kd(student, teacher, labels, temperature, alpha):
     """The Hinton loss written out with plain floats."""
     kl_sum, ce_sum = 0.0, 0.0
-    for s, t, y in zip(student, teacher, labels):
+    for s, t, y in zip(student, teacher, labels, strict=True):
         p_t, p_s = _softmax(t, temperature), _softmax(s, temperature)
-        kl_sum += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
+        kl_sum += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s, strict=True))
         ce_sum += -math.log(_softmax(s, 1.0)[y])
     n = len(labels)
     return alpha * temperature**2 * kl_sum / n + (1 - alpha) * ce_sum / n

@@ -48,8 +48,9 @@ def test_seed_teacher_run_is_reused_by_seed_kd(workdir):
 
 
 def test_basic_multirun_writes_one_metrics_file_per_job(workdir):
-    proc = run_py(["-m", *FAST, "loss=kd", "loss.temperature=1,4", "loss.alpha=0.25,0.75",
-                   "hydra.sweep.dir=sweep"], cwd=workdir)
+    proc = run_py(
+        ["-m", *FAST, "loss=kd", "loss.temperature=1,4", "loss.alpha=0.25,0.75", "hydra.sweep.dir=sweep"], cwd=workdir
+    )
     assert proc.returncode == 0, proc.stderr
     found = sorted((workdir / "sweep").glob("*/metrics.json"))
     assert len(found) == 4
@@ -58,8 +59,9 @@ def test_basic_multirun_writes_one_metrics_file_per_job(workdir):
 
 
 def test_diverging_run_stops_with_one_line_and_records_where(workdir):
-    proc = run_py([*FAST, "trainer.epochs=2", "optim.lr=1e30", "trainer.check_every=1", "hydra.run.dir=out/nan"],
-                  cwd=workdir)
+    proc = run_py(
+        [*FAST, "trainer.epochs=2", "optim.lr=1e30", "trainer.check_every=1", "hydra.run.dir=out/nan"], cwd=workdir
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("kd: error: training diverged")
     metrics = read_metrics(workdir / "out/nan")

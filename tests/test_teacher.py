@@ -51,8 +51,9 @@ def test_cached_logits_give_the_same_kd_loss_as_the_online_teacher(compose_cfg, 
 
 
 def test_augmentation_bypasses_the_cache(compose_cfg, tmp_path, teacher_file):
-    cfg = compose_cfg("loss=kd", *SMALL, "data.augment=true", f"teacher.checkpoint={teacher_file}",
-                      f"paths.store_dir={tmp_path}/s")
+    cfg = compose_cfg(
+        "loss=kd", *SMALL, "data.augment=true", f"teacher.checkpoint={teacher_file}", f"paths.store_dir={tmp_path}/s"
+    )
     ctx = make_context(cfg, torch.device("cpu"))
     signal, info = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
     assert info["teacher_signal"] == "online"
@@ -69,6 +70,7 @@ def test_a_different_teacher_or_dataset_gets_fresh_logits(tmp_path):
         def _compute():
             calls.append(tag)
             return torch.full((3, 2), float(len(calls)))
+
         return _compute
 
     first, built = store.logits("teacherA", "data1", compute("a1"))

@@ -20,12 +20,13 @@ Voided trials stay in the study as FAIL with the system attribute ``kd:void`` an
 count for nothing; :func:`counted_trials` gives the others.
 """
 
-
 import hashlib
 import logging
 import math
 import os
+import random
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,10 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
             return []
         overrides = [
             (*params, f"hydra.sweep.subdir={trial.number}")
-            for trial, params in zip(trials, self._configure_trials(trials, distributions, fixed))
+            for trial, params in zip(trials, self._configure_trials(trials, distributions, fixed), strict=True)
         ]
         returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-        for trial, ret in zip(trials, returns):
+        for trial, ret in zip(trials, returns, strict=True):
             try:
                 value = float(ret.return_value)  # re-raises the job's exception
                 if not math.isfinite(value):
@@ -140,6 +141,25 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
             else:
                 study.tell(trial, value)
         return returns
+
+    def _open_study(self, sampler: optuna.samplers.BaseSampler, direction: str) -> optuna.Study:
+        # Workers starting together race to create the schema and the study; the loser
+        # of the race sees an integrity error once, and then finds both made.
+        for attempt in range(5):
+            try:
+                return optuna.create_study(
+                    study_name=self.study_name,
+                    storage=self.storage,
+                    sampler=sampler,
+                    direction=direction,
+                    load_if_exists=True,
+                )
+            except Exception as err:
+                if attempt == 4:
+                    raise
+                log.info("opening the study failed (%s); retrying", type(err).__name__)
+                time.sleep(0.5 + random.random())
+        raise AssertionError("unreachable")
 
     def sweep(self, arguments: list[str]) -> None:
         self._process_searchspace_config()
@@ -156,18 +176,16 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
         sampler = self.sampler
         if not isinstance(sampler, optuna.samplers.BaseSampler):
             raise ValueError("hydra/sweeper=kd_optuna needs an instantiated sampler (GridSampler is not supported)")
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=self.storage,
-            sampler=sampler,
-            direction=directions[0],
-            load_if_exists=True,
-        )
+        study = self._open_study(sampler, directions[0])
         self._void_stale_trials(study)
         allowed_failures = math.floor(self.max_failure_rate * self.n_trials)
         log.info(
             "study %s (%s): %d of %d trials already there; up to %d may fail",
-            study.study_name, self.storage, len(counted_trials(study)), self.n_trials, allowed_failures,
+            study.study_name,
+            self.storage,
+            len(counted_trials(study)),
+            self.n_trials,
+            allowed_failures,
         )
         while True:
             counted = counted_trials(study)

@@ -1,0 +1,172 @@
+"""Optuna sweeps through ``run.py -m``: results, failures, kill and resume, shared studies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from hydra_plugins.kd_sweeper.kd_sweeper import VOID, WORKER, counted_trials
+from tests.conftest import FAST, REPO, RUN_PY, read_metrics, run_py
+
+pytestmark = pytest.mark.slow
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def sweep_args(study: str, n_trials: int, *extra: str, storage: str | None = None) -> list[str]:
+    args = [
+        "-m",
+        "hparams_search=kd_optuna",
+        *FAST,
+        f"hydra.sweeper.study_name={study}",
+        f"hydra.sweeper.n_trials={n_trials}",
+        *extra,
+    ]
+    if storage:
+        args.append(f"hydra.sweeper.storage={storage}")
+    return args
+
+
+def load(study: str, storage: str) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def test_optuna_sweep_leaves_a_sqlite_study_and_the_best_parameters(workdir):
+    proc = run_py(sweep_args("s3", 3), cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep_dir = workdir / "multirun" / "s3"
+    study = load("s3", f"sqlite:///{sweep_dir}/optuna.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert all(1.0 <= t.params["loss.temperature"] <= 20.0 and 0.0 <= t.params["loss.alpha"] <= 1.0 for t in trials)
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == study.best_value and results["best_params"] == study.best_params
+    for t in trials:  # the objective is each job's validation accuracy, in the job's folder
+        metrics = read_metrics(sweep_dir / str(t.number))
+        assert metrics["val_acc"] == pytest.approx(t.value)
+        assert metrics["temperature"] == pytest.approx(t.params["loss.temperature"])
+
+
+def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(workdir):
+    # optim.lr is swept too: trials drawing 1e30 diverge, the others must still finish.
+    proc = run_py(
+        sweep_args(
+            "nan", 3, "optim.lr=choice(0.001,1e30)", "trainer.check_every=1", "hydra.sweeper.max_failure_rate=0.67"
+        ),
+        cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sweep_dir = workdir / "multirun" / "nan"
+    trials = load("nan", f"sqlite:///{sweep_dir}/optuna.db").get_trials()
+    assert len(trials) == 3
+    states = {t.number: t.state for t in trials}
+    diverging = {t.number for t in trials if t.params["optim.lr"] == 1e30}
+    assert 0 < len(diverging) < 3, "the seeded sampler should draw both learning rates"
+    assert {n for n, s in states.items() if s == TrialState.FAIL} == diverging
+    for n in diverging:
+        assert read_metrics(sweep_dir / str(n))["status"] == "diverged"
+
+
+def test_too_many_failures_stop_the_sweep_with_a_message(workdir):
+    proc = run_py(
+        sweep_args("allnan", 4, "optim.lr=1e30", "trainer.check_every=1", "hydra.sweeper.max_failure_rate=0.25"),
+        cwd=workdir,
+    )
+    assert proc.returncode != 0
+    assert "2 of 4 trials failed, more than max_failure_rate=0.25 allows" in proc.stderr + proc.stdout
+    trials = load("allnan", f"sqlite:///{workdir}/multirun/allnan/optuna.db").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+
+
+def _popen_sweep(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, str(RUN_PY), *args],
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _complete_count(study: str, storage: str) -> int:
+    try:
+        return sum(t.state == TrialState.COMPLETE for t in load(study, storage).get_trials())
+    except Exception:  # study not created yet, or the database is busy
+        return 0
+
+
+def test_killed_sweep_resumes_to_exactly_n_trials(workdir):
+    args = sweep_args("resume", 5, "trainer.epochs=3")
+    storage = f"sqlite:///{workdir}/multirun/resume/optuna.db"
+    proc = _popen_sweep(args, workdir)
+    deadline = time.time() + 240
+    while _complete_count("resume", storage) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the next trial start, so the kill interrupts it
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t for t in load("resume", storage).get_trials() if t.state == TrialState.COMPLETE}
+    assert 2 <= len(before) < 5
+    stamps = {n: (workdir / "multirun/resume" / str(n) / "metrics.json").stat().st_mtime_ns for n in before}
+
+    again = run_py(args, cwd=workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    study = load("resume", storage)
+    counted = counted_trials(study)
+    assert len(counted) == 5 and all(t.state == TrialState.COMPLETE for t in counted)
+    for t in study.get_trials():
+        assert t.state != TrialState.RUNNING
+        if VOID in t.system_attrs:
+            assert t.system_attrs[VOID] == "interrupted"
+    for n, trial in before.items():  # finished work is kept, not redone or overwritten
+        assert study.trials[n].value == trial.value
+        assert (workdir / "multirun/resume" / str(n) / "metrics.json").stat().st_mtime_ns == stamps[n]
+    drawn = [tuple(sorted(t.params.items())) for t in study.get_trials()]
+    assert len(set(drawn)) == len(drawn), "a resumed sweep must not redraw earlier parameters"
+    assert {int(p.name) for p in (workdir / "multirun/resume").iterdir() if p.name.isdigit()} >= {
+        t.number for t in counted
+    }
+
+
+def _shared_study(workdir: Path, storage: str) -> None:
+    study = f"shared_{uuid.uuid4().hex[:8]}"
+    # Train the teacher first so both workers spend their time on trials.
+    assert run_py([*FAST, "loss=kd", "hydra.run.dir=warm"], cwd=workdir).returncode == 0
+    args = sweep_args(study, 6, "trainer.epochs=2", storage=storage)
+    workers = [_popen_sweep([*args, f"hydra.sweep.dir=multirun/w{i}"], workdir) for i in range(2)]
+    outputs = [w.communicate(timeout=400)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-1500:] + outputs[1][-1500:]
+    loaded = load(study, storage)
+    counted = counted_trials(loaded)
+    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert len({t.number for t in counted}) == 6
+    drawn = [tuple(sorted(t.params.items())) for t in counted]
+    assert len(set(drawn)) == 6, "workers must not propose the same parameters"
+    owners = {t.system_attrs[WORKER] for t in counted}
+    assert len(owners) == 2, f"both workers should have run trials, got {owners}"
+    done = sorted(json.loads(p.read_text())["temperature"] for p in workdir.glob("multirun/w*/*/metrics.json"))
+    assert done == sorted(t.params["loss.temperature"] for t in counted)
+
+
+def test_two_workers_share_one_sqlite_study(workdir):
+    _shared_study(workdir, f"sqlite:///{workdir}/shared.db")
+
+
+def test_two_workers_share_one_postgresql_study(workdir):
+    url = os.environ.get("KD_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must provide KD_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
+        pytest.skip("no PostgreSQL server: set KD_TEST_POSTGRES_URL (see .ci/postgres.sh)")
+    _shared_study(workdir, url)
