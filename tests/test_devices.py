@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+from kd.devices import available_cores, select_device, threads_per_job
+from kd.errors import ConfigError
+from tests.conftest import FAST, run_py
+
+
+@pytest.mark.parametrize(("jobs", "cores", "expected"), [(1, 2, 2), (2, 2, 1), (3, 2, 1), (4, 16, 4), (3, 16, 5)])
+def test_parallel_jobs_split_the_cores(jobs, cores, expected):
+    assert threads_per_job(jobs, cores) == expected
+
+
+def test_jobs_take_gpus_round_robin():
+    assert [select_device("auto", job, gpu_count=3) for job in range(5)] == [
+        torch.device("cuda", i) for i in (0, 1, 2, 0, 1)
+    ]
+    assert select_device("cuda", 5, gpu_count=2) == torch.device("cuda", 1)
+
+
+def test_explicit_devices():
+    assert select_device("cpu", 3, gpu_count=4) == torch.device("cpu")
+    assert select_device("cuda:1", 0, gpu_count=2) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="only 1 CUDA device"):
+        select_device("cuda:1", 0, gpu_count=1)
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        select_device("cuda", 0, gpu_count=0)
+
+
+def test_auto_without_gpu_falls_back():
+    assert select_device("auto", 0, gpu_count=0).type in ("cpu", "mps")
+
+
+@pytest.mark.slow
+def test_joblib_jobs_share_the_cores(workdir):
+    proc = run_py(
+        ["-m", *FAST, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2", "hydra.sweep.dir=sweep"],
+        cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [json.loads((workdir / "sweep" / str(i) / "metrics.json").read_text()) for i in (0, 1)]
+    assert sorted(r["seed"] for r in runs) == [1, 2]
+    assert {r["num_threads"] for r in runs} == {threads_per_job(2, available_cores())}

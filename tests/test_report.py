@@ -1,0 +1,54 @@
+"""``python -m kd.report`` on tiny synthetic multiruns and sweeps."""
+
+import json
+import shutil
+
+import pytest
+
+from kd.report import main, report
+from tests.conftest import FAST, run_py
+
+pytestmark = pytest.mark.slow
+
+
+def test_multirun_table_pools_seeds_and_lists_skipped_runs(workdir):
+    proc = run_py(["-m", *FAST, "loss=ce,kd", "seed=1,2", "hydra.sweep.dir=sweep"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diverged = run_py([*FAST, "optim.lr=1e30", "trainer.check_every=1", "hydra.run.dir=sweep/nan"], cwd=workdir)
+    assert diverged.returncode == 1
+    shutil.copytree(workdir / "sweep" / "0" / ".hydra", workdir / "sweep" / "unfinished" / ".hydra")
+
+    summary = report([workdir / "sweep"], workdir / "report")
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert set(rows) == {"Student", "Student + KD (T=2, α=0.25)"}
+    runs = [json.loads(p.read_text()) for p in (workdir / "sweep").glob("[0-9]/metrics.json")]
+    for name, loss in [("Student", "ce"), ("Student + KD (T=2, α=0.25)", "kd")]:
+        accs = [r["test_acc"] for r in runs if r["loss"] == loss]
+        assert rows[name]["seeds"] == [1, 2]
+        assert rows[name]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
+        assert rows[name]["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    reasons = {s["run_dir"].rsplit("/", 1)[-1]: s["reason"] for s in summary["skipped"]}
+    assert reasons["nan"].startswith("diverged at epoch 1")
+    assert reasons["unfinished"].startswith("no metrics.json")
+    table = (workdir / "report" / "report.md").read_text()
+    assert "| Student | 267,738 |" in table and " ± " in table and "Skipped 2 run(s)" in table
+
+
+def test_sweep_report_writes_every_plot(workdir, capsys):
+    proc = run_py(
+        ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=optuna_sweep"],
+        cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main([str(workdir / "optuna_sweep"), "--out", str(workdir / "out")]) == 0
+    for name in ["objective_vs_temperature", "objective_vs_alpha", "optimization_history", "param_importances"]:
+        png = workdir / "out" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"![{name}]({name}.png)" in (workdir / "out" / "report.md").read_text()
+    summary = json.loads((workdir / "out" / "summary.json").read_text())
+    assert summary["runs"] == 3 and len(summary["rows"]) == 3 and summary["sweep"]["best_value"] is not None
+
+
+def test_missing_directory_is_one_line_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().startswith("kd.report: error: not a directory")
