@@ -67,3 +67,23 @@ def test_diverging_run_stops_with_one_line_and_records_where(workdir):
     metrics = read_metrics(workdir / "out/nan")
     assert metrics["status"] == "diverged" and metrics["diverged_epoch"] == 1 and metrics["diverged_step"] >= 1
     assert not (workdir / "out/nan/model.pt").exists()
+
+
+def test_parallel_kd_jobs_train_the_missing_teacher_once(workdir):
+    proc = run_py(
+        [
+            "-m",
+            *FAST,
+            "loss=kd",
+            "loss.temperature=2,4",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=workdir,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [read_metrics(workdir / "sweep" / str(i)) for i in (0, 1)]
+    assert sorted(r["teacher_source"] for r in runs) == ["store", "trained"]
+    assert runs[0]["teacher_checkpoint"] == runs[1]["teacher_checkpoint"]
+    assert len(list((workdir / "cache" / "store" / "teachers").iterdir())) == 1
