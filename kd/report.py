@@ -162,7 +162,12 @@ def sweep_plots(sweep_dir: Path, out: Path, runs: list[dict]) -> list[str]:
         best = study.best_trial
         ax.scatter([best.params[param]], [best.value], marker="*", s=220, c="red", label=f"best (trial {best.number})")
         if log_scale:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.set_xticks([1, 2, 5, 10, 20])
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(title)
         ax.set_ylabel("objective: validation accuracy (%)")
         ax.set_title(f"{study.study_name}: objective vs {title}", fontsize=10)
