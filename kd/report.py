@@ -133,7 +133,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sweep_plots(sweep_dir: Path, out: Path, runs: list[dict]) -> list[str]:
+def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
     """PNG plots for an Optuna sweep directory; returns the files written."""
     import matplotlib
 
@@ -149,14 +149,22 @@ def sweep_plots(sweep_dir: Path, out: Path, runs: list[dict]) -> list[str]:
         return []
     study = optuna.load_study(study_name=names[0].study_name, storage=storage)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    written = []
+    written: list[str] = []
+
+    def save(fig: Any, name: str, size: tuple[float, float]) -> None:
+        fig.set_size_inches(*size)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(str(out / name))
+
     if not trials:
         return written
     values = [t.value for t in trials]
     for param, log_scale, title in [("loss.temperature", True, "temperature T"), ("loss.alpha", False, "alpha")]:
         if not all(param in t.params for t in trials):
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+        fig, ax = plt.subplots()
         xs = [t.params[param] for t in trials]
         points = ax.scatter(xs, values, c=[t.number for t in trials], cmap="viridis", edgecolors="k", linewidths=0.4)
         best = study.best_trial
@@ -174,32 +182,18 @@ def sweep_plots(sweep_dir: Path, out: Path, runs: list[dict]) -> list[str]:
         fig.colorbar(points, ax=ax, label="trial number")
         ax.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / f"objective_vs_{param.split('.')[-1]}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(str(path))
+        save(fig, f"objective_vs_{param.split('.')[-1]}.png", (5, 3.6))
 
     from optuna.visualization import matplotlib as optuna_plots
 
     ax = optuna_plots.plot_optimization_history(study, target_name="validation accuracy (%)")
-    ax.figure.set_size_inches(5.5, 3.6)
-    ax.figure.tight_layout()
-    path = out / "optimization_history.png"
-    ax.figure.savefig(path, dpi=100)
-    plt.close(ax.figure)
-    written.append(str(path))
+    save(ax.figure, "optimization_history.png", (5.5, 3.6))
     if len(trials) >= 3:
         # optuna 2.10's default fANOVA evaluator fails on numpy 2; mean decrease in
         # impurity (a random forest over the trials) works and is seeded.
         evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
         ax = optuna_plots.plot_param_importances(study, evaluator=evaluator)
-        ax.figure.set_size_inches(5.5, 2.8)
-        ax.figure.tight_layout()
-        path = out / "param_importances.png"
-        ax.figure.savefig(path, dpi=100)
-        plt.close(ax.figure)
-        written.append(str(path))
+        save(ax.figure, "param_importances.png", (5.5, 2.8))
     return written
 
 
@@ -211,7 +205,7 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
     sweep = {}
     for d in dirs:
         if (d / "optuna.db").exists():
-            plots += sweep_plots(d, out, found.runs)
+            plots += sweep_plots(d, out)
             results = d / "optimization_results.yaml"
             if results.exists():
                 import yaml
