@@ -137,3 +137,22 @@ def test_parallel_processes_build_a_missing_artefact_once(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert (tmp_path / "log").read_text() == "built\n"
+
+
+def test_a_different_dataset_gets_fresh_logits_from_the_same_teacher(compose_cfg, tmp_path, teacher_file):
+    store_dir = tmp_path / "s"
+    for data_seed in (0, 1, 0):
+        cfg = compose_cfg(
+            "loss=kd",
+            *SMALL,
+            f"data.seed={data_seed}",
+            f"teacher.checkpoint={teacher_file}",
+            f"paths.store_dir={store_dir}",
+        )
+        ctx = make_context(cfg, torch.device("cpu"))
+        signal, _ = prepare_teacher(ctx, TeacherStore(store_dir))
+        teacher = DeepNN()
+        teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
+        expected = predict_logits(teacher, ctx.train_images[:8], ctx.preprocess)
+        torch.testing.assert_close(signal(torch.arange(8), None), expected, rtol=1e-4, atol=1e-5)
+    assert len(list((store_dir / "logits").glob("*.pt"))) == 2
