@@ -65,20 +65,28 @@ def save_checked(obj: Any, path: str | os.PathLike) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    return sha256_bytes(Path(path).read_bytes())
+    """SHA-256 of a file, read in chunks (no second copy of a large file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_checked(path: str | os.PathLike) -> Any | None:
-    """Load a file written by :func:`save_checked`; ``None`` if absent or incomplete."""
+    """Load a file written by :func:`save_checked`; ``None`` if absent or incomplete.
+
+    The tensors are memory-mapped from the verified file rather than copied into
+    memory, which keeps a decoded dataset's footprint to one copy.
+    """
     path = Path(path)
     sidecar = _sidecar(path)
     if not path.exists() or not sidecar.exists():
         return None
-    data = path.read_bytes()
     expected = sidecar.read_text().split()
-    if len(expected) != 2 or expected[0] != sha256_bytes(data) or int(expected[1]) != len(data):
+    if len(expected) != 2 or int(expected[1]) != path.stat().st_size or expected[0] != file_digest(path):
         return None
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 @contextlib.contextmanager
