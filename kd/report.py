@@ -180,7 +180,7 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
         ax.set_ylabel("objective: validation accuracy (%)")
         ax.set_title(f"{study.study_name}: objective vs {title}", fontsize=10)
         fig.colorbar(points, ax=ax, label="trial number")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, f"objective_vs_{param.split('.')[-1]}.png", (5, 3.6))
 
