@@ -40,10 +40,11 @@ def main() -> None:
         "trainer.progress=false",
     ]
 
-    def run(extra: list[str]) -> float:
+    def run(extra: list[str], multirun: bool = False) -> float:
         start = time.perf_counter()
+        flags = ["-m"] if multirun else []  # Hydra's flags come before the overrides
         subprocess.run(
-            [sys.executable, str(REPO / "run.py"), *common, *extra],
+            [sys.executable, str(REPO / "run.py"), *flags, *common, *extra],
             cwd=work,
             env=env,
             check=True,
@@ -57,7 +58,6 @@ def main() -> None:
     for jobs in args.jobs:
         seconds = run(
             [
-                "-m",
                 "hparams_search=kd_optuna",
                 "hydra/launcher=joblib",
                 f"hydra.launcher.n_jobs={jobs}",
@@ -65,7 +65,8 @@ def main() -> None:
                 f"hydra.sweeper.n_trials={args.trials}",
                 f"hydra.sweeper.study_name=jobs{jobs}",
                 f"hydra.sweep.dir=sweep{jobs}",
-            ]
+            ],
+            multirun=True,
         )
         threads = {json.loads(p.read_text())["num_threads"] for p in (work / f"sweep{jobs}").glob("*/metrics.json")}
         rows.append(
