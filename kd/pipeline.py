@@ -45,6 +45,10 @@ class Context:
     test_images: torch.Tensor
     test_labels: torch.Tensor
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.trainer.channels_last else torch.contiguous_format
+
 
 @dataclass
 class Trained:
@@ -87,8 +91,7 @@ def train_model(
 ) -> Trained:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     torch.manual_seed(int(cfg.seed))
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model = instantiate(model_cfg, num_classes=data.num_classes).to(device, memory_format=memory_format)
+    model = instantiate(model_cfg, num_classes=data.num_classes).to(device, memory_format=ctx.memory_format)
     optimizer = instantiate(cfg.optim)(model.parameters())
     runner = torch.compile(model) if cfg.trainer.compile else model
     batches = BatchStream(
@@ -115,7 +118,8 @@ def train_model(
         progress=bool(cfg.trainer.progress),
         desc=desc,
     )
-    val_acc = validate_now() if len(data.val_idx) else float("nan")
+    # The last epoch's validation already evaluated this very model (eval mode, no dropout).
+    val_acc = result.history[-1]["val_acc"] if len(data.val_idx) else float("nan")
     test_acc = accuracy(model, ctx.test_images, ctx.test_labels, ctx.preprocess)
     return Trained(model, result, val_acc, test_acc)
 
@@ -141,8 +145,7 @@ def prepare_teacher(ctx: Context, store: TeacherStore) -> tuple[TeacherSignal, d
         source = "trained" if built else "store"
     teacher = instantiate(teacher_cfg, num_classes=data.num_classes)
     restore_model(checkpoint, teacher, _target(teacher_cfg), data.num_classes)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    teacher = teacher.to(device, memory_format=memory_format).eval()
+    teacher = teacher.to(device, memory_format=ctx.memory_format).eval()
     info: dict[str, Any] = {
         "teacher_checkpoint": checkpoint["path"],
         "teacher_source": source,
