@@ -1,18 +1,36 @@
-"""Checks on a composed config, run before any data is read or any model trained.
+"""Checks on a composed config, and the settings that identify a run or a sweep.
 
-Hydra already rejects unknown keys and group options; these checks catch values of
-the right type but the wrong range, with a message naming the key and the range.
+Hydra already rejects unknown keys and group options; :func:`validate` catches values
+of the right type but the wrong range, with a message naming the key and the range,
+before any data is read or any model trained.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kd.errors import ConfigError
+
+OBJECTIVES = ("val_acc", "test_acc")
+
+# Keys that say where or how fast a run goes, not what it computes: left out of a
+# run's settings (report grouping) and of a study's identity (resume check, name).
+NOT_RESULT_KEYS = (
+    "paths",
+    "data.root",
+    "data.cache_dir",
+    "data.download",
+    "trainer.device",
+    "trainer.num_threads",
+    "trainer.progress",
+    "trainer.check_every",
+)
 
 
 def _number(cfg: DictConfig, key: str, ok: Callable[[float], bool], rule: str, integer: bool = False) -> None:
@@ -38,6 +56,97 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "data.train_size", lambda v: v >= 1, ">= 1", integer=True)
     _number(cfg, "data.test_size", lambda v: v >= 1, ">= 1", integer=True)
     _number(cfg, "seed", lambda v: v >= 0, ">= 0", integer=True)
+    for key in ("teacher.epochs", "teacher.batch_size"):
+        _number(cfg, key, lambda v: v >= 1, ">= 1", integer=True)
+    _number(cfg, "teacher.seed", lambda v: v >= 0, ">= 0", integer=True)
+    _number(cfg, "teacher.optim.lr", lambda v: v > 0, "> 0")
+    objective = OmegaConf.select(cfg, "objective", default="val_acc")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    seeds = OmegaConf.select(cfg, "trial.seeds", default=None)
+    if seeds is not None:
+        if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
+            raise ConfigError(f"trial.seeds must be a non-empty list such as [42,43,44] (or null), got {seeds!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+            raise ConfigError(f"trial.seeds must hold integers >= 0, got {list(seeds)!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"trial.seeds must not repeat a seed, got {list(seeds)!r}")
     device = str(cfg.trainer.device)
     if device != "auto" and device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+
+
+def validate_for_selection(cfg: DictConfig, swept: Iterable[str] = ()) -> None:
+    """Checks for a sweep that selects on ``objective``: never the test set by accident."""
+    validate(cfg)
+    if cfg.objective == "val_acc" and "data.val_size" not in swept and int(cfg.data.val_size) == 0:
+        raise ConfigError(
+            "this sweep selects on objective=val_acc but data.val_size=0 leaves no validation images "
+            "(experiment=seed_* sets it): add data.val_size=5000, or objective=test_acc to tune on test knowingly"
+        )
+
+
+def trial_seeds(cfg: DictConfig) -> list[int]:
+    """The seeds one run trains its model with: ``trial.seeds``, or just ``seed``."""
+    seeds = OmegaConf.select(cfg, "trial.seeds", default=None)
+    return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _excluded(key: str, excluded: Iterable[str]) -> bool:
+    return any(key == e or key.startswith(e + ".") for e in excluded)
+
+
+def run_settings(cfg: DictConfig, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The resolved settings that decide a run's result, flattened, without ``hydra``,
+    :data:`NOT_RESULT_KEYS` and ``exclude``."""
+    # Node by node: resolving ``hydra`` here would recurse into the study name it may feed.
+    tree = {}
+    for key in cfg:
+        if key != "hydra":
+            value = cfg[key]
+            tree[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    excluded = (*NOT_RESULT_KEYS, *exclude)
+    return {k: v for k, v in sorted(flatten(tree).items()) if not _excluded(k, excluded)}
+
+
+def swept_keys(root: DictConfig) -> list[str]:
+    """Keys a sweep varies: ``hydra.sweeper.params`` and sweep overrides on the command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = [str(k) for k in (OmegaConf.select(root, "hydra.sweeper.params", default=None) or {})]
+    task = [str(t) for t in (OmegaConf.select(root, "hydra.overrides.task", default=None) or [])]
+    for override in OverridesParser.create().parse_overrides(task):
+        if override.is_sweep_override():
+            keys.append(override.key_or_group)
+    return sorted(set(keys))
+
+
+def experiment_settings(root: DictConfig) -> dict[str, Any]:
+    """What makes a sweep one experiment: every result-deciding setting it does not vary."""
+    return run_settings(root, exclude=swept_keys(root))
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def default_study_name(*, _root_: DictConfig) -> str:
+    """``${kd_study_name:}``: the experiment's name plus its settings' fingerprint, so two
+    different experiments never share a study by accident."""
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) or {}
+    name = choices.get("experiment") or choices.get("hparams_search") or "kd"
+    return f"{str(name).replace('/', '-')}-{settings_fingerprint(experiment_settings(_root_))}"
+
+
+if not OmegaConf.has_resolver("kd_study_name"):
+    OmegaConf.register_new_resolver("kd_study_name", default_study_name)

@@ -2,10 +2,17 @@
 
 This is the one place that reads the config; the engine, losses and models see only
 plain objects and tensors.
+
+A model is trained from a :class:`Recipe` (model, optimiser, epochs, batch size, seed,
+augmentation, amp). The teacher has a recipe of its own (``teacher.*``), so the
+student's seed, optimiser, epochs and loss never change which teacher is used; a KD
+run's CE baseline is the run's own recipe trained with cross-entropy. Both live in
+the store, addressed by :func:`recipe_spec`, and are trained at most once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import platform
@@ -19,15 +26,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd.config import validate
+from kd.config import run_settings, trial_seeds, validate
 from kd.data import BatchStream, Dataset, Preprocess
 from kd.devices import select_device, threads_per_job
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_logits
-from kd.errors import Diverged
+from kd.errors import CheckpointError, Diverged
 from kd.losses import CrossEntropy
 from kd.models import count_parameters
+from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import file_digest, save_checked, write_json
-from kd.teacher import TeacherStore, fingerprint, load_checkpoint, make_checkpoint, restore_model
+from kd.teacher import TeacherStore, fingerprint, load_checkpoint, make_checkpoint, model_source_digest, restore_model
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,19 @@ class Context:
         return torch.channels_last if self.cfg.trainer.channels_last else torch.contiguous_format
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How one model is trained (the data and its split come from the context)."""
+
+    model: DictConfig
+    optim: DictConfig
+    epochs: int
+    batch_size: int
+    seed: int
+    augment: bool
+    amp: bool
+
+
 @dataclass
 class Trained:
     model: nn.Module
@@ -62,41 +83,69 @@ def _target(model_cfg: DictConfig) -> str:
     return str(model_cfg._target_)
 
 
-def training_spec(model_cfg: DictConfig, ctx: Context) -> dict:
-    """Everything that determines a CE-trained model: its teacher-store address."""
-    cfg, data = ctx.cfg, ctx.data
+def teacher_recipe(cfg: DictConfig) -> Recipe:
+    t = cfg.teacher
+    return Recipe(t.model, t.optim, int(t.epochs), int(t.batch_size), int(t.seed), bool(t.augment), bool(t.amp))
+
+
+def run_recipe(cfg: DictConfig, seed: int) -> Recipe:
+    """This run's own model, trained with the run's optimiser and trainer settings."""
+    return Recipe(
+        cfg.model,
+        cfg.optim,
+        int(cfg.trainer.epochs),
+        int(cfg.trainer.batch_size),
+        seed,
+        bool(cfg.data.augment),
+        bool(cfg.trainer.amp),
+    )
+
+
+def held_out_digest(data: Dataset) -> str:
+    """Which training images a model must not see: a hash of the validation indices."""
+    return hashlib.sha256(data.val_idx.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def data_identity(data: Dataset) -> dict:
     return {
-        "model": OmegaConf.to_container(model_cfg, resolve=True),
-        "data": {
-            "source": data.name,
-            "contents": data.fingerprint,
-            "val_size": len(data.val_idx),
-            "split_seed": int(cfg.data.split_seed),
-            "mean": list(data.mean),
-            "std": list(data.std),
-            "augment": data.augment,
-        },
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "trainer": {"epochs": int(cfg.trainer.epochs), "batch_size": int(cfg.trainer.batch_size)},
-        "seed": int(cfg.seed),
+        "contents": data.fingerprint,
+        "held_out": held_out_digest(data),
+        "val_size": len(data.val_idx),
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+
+
+def recipe_spec(recipe: Recipe, ctx: Context) -> dict:
+    """Everything that changes a CE-trained model's weights, and nothing else: its store
+    address. Left out on purpose: device, threads, channels_last, compile, progress and
+    check_every (speed and logging only), and every key of the student or its loss."""
+    return {
+        "model": OmegaConf.to_container(recipe.model, resolve=True),
+        "model_source": model_source_digest(_target(recipe.model)),
+        "data": data_identity(ctx.data),
+        "optim": OmegaConf.to_container(recipe.optim, resolve=True),
+        "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size,
+        "seed": recipe.seed,
+        "augment": recipe.augment,
+        "amp": recipe.amp and ctx.device.type == "cuda",  # autocast is off elsewhere
     }
 
 
 def train_model(
-    model_cfg: DictConfig,
+    recipe: Recipe,
     loss_fn: nn.Module,
     ctx: Context,
     teacher: TeacherSignal | None = None,
     desc: str = "train",
 ) -> Trained:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
-    torch.manual_seed(int(cfg.seed))
-    model = instantiate(model_cfg, num_classes=data.num_classes).to(device, memory_format=ctx.memory_format)
-    optimizer = instantiate(cfg.optim)(model.parameters())
+    torch.manual_seed(recipe.seed)
+    model = instantiate(recipe.model, num_classes=data.num_classes).to(device, memory_format=ctx.memory_format)
+    optimizer = instantiate(recipe.optim)(model.parameters())
     runner = torch.compile(model) if cfg.trainer.compile else model
-    batches = BatchStream(
-        ctx.train_images, ctx.train_labels, data.train_idx, int(cfg.trainer.batch_size), seed=int(cfg.seed)
-    )
+    batches = BatchStream(ctx.train_images, ctx.train_labels, data.train_idx, recipe.batch_size, seed=recipe.seed)
     val_images = ctx.train_images[data.val_idx.to(device)]
     val_labels = ctx.train_labels[data.val_idx.to(device)]
 
@@ -109,11 +158,11 @@ def train_model(
         optimizer,
         batches,
         ctx.preprocess,
-        int(cfg.trainer.epochs),
+        recipe.epochs,
         teacher=teacher,
-        augment_seed=int(cfg.seed) if data.augment else None,
+        augment_seed=recipe.seed if recipe.augment else None,
         validate=validate_now if len(data.val_idx) else None,
-        amp=bool(cfg.trainer.amp) and device.type == "cuda",
+        amp=recipe.amp and device.type == "cuda",
         check_every=int(cfg.trainer.check_every),
         progress=bool(cfg.trainer.progress),
         desc=desc,
@@ -124,34 +173,88 @@ def train_model(
     return Trained(model, result, val_acc, test_acc)
 
 
+def _checkpoint(trained: Trained, recipe: Recipe, ctx: Context) -> dict:
+    return make_checkpoint(
+        trained.model,
+        _target(recipe.model),
+        ctx.data.num_classes,
+        params=count_parameters(trained.model),
+        val_acc=_finite_or_none(trained.val_acc),
+        test_acc=trained.test_acc,
+        train_seconds=trained.fit.train_seconds,
+        spec=recipe_spec(recipe, ctx),
+    )
+
+
+def stored_ce_model(recipe: Recipe, ctx: Context, store: TeacherStore, desc: str) -> tuple[dict, bool]:
+    """The CE-trained model of ``recipe`` from the store, trained once if absent."""
+    key = fingerprint(recipe_spec(recipe, ctx))
+
+    def build() -> dict:
+        log.info("%s %s is not in the store: training it once", desc, key)
+        return _checkpoint(train_model(recipe, CrossEntropy(), ctx, desc=desc), recipe, ctx)
+
+    checkpoint, built = store.get_or_build(key, build)
+    checkpoint["path"] = str(store.checkpoint_path(key))
+    return checkpoint, built
+
+
+def check_teacher_split(checkpoint: dict, ctx: Context) -> str | None:
+    """Refuse a teacher that trained on this run's validation images; return a warning
+    when that cannot be checked (a checkpoint with no record, or other data)."""
+    n_val = len(ctx.data.val_idx)
+    if n_val == 0:
+        return None
+    where = checkpoint.get("path", "the teacher checkpoint")
+    recorded = (checkpoint.get("spec") or {}).get("data")
+    if not isinstance(recorded, dict):
+        return (
+            f"teacher.checkpoint={where} records no training split: if it saw the {n_val} validation "
+            "images, val_acc is inflated"
+        )
+    ours = data_identity(ctx.data)
+    if recorded.get("contents") != ours["contents"]:
+        return f"teacher.checkpoint={where} was trained on other data: cannot check it never saw the validation images"
+    if "held_out" in recorded:
+        same_split = recorded["held_out"] == ours["held_out"]
+    else:  # recorded before held_out existed
+        same_split = recorded.get("val_size") == n_val and recorded.get("split_seed") == ctx.cfg.data.split_seed
+    if not same_split:
+        raise CheckpointError(
+            f"teacher.checkpoint={where} was trained on this run's validation images "
+            f"(it held out {recorded.get('val_size')} images, not these {n_val}); use the store "
+            "(teacher.checkpoint=null) or a teacher trained with the same data.val_size and data.split_seed"
+        )
+    return None
+
+
 def prepare_teacher(ctx: Context, store: TeacherStore) -> tuple[TeacherSignal, dict]:
     """Load, find or train the teacher; serve its logits from the cache when exact."""
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
-    teacher_cfg = cfg.teacher.model
+    recipe = teacher_recipe(cfg)
+    info: dict[str, Any] = {}
     if cfg.teacher.checkpoint:
         checkpoint = load_checkpoint(cfg.teacher.checkpoint)
+        warning = check_teacher_split(checkpoint, ctx)
+        if warning:
+            log.warning("%s", warning)
+            info["teacher_warning"] = warning
         source = "checkpoint"
     else:
-        key = fingerprint(training_spec(teacher_cfg, ctx))
-
-        def build() -> dict:
-            log.info("no stored teacher %s: training it once", key)
-            trained = train_model(teacher_cfg, CrossEntropy(), ctx, desc="teacher")
-            return _checkpoint(trained, teacher_cfg, ctx)
-
-        checkpoint, built = store.get_or_build(key, build)
-        checkpoint["path"] = str(store.checkpoint_path(key))
+        checkpoint, built = stored_ce_model(recipe, ctx, store, desc="teacher")
         checkpoint["digest"] = file_digest(checkpoint["path"])
         source = "trained" if built else "store"
-    teacher = instantiate(teacher_cfg, num_classes=data.num_classes)
-    restore_model(checkpoint, teacher, _target(teacher_cfg), data.num_classes)
+    teacher = instantiate(recipe.model, num_classes=data.num_classes)
+    restore_model(checkpoint, teacher, _target(recipe.model), data.num_classes)
     teacher = teacher.to(device, memory_format=ctx.memory_format).eval()
-    info: dict[str, Any] = {
-        "teacher_checkpoint": checkpoint["path"],
-        "teacher_source": source,
-        "teacher_test_acc": checkpoint.get("test_acc"),
-    }
-    log.info("teacher: %s (%s)", checkpoint["path"], source)
+    info.update(
+        teacher_checkpoint=checkpoint["path"],
+        teacher_source=source,
+        teacher_val_acc=checkpoint.get("val_acc"),
+        teacher_test_acc=checkpoint.get("test_acc"),
+    )
+    accs = ", ".join(f"{k} {checkpoint[k]:.2f}%" for k in ("val_acc", "test_acc") if checkpoint.get(k) is not None)
+    log.info("teacher: %s (%s%s)", checkpoint["path"], source, f"; {accs}" if accs else "")
 
     if data.augment:
         # Augmented inputs differ every epoch, so cached logits would be wrong.
@@ -174,19 +277,6 @@ def prepare_teacher(ctx: Context, store: TeacherStore) -> tuple[TeacherSignal, d
     return (lambda idx, inputs: logits[idx]), info
 
 
-def _checkpoint(trained: Trained, model_cfg: DictConfig, ctx: Context) -> dict:
-    return make_checkpoint(
-        trained.model,
-        _target(model_cfg),
-        ctx.data.num_classes,
-        params=count_parameters(trained.model),
-        val_acc=trained.val_acc,
-        test_acc=trained.test_acc,
-        train_seconds=trained.fit.train_seconds,
-        spec=training_spec(model_cfg, ctx),
-    )
-
-
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -206,8 +296,28 @@ def make_context(cfg: DictConfig, device: torch.device) -> Context:
     )
 
 
+def _summarise_seeds(per_seed: list[dict], with_baseline: bool) -> dict[str, Any]:
+    """Mean, spread and (for KD) the paired difference to the CE baseline over seeds."""
+    out: dict[str, Any] = {}
+    for split in ("val_acc", "test_acc"):
+        values = [s[split] for s in per_seed if s[split] is not None]
+        stats = describe(values)
+        out[split], out[f"{split}_std"], out[f"{split}_se"] = stats["mean"], stats["std"], stats["se"]
+    if with_baseline:
+        out["baseline"] = {}
+        out["kd_minus_ce"] = {}
+        for split in ("val_acc", "test_acc"):
+            pairs = [(s[split], s["baseline"][split]) for s in per_seed if s[split] is not None]
+            pairs = [(a, b) for a, b in pairs if b is not None]
+            out["baseline"][split] = describe([b for _, b in pairs])["mean"]
+            out["kd_minus_ce"][split] = (
+                paired_difference([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+            )
+    return out
+
+
 def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs: int = 1) -> dict:
-    """Train and evaluate the configured model; returns the metrics written to disk."""
+    """Train and evaluate the configured model once per seed; returns the metrics written."""
     started = time.time()
     validate(cfg)
     output_dir = Path(output_dir)
@@ -215,83 +325,119 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
     threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
     torch.set_num_threads(int(threads))
     store = TeacherStore(cfg.paths.store_dir)
+    seeds = trial_seeds(cfg)
 
     ctx = make_context(cfg, device)
     data = ctx.data
     loss_fn = instantiate(cfg.loss)
+    with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
+    model_name = _target(cfg.model).rsplit(".", 1)[-1]
     metrics: dict[str, Any] = {
-        "model": _target(cfg.model).rsplit(".", 1)[-1],
+        "model": model_name,
         "loss": loss_fn.name,
         "temperature": loss_fn.temperature,
         "alpha": loss_fn.alpha,
         "epochs": int(cfg.trainer.epochs),
         "batch_size": int(cfg.trainer.batch_size),
         "lr": float(cfg.optim.lr),
-        "seed": int(cfg.seed),
+        "seed": seeds[0],
+        "seeds": seeds,
         "dataset": data.name,
         "train_examples": len(data.train_idx),
         "val_examples": len(data.val_idx),
         "test_examples": len(data.test.labels),
+        "objective": str(cfg.objective),
         "device": str(device),
         "num_threads": int(threads),
         "host": platform.node(),
+        # Every result-deciding setting but the seed: the report's grouping key.
+        "settings": run_settings(cfg, exclude=("seed", "trial.seeds")),
     }
     log.info(
-        "device %s, %d threads, %s: %d train / %d val / %d test",
+        "device %s, %d threads, %s: %d train / %d val / %d test; seeds %s",
         device,
         threads,
         data.name,
         len(data.train_idx),
         len(data.val_idx),
         len(data.test.labels),
+        seeds,
     )
+    if cfg.objective == "val_acc" and not len(data.val_idx):
+        log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
 
+    per_seed: list[dict] = []
     try:
         teacher = None
         if loss_fn.needs_teacher:
             teacher, teacher_info = prepare_teacher(ctx, store)
             metrics.update(teacher_info)
-        trained = train_model(cfg.model, loss_fn, ctx, teacher=teacher, desc=metrics["model"])
+        for seed in seeds:
+            recipe = run_recipe(cfg, seed)
+            desc = f"{model_name} seed {seed}" if len(seeds) > 1 else model_name
+            trained = train_model(recipe, loss_fn, ctx, teacher=teacher, desc=desc)
+            checkpoint = _checkpoint(trained, recipe, ctx)
+            path = output_dir / ("model.pt" if len(seeds) == 1 else f"model_seed{seed}.pt")
+            save_checked(checkpoint, path)
+            entry: dict[str, Any] = {
+                "seed": seed,
+                "val_acc": _finite_or_none(trained.val_acc),
+                "test_acc": trained.test_acc,
+                "train_seconds": trained.fit.train_seconds,
+                "checkpoint": str(path),
+                "history": trained.fit.history,
+            }
+            if not loss_fn.needs_teacher:
+                # A CE-trained model is exactly what the store would build from this
+                # recipe (as a teacher, or as a KD run's baseline): publish it.
+                key = fingerprint(checkpoint["spec"])
+                if store.publish(key, checkpoint):
+                    log.info("published to the store as %s (a later KD run reuses it)", key)
+            elif with_baseline:
+                base, built = stored_ce_model(recipe, ctx, store, desc=f"CE baseline seed {seed}")
+                entry["baseline"] = {
+                    "val_acc": base.get("val_acc"),
+                    "test_acc": base.get("test_acc"),
+                    "checkpoint": base["path"],
+                    "source": "trained" if built else "store",
+                }
+            per_seed.append(entry)
     except Diverged as err:
         metrics.update(
             status="diverged",
             diverged_phase=err.phase,
             diverged_epoch=err.epoch,
             diverged_step=err.step,
+            per_seed=per_seed,
             wall_seconds=time.time() - started,
         )
         write_json(output_dir / "metrics.json", metrics)
         raise
 
-    selecting_on = "val_acc" if len(data.val_idx) else "test_acc"
-    if selecting_on == "test_acc":
-        log.warning("data.val_size=0: the objective is TEST accuracy; do not tune on it for reporting")
-    checkpoint = _checkpoint(trained, cfg.model, ctx)
-    save_checked(checkpoint, output_dir / "model.pt")
-    if not loss_fn.needs_teacher:
-        # A CE-trained model is exactly what the teacher store would build from the
-        # same settings: publish it, so a later KD run reuses it instead of retraining.
-        key = fingerprint(checkpoint["spec"])
-        if store.publish(key, checkpoint):
-            log.info("stored as teacher %s", key)
+    summary = _summarise_seeds(per_seed, with_baseline)
+    objective_value = summary[str(cfg.objective)]
     metrics.update(
         status="completed",
         params=count_parameters(trained.model),
-        val_acc=_finite_or_none(trained.val_acc),
-        test_acc=trained.test_acc,
-        objective=selecting_on,
-        objective_value=trained.val_acc if selecting_on == "val_acc" else trained.test_acc,
-        train_seconds=trained.fit.train_seconds,
+        per_seed=per_seed,
+        **summary,
+        objective_value=objective_value,
+        train_seconds=sum(s["train_seconds"] for s in per_seed) / len(per_seed),
         wall_seconds=time.time() - started,
-        history=trained.fit.history,
-        checkpoint=str(output_dir / "model.pt"),
+        history=per_seed[0]["history"],
+        checkpoint=per_seed[0]["checkpoint"],
     )
     write_json(output_dir / "metrics.json", metrics)
+    n = f" ({len(seeds)} seeds, mean ± SE)" if len(seeds) > 1 else ""
     log.info(
-        "%s: val acc %s, test acc %.2f%%, %.1fs training",
-        metrics["model"],
-        f"{trained.val_acc:.2f}%" if math.isfinite(trained.val_acc) else "n/a",
-        trained.test_acc,
-        trained.fit.train_seconds,
+        "%s%s: val acc %s, test acc %s",
+        model_name,
+        n,
+        fmt_mean_se({"mean": summary["val_acc"], "se": summary["val_acc_se"]}),
+        fmt_mean_se({"mean": summary["test_acc"], "se": summary["test_acc_se"]}),
     )
+    if with_baseline:
+        split = "val_acc" if summary["val_acc"] is not None else "test_acc"
+        log.info("KD - CE (%s, paired over seeds, 95%% CI): %s", split, fmt_difference(summary["kd_minus_ce"][split]))
+    log.info("results: %s", output_dir / "metrics.json")
     return metrics

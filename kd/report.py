@@ -2,26 +2,30 @@
 
     python -m kd.report DIR [DIR ...] [--out OUT] [--title TITLE]
 
-Finds every ``metrics.json`` under the directories, groups runs that differ only in
-their seed, and writes ``OUT/report.md`` (a table in the seed README's shape, mean ±
-std over seeds) and ``OUT/summary.json``. For an Optuna sweep directory (one holding
-``optuna.db``) it also writes PNG plots: objective against temperature and alpha, and
-Optuna's optimisation history and parameter importances. Runs that have not finished
-(no ``metrics.json`` yet) or that diverged are listed as skipped, with the reason, so
-the report can be made while a sweep is still writing.
+Finds every ``metrics.json`` under the directories, groups runs identical in every
+resolved setting but the seed (each row says which settings tell it apart), and writes
+``OUT/report.md`` and ``OUT/summary.json``: mean ± standard error over seeds, and for
+KD the paired difference to the CE student of the same seeds and recipe with its 95 %
+interval. An Optuna sweep directory (one holding ``optuna.db``) gets its own table,
+read from the study (completed trials only, never voided or failed ones), ordered by
+the objective it was optimised on, with the selected trial marked and its test
+accuracy alone shown; and PNG plots: objective against each parameter, Optuna's
+optimisation history and parameter importances. Runs that have not finished (no
+``metrics.json`` yet) or that diverged are listed as skipped, with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 
 MODEL_NAMES = {"DeepNN": "Teacher", "LightNN": "Student"}
 
@@ -32,12 +36,15 @@ class Collected:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (directory, reason)
 
 
-def collect(roots: list[Path]) -> Collected:
-    """Completed runs under ``roots``, and the run directories skipped with why."""
+def collect(roots: list[Path], sweep_dirs: list[Path] = ()) -> Collected:
+    """Completed runs under ``roots`` (outside ``sweep_dirs``, which the study reports),
+    and the run directories skipped with why."""
     found = Collected()
     for root in roots:
         for hydra_dir in sorted(root.rglob(".hydra")):
             run_dir = hydra_dir.parent
+            if any(run_dir.is_relative_to(d) for d in sweep_dirs):
+                continue
             metrics_file = run_dir / "metrics.json"
             if not metrics_file.exists():
                 found.skipped.append((str(run_dir), "no metrics.json: still running, or stopped before finishing"))
@@ -64,72 +71,193 @@ def label(run: dict) -> str:
     return name
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+def settings_of(run: dict) -> dict:
+    """Every result-deciding setting but the seed (older metrics.json: the fields they had)."""
+    if "settings" in run:
+        return run["settings"]
+    keys = ("model", "loss", "temperature", "alpha", "epochs", "batch_size", "lr", "dataset", "train_examples")
+    return {k: run.get(k) for k in keys}
 
 
-def _fmt(mean: float, std: float | None, unit: str = "") -> str:
-    return f"{mean:.2f}{unit}" if std is None else f"{mean:.2f} ± {std:.2f}{unit}"
+def seed_records(run: dict) -> list[dict]:
+    """One record per seed the run trained (older runs: one)."""
+    if run.get("per_seed"):
+        return run["per_seed"]
+    keys = ("seed", "val_acc", "test_acc", "train_seconds")
+    return [{k: run.get(k) for k in keys}]
+
+
+def _values(records: list[dict], key: str) -> list[float]:
+    return [r[key] for r in records if r.get(key) is not None]
+
+
+def _paired(records: list[dict], key: str) -> dict | None:
+    pairs = [(r[key], r["baseline"][key]) for r in records if r.get("baseline") and r.get(key) is not None]
+    pairs = [(a, b) for a, b in pairs if b is not None]
+    return paired_difference([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per setting (runs that differ only in seed are pooled)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    """One row per setting: runs identical in every resolved setting but the seed."""
+    groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        key = (
-            run["model"],
-            run["loss"],
-            run.get("temperature"),
-            run.get("alpha"),
-            run["epochs"],
-            run.get("dataset"),
-            run.get("train_examples"),
-        )
-        groups[key].append(run)
+        groups[json.dumps(settings_of(run), sort_keys=True, default=str)].append(run)
     rows = []
     for group in groups.values():
         first = group[0]
-        test_mean, test_std = _mean_std([r["test_acc"] for r in group])
-        time_mean, time_std = _mean_std([r["train_seconds"] for r in group])
-        vals = [r["val_acc"] for r in group if r.get("val_acc") is not None]
+        records = [rec for run in group for rec in seed_records(run)]
         rows.append(
             {
                 "label": label(first),
                 "model": first["model"],
-                "params": first["params"],
+                "params": first.get("params"),
                 "loss": first["loss"],
                 "temperature": first.get("temperature"),
                 "alpha": first.get("alpha"),
-                "epochs": first["epochs"],
+                "epochs": first.get("epochs"),
                 "dataset": first.get("dataset"),
                 "train_examples": first.get("train_examples"),
-                "seeds": sorted(r["seed"] for r in group),
-                "test_acc_mean": test_mean,
-                "test_acc_std": test_std,
-                "val_acc_mean": statistics.fmean(vals) if vals else None,
-                "train_seconds_mean": time_mean,
-                "train_seconds_std": time_std,
+                "seeds": sorted(r["seed"] for r in records),
+                "val_acc": describe(_values(records, "val_acc")),
+                "test_acc": describe(_values(records, "test_acc")),
+                "kd_minus_ce": {"val_acc": _paired(records, "val_acc"), "test_acc": _paired(records, "test_acc")},
+                "train_seconds_mean": describe(_values(records, "train_seconds"))["mean"],
                 "device": first.get("device"),
+                "settings": settings_of(first),
+                "run_dirs": [r.get("run_dir") for r in group],
             }
         )
+    # Say what tells the rows apart: the settings whose values differ between them.
+    all_keys = sorted({k for r in rows for k in r["settings"]})
+    varying = [k for k in all_keys if len({json.dumps(r["settings"].get(k), default=str) for r in rows}) > 1]
+    for r in rows:
+        r["differs"] = {k: r["settings"].get(k) for k in varying if k not in ("loss._target_", "model._target_")}
     order = {"DeepNN": 0, "LightNN": 1}
-    rows.sort(key=lambda r: (order.get(r["model"], 2), r["loss"] != "ce", -r["test_acc_mean"]))
+    rows.sort(key=lambda r: (order.get(r["model"], 2), r["loss"] != "ce", r["label"], json.dumps(r["differs"])))
     return rows
+
+
+def _time(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| Model | Parameters | Training time | Test accuracy | Seeds |",
-        "| ----- | ---------: | ------------: | ------------: | ----- |",
+        "| Model | Setting | Parameters | Seeds | Val acc | Test acc | KD − CE, val [95% CI] "
+        "| KD − CE, test [95% CI] | Training time |",
+        "| ----- | ------- | ---------: | ----- | ------: | -------: | ----- | ----- | ------------: |",
     ]
     for r in rows:
-        minutes = r["train_seconds_mean"] / 60
-        time_text = f"{minutes:.1f} min" if minutes >= 1 else f"{r['train_seconds_mean']:.1f} s"
+        setting = ", ".join(
+            f"{k}={_short(v)}" for k, v in r["differs"].items() if k not in ("loss.temperature", "loss.alpha")
+        )
+        params = f"{r['params']:,}" if r["params"] is not None else "n/a"
         seeds = ", ".join(str(s) for s in r["seeds"])
         lines.append(
-            f"| {r['label']} | {r['params']:,} | {time_text} | "
-            f"{_fmt(r['test_acc_mean'], r['test_acc_std'], ' %')} | {seeds} |"
+            f"| {r['label']} | {setting or '—'} | {params} | {seeds} | {fmt_mean_se(r['val_acc'])} | "
+            f"{fmt_mean_se(r['test_acc'])} | {fmt_difference(r['kd_minus_ce']['val_acc'])} | "
+            f"{fmt_difference(r['kd_minus_ce']['test_acc'])} | {_time(r['train_seconds_mean'])} |"
         )
+    lines += [
+        "",
+        "Accuracies: mean ± standard error over seeds. KD − CE: the paired difference to the CE "
+        "student trained with the same seeds and recipe, with its 95 % t interval.",
+    ]
+    return "\n".join(lines)
+
+
+def _load_study(sweep_dir: Path) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    names = optuna.get_all_study_summaries(storage)
+    if not names:
+        return None
+    return optuna.load_study(study_name=names[0].study_name, storage=storage)
+
+
+def sweep_table(sweep_dir: Path) -> dict | None:
+    """A sweep's trials from its study (completed, not voided), best objective first.
+
+    Test accuracy is given for the selected trial only: it is reported, never ranked on.
+    """
+    import optuna
+
+    study = _load_study(sweep_dir)
+    if study is None:
+        return None
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and "kd:void" not in t.system_attrs
+    ]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    complete.sort(key=lambda t: -t.value if maximize else t.value)
+    selected = complete[0].number if complete else None
+    rows = []
+    objective = "val_acc"
+    for t in complete:
+        metrics_file = sweep_dir / str(t.number) / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        objective = metrics.get("objective", objective)
+        records = seed_records(metrics) if metrics else []
+        rows.append(
+            {
+                "trial": t.number,
+                "params": t.params,
+                "objective_value": t.value,
+                "seeds": [r.get("seed") for r in records],
+                "val_acc": describe(_values(records, "val_acc")),
+                "kd_minus_ce_val": _paired(records, "val_acc"),
+                "selected": t.number == selected,
+                "test_acc": describe(_values(records, "test_acc")) if t.number == selected else None,
+                "kd_minus_ce_test": _paired(records, "test_acc") if t.number == selected else None,
+            }
+        )
+    failed = sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL)
+    return {
+        "dir": str(sweep_dir),
+        "study_name": study.study_name,
+        "direction": "maximize" if maximize else "minimize",
+        "objective": objective,
+        "selected_trial": selected,
+        "failed_or_voided": failed,
+        "rows": rows,
+    }
+
+
+def sweep_markdown(sweep: dict) -> str:
+    params = sorted({p for r in sweep["rows"] for p in r["params"]})
+    head = ["Trial", *params, f"Objective ({sweep['objective']})", "Val acc", "KD − CE, val [95% CI]", "Test acc"]
+    lines = [
+        f"Study `{sweep['study_name']}`: {len(sweep['rows'])} completed trials ordered by the objective "
+        f"({sweep['direction']}); {sweep['failed_or_voided']} failed or voided trial(s) left out. "
+        "Test accuracy is shown for the selected trial (★) only.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join("---:" for _ in head) + " |",
+    ]
+    for r in sweep["rows"]:
+        mark = " ★" if r["selected"] else ""
+        test = "—"
+        if r["selected"]:
+            test = fmt_mean_se(r["test_acc"]) + f"; KD − CE {fmt_difference(r['kd_minus_ce_test'])}"
+        cells = [
+            f"{r['trial']}{mark}",
+            *(_short(r["params"].get(p)) for p in params),
+            f"{r['objective_value']:.2f}",
+            fmt_mean_se(r["val_acc"]),
+            fmt_difference(r["kd_minus_ce_val"]),
+            test,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -141,13 +269,10 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
-    names = optuna.get_all_study_summaries(storage)
-    if not names:
+    study = _load_study(sweep_dir)
+    if study is None:
         return []
-    study = optuna.load_study(study_name=names[0].study_name, storage=storage)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     written: list[str] = []
 
@@ -199,21 +324,21 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
 
 def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    found = collect(dirs)
+    sweep_dirs = [d for d in dirs if (d / "optuna.db").exists()]
+    found = collect(dirs, sweep_dirs)
     rows = summarise(found.runs)
-    plots = []
-    sweep = {}
-    for d in dirs:
-        if (d / "optuna.db").exists():
+    plots: list[str] = []
+    sweeps = []
+    for d in sweep_dirs:
+        table = sweep_table(d)
+        if table is not None:
+            sweeps.append(table)
             plots += sweep_plots(d, out)
-            results = d / "optimization_results.yaml"
-            if results.exists():
-                import yaml
-
-                sweep = yaml.safe_load(results.read_text())
-    lines = [f"# {title}", "", markdown_table(rows), ""]
-    if sweep:
-        lines += [f"Best trial {sweep.get('best_trial')}: {sweep.get('best_params')} -> {sweep.get('best_value')}", ""]
+    lines = [f"# {title}", ""]
+    if rows:
+        lines += [markdown_table(rows), ""]
+    for sweep in sweeps:
+        lines += [sweep_markdown(sweep), ""]
     if found.skipped:
         lines += [f"Skipped {len(found.skipped)} run(s):", ""]
         lines += [f"- `{d}`: {why}" for d, why in found.skipped]
@@ -223,9 +348,9 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
     (out / "report.md").write_text("\n".join(lines) + "\n")
     summary = {
         "rows": rows,
+        "sweeps": sweeps,
         "skipped": [{"run_dir": d, "reason": w} for d, w in found.skipped],
         "plots": [Path(p).name for p in plots],
-        "sweep": sweep,
         "runs": len(found.runs),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -243,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd.report: error: not a directory: {', '.join(missing)}", file=sys.stderr)
         return 2
     summary = report(args.dirs, args.out or args.dirs[0], args.title)
-    print(markdown_table(summary["rows"]))
+    if summary["rows"]:
+        print(markdown_table(summary["rows"]))
+    for sweep in summary["sweeps"]:
+        print(sweep_markdown(sweep))
     for item in summary["skipped"]:
         print(f"skipped {item['run_dir']}: {item['reason']}")
     for plot in summary["plots"]:

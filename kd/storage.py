@@ -83,10 +83,11 @@ def load_checked(path: str | os.PathLike) -> Any | None:
     sidecar = _sidecar(path)
     if not path.exists() or not sidecar.exists():
         return None
-    expected = sidecar.read_text().split()
-    if len(expected) != 2 or int(expected[1]) != path.stat().st_size or expected[0] != file_digest(path):
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    expected = sidecar.read_text(errors="replace").split()
+    if len(expected) != 2 or expected[1] != str(path.stat().st_size) or expected[0] != file_digest(path):
+        return None  # unfinished or damaged: the caller rebuilds it
+    # weights_only: a file in a shared store is never trusted to run code when loaded.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 @contextlib.contextmanager

@@ -1,17 +1,18 @@
 """The teacher store: trained teachers addressed by what made them, and their logits.
 
-A teacher is a build artefact. Its address is a fingerprint of the settings that
-determine it (model, data contents and split, optimiser, epochs, batch size, seed),
+A teacher is a build artefact. Its address is a fingerprint of its recipe: what
+changes the trained weights and nothing else (see :func:`kd.pipeline.recipe_spec`),
 so every KD run that needs the same teacher finds the same file, and a teacher is
 trained at most once per store, even by parallel processes (see
-:func:`kd.storage.build_once`). Teacher logits over the training set are cached the
-same way, keyed by the checkpoint's bytes and the dataset's contents, so a changed
-teacher or dataset can never be served stale logits.
+:func:`kd.storage.build_once`). CE students trained as KD baselines are stored the
+same way. Teacher logits over the training set are cached too, keyed by the
+checkpoint's bytes and the dataset's contents, so a changed teacher or dataset can never be served stale logits.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -30,6 +31,22 @@ log = logging.getLogger(__name__)
 
 def fingerprint(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def model_source_digest(target: str) -> str:
+    """SHA-256 of the source of the model class and its own base classes (not torch's):
+    editing the network's code gives its teachers a new address."""
+    from hydra.utils import get_class
+
+    parts = []
+    for cls in get_class(target).__mro__:
+        if cls.__module__.split(".")[0] in ("torch", "builtins"):
+            continue
+        try:
+            parts.append(inspect.getsource(cls))
+        except (OSError, TypeError):  # defined interactively: fall back to its name
+            parts.append(f"{cls.__module__}.{cls.__qualname__}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 class TeacherStore:
@@ -74,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                     f"teacher.checkpoint={path} is truncated or corrupt (checksum mismatch); retrain or restore it"
                 )
         else:
-            checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=False)
+            checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as exc:

@@ -25,6 +25,8 @@ FAST = [
     "data.val_size=64",
     "trainer.epochs=1",
     "trainer.batch_size=64",
+    "teacher.epochs=1",
+    "teacher.batch_size=64",
     "trainer.progress=false",
     "trainer.device=cpu",
 ]

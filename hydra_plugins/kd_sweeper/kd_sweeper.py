@@ -18,14 +18,22 @@ and trial set-up, and replaces only ``sweep``:
 
 Voided trials stay in the study as FAIL with the system attribute ``kd:void`` and
 count for nothing; :func:`counted_trials` gives the others.
+
+A study is one experiment: it records the resolved settings the sweep does not vary
+(user attribute ``kd:settings``), and resuming it with other settings is refused, in
+one line naming the keys that differ. Before any trial runs, the config is checked
+once (ranges, and no selection on a missing validation split).
 """
 
 import hashlib
+import json
 import logging
 import math
 import os
 import random
+import re
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +48,25 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from kd.config import experiment_settings, settings_fingerprint, swept_keys, validate_for_selection
+from kd.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 VOID = "kd:void"
 WORKER = "kd:worker"
+SETTINGS = "kd:settings"
+
+
+def refuse(message: str) -> None:
+    """End the sweep before any trial with one line, as run.py does for a single run."""
+    print(f"kd: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def settings_differences(recorded: dict, current: dict) -> list[str]:
+    """The keys whose values differ between two flattened settings dicts."""
+    return sorted(k for k in set(recorded) | set(current) if recorded.get(k, "<unset>") != current.get(k, "<unset>"))
 
 
 @dataclass
@@ -113,6 +136,10 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _launch_batch(self, study: optuna.Study, batch_size: int, distributions: dict, fixed: dict) -> list:
         trials = []
+        # Jobs resolve the study name themselves; pass this one so they cannot differ.
+        name_override = (
+            [f"hydra.sweeper.study_name={self.study_name}"] if re.fullmatch(r"[\w.\-]+", str(self.study_name)) else []
+        )
         for _ in range(batch_size):
             trial = study.ask()
             rank = sum(1 for t in counted_trials(study) if t.number < trial.number)
@@ -125,7 +152,7 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
         if not trials:
             return []
         overrides = [
-            (*params, f"hydra.sweep.subdir={trial.number}")
+            (*params, *name_override, f"hydra.sweep.subdir={trial.number}")
             for trial, params in zip(trials, self._configure_trials(trials, distributions, fixed), strict=True)
         ]
         returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
@@ -161,6 +188,24 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
                 time.sleep(0.5 + random.random())
         raise AssertionError("unreachable")
 
+    def _check_settings(self, study: optuna.Study, settings: dict) -> None:
+        """Record the experiment's settings on a new study; refuse to resume with others."""
+        recorded = study.user_attrs.get(SETTINGS)
+        if recorded is None:
+            if study.get_trials(deepcopy=False):
+                log.warning("study %s records no settings (made by an older kd): recording them now", study.study_name)
+            study.set_user_attr(SETTINGS, json.loads(json.dumps(settings, default=str)))
+            study.set_user_attr("kd:settings_fingerprint", settings_fingerprint(settings))
+            return
+        differing = settings_differences(recorded, json.loads(json.dumps(settings, default=str)))
+        if differing:
+            shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+            refuse(
+                f"study {study.study_name} was run with other settings ({shown} differ); resume it with the "
+                "same settings, or start a new study with hydra.sweeper.study_name=NEW (or leave the name "
+                "unset: the default is derived from the settings)"
+            )
+
     def sweep(self, arguments: list[str]) -> None:
         self._process_searchspace_config()
         distributions, fixed = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
@@ -168,6 +213,13 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
             distributions = {**self.search_space_distributions, **distributions}
         for name in fixed:
             distributions.pop(name, None)
+        try:
+            validate_for_selection(self.config, swept=set(distributions) | set(swept_keys(self.config)))
+        except ConfigError as err:
+            refuse(str(err))
+        settings = experiment_settings(self.config)
+        for name in distributions:
+            settings.pop(name, None)
         directions = self._get_directions()
         if len(directions) != 1:
             raise ValueError("hydra/sweeper=kd_optuna supports one objective; use hydra/sweeper=optuna for several")
@@ -177,6 +229,7 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
         if not isinstance(sampler, optuna.samplers.BaseSampler):
             raise ValueError("hydra/sweeper=kd_optuna needs an instantiated sampler (GridSampler is not supported)")
         study = self._open_study(sampler, directions[0])
+        self._check_settings(study, settings)
         self._void_stale_trials(study)
         allowed_failures = math.floor(self.max_failure_rate * self.n_trials)
         log.info(
