@@ -54,7 +54,7 @@ class TeacherStore:
         self.root = Path(root)
 
     def checkpoint_path(self, key: str) -> Path:
-        return self.root / "teachers" / key / "model.pt"
+        return self.root / "models" / key / "model.pt"  # teachers and CE baselines
 
     def get_or_build(self, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
         """The checkpoint stored under ``key``, built (once) if absent; and whether built."""

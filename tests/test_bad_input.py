@@ -67,7 +67,7 @@ def test_bad_input_is_refused_in_one_line(workdir, overrides, message):
     assert len(lines) == 1 and lines[0].startswith("kd: error: "), proc.stderr
     assert message.format(tmp=workdir) in lines[0]
     assert not (workdir / "out" / "metrics.json").exists() and not (workdir / "out" / "model.pt").exists()
-    assert not (workdir / "cache" / "store" / "teachers").exists()  # no teacher was trained either
+    assert not (workdir / "cache" / "store" / "models").exists()  # no teacher was trained either
 
 
 def test_unknown_group_option_is_refused_by_hydra(workdir):

@@ -25,13 +25,14 @@ def test_multirun_table_pools_seeds_and_lists_skipped_runs(workdir):
     for name, loss in [("Student", "ce"), ("Student + KD (T=2, α=0.25)", "kd")]:
         accs = [r["test_acc"] for r in runs if r["loss"] == loss]
         assert rows[name]["seeds"] == [1, 2]
-        assert rows[name]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
-        assert rows[name]["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+        assert rows[name]["test_acc"]["mean"] == pytest.approx(sum(accs) / 2)
+        assert rows[name]["test_acc"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+        assert rows[name]["test_acc"]["se"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
     reasons = {s["run_dir"].rsplit("/", 1)[-1]: s["reason"] for s in summary["skipped"]}
     assert reasons["nan"].startswith("diverged at epoch 1")
     assert reasons["unfinished"].startswith("no metrics.json")
     table = (workdir / "report" / "report.md").read_text()
-    assert "| Student | 267,738 |" in table and " ± " in table and "Skipped 2 run(s)" in table
+    assert "| Student | — | 267,738 | 1, 2 |" in table and " ± " in table and "Skipped 2 run(s)" in table
 
 
 def test_sweep_report_writes_every_plot(workdir, capsys):
@@ -46,7 +47,8 @@ def test_sweep_report_writes_every_plot(workdir, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"![{name}]({name}.png)" in (workdir / "out" / "report.md").read_text()
     summary = json.loads((workdir / "out" / "summary.json").read_text())
-    assert summary["runs"] == 3 and len(summary["rows"]) == 3 and summary["sweep"]["best_value"] is not None
+    (sweep,) = summary["sweeps"]
+    assert summary["runs"] == 0 and len(sweep["rows"]) == 3 and sweep["selected_trial"] is not None
 
 
 def test_missing_directory_is_one_line_error(tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import FAST, read_metrics, run_py
 
@@ -41,10 +42,16 @@ def test_kd_trains_the_teacher_once_then_reuses_it(workdir):
 def test_seed_teacher_run_is_reused_by_seed_kd(workdir):
     teacher = run_py(["experiment=seed_teacher", *FAST, "data.val_size=0", "hydra.run.dir=out/t"], cwd=workdir)
     assert teacher.returncode == 0, teacher.stderr
-    assert read_metrics(workdir / "out/t")["objective"] == "test_acc"
-    kd = run_py(["experiment=seed_kd", *FAST, "data.val_size=0", "hydra.run.dir=out/kd"], cwd=workdir)
+    teacher_metrics = read_metrics(workdir / "out/t")
+    assert teacher_metrics["objective"] == "val_acc" and teacher_metrics["objective_value"] is None  # no val split
+    # The student's own seed, lr and epochs differ from the teacher recipe's: same teacher.
+    kd = run_py(
+        ["experiment=seed_kd", *FAST, "data.val_size=0", "seed=7", "optim.lr=3e-3", "trainer.epochs=2"], cwd=workdir
+    )
     assert kd.returncode == 0, kd.stderr
-    assert read_metrics(workdir / "out/kd")["teacher_source"] == "store"
+    kd_metrics = read_metrics(next((workdir / "outputs").glob("*/*")))
+    assert kd_metrics["teacher_source"] == "store"
+    assert kd_metrics["teacher_test_acc"] == pytest.approx(teacher_metrics["test_acc"])
 
 
 def test_basic_multirun_writes_one_metrics_file_per_job(workdir):
@@ -86,4 +93,5 @@ def test_parallel_kd_jobs_train_the_missing_teacher_once(workdir):
     runs = [read_metrics(workdir / "sweep" / str(i)) for i in (0, 1)]
     assert sorted(r["teacher_source"] for r in runs) == ["store", "trained"]
     assert runs[0]["teacher_checkpoint"] == runs[1]["teacher_checkpoint"]
-    assert len(list((workdir / "cache" / "store" / "teachers").iterdir())) == 1
+    stored = [torch.load(p, weights_only=True)["spec"] for p in (workdir / "cache/store/models").glob("*/model.pt")]
+    assert [s["model"]["_target_"] for s in stored].count("kd.models.DeepNN") == 1
