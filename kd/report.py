@@ -286,11 +286,18 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
     if not trials:
         return written
     values = [t.value for t in trials]
+    errors = []  # the objective's standard error over each trial's seeds (0 for one seed)
+    for t in trials:
+        metrics_file = sweep_dir / str(t.number) / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        errors.append(metrics.get(f"{metrics.get('objective', 'val_acc')}_se") or 0.0)
     for param, log_scale, title in [("loss.temperature", True, "temperature T"), ("loss.alpha", False, "alpha")]:
         if not all(param in t.params for t in trials):
             continue
         fig, ax = plt.subplots()
         xs = [t.params[param] for t in trials]
+        if any(errors):
+            ax.errorbar(xs, values, yerr=errors, fmt="none", ecolor="0.6", elinewidth=0.8, zorder=0, label="± SE")
         points = ax.scatter(xs, values, c=[t.number for t in trials], cmap="viridis", edgecolors="k", linewidths=0.4)
         best = study.best_trial
         ax.scatter([best.params[param]], [best.value], marker="*", s=220, c="red", label=f"best (trial {best.number})")
@@ -302,7 +309,7 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(title)
-        ax.set_ylabel("objective: validation accuracy (%)")
+        ax.set_ylabel("objective (%)" + (", mean ± SE over seeds" if any(errors) else ""))
         ax.set_title(f"{study.study_name}: objective vs {title}", fontsize=10)
         fig.colorbar(points, ax=ax, label="trial number")
         ax.legend(loc="best", fontsize=8)
