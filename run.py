@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd import pipeline
 from kd.devices import available_cores
 from kd.errors import KDError
+from kd.tuning import reporter_for
 
 log = logging.getLogger("kd")
 
@@ -35,7 +36,19 @@ def parallel_jobs(hydra_cfg: DictConfig) -> int:
     return n_jobs if n_jobs > 0 else max(1, available_cores() + 1 + n_jobs)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def run_tags(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
+    """What ties a run to its sweep in a tracker: study name and trial number."""
+    tags = {}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        study = cfg.trial.study_name or OmegaConf.select(hydra_cfg, "sweeper.study_name", default=None)
+        if study:
+            tags["study_name"] = study
+        if cfg.trial.number is not None:
+            tags["trial_number"] = cfg.trial.number
+    return tags
+
+
+@hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
@@ -44,6 +57,8 @@ def main(cfg: DictConfig) -> float:
             output_dir=hydra_cfg.runtime.output_dir,
             job_num=OmegaConf.select(hydra_cfg, "job.num", default=0) or 0,
             parallel_jobs=parallel_jobs(hydra_cfg),
+            report=reporter_for(cfg, hydra_cfg.sweeper) if hydra_cfg.mode == RunMode.MULTIRUN else None,
+            tags=run_tags(cfg, hydra_cfg),
         )
     except KDError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:

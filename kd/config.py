@@ -23,6 +23,10 @@ OBJECTIVES = ("val_acc", "test_acc")
 # run's settings (report grouping) and of a study's identity (resume check, name).
 NOT_RESULT_KEYS = (
     "paths",
+    "extra_targets",
+    "logger",
+    "trial.number",
+    "trial.study_name",
     "data.root",
     "data.cache_dir",
     "data.download",
@@ -149,4 +153,19 @@ def default_study_name(*, _root_: DictConfig) -> str:
 
 
 if not OmegaConf.has_resolver("kd_study_name"):
-    OmegaConf.register_new_resolver("kd_study_name", default_study_name)
+    _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver  # omegaconf < 2.4
+    _register("kd_study_name", default_study_name)
+
+
+# What a config may instantiate: Hydra 1.4 asks every call site for an allow-list, since
+# a config-controlled ``_target_`` can run any code. This project's classes and torch's
+# optimisers; a model or loss of your own needs its module in ``extra_targets``.
+TRUSTED_TARGETS = ("kd.*", "torch.optim.*")
+
+
+def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` limited to :data:`TRUSTED_TARGETS` plus ``extra_targets``."""
+    from hydra.utils import instantiate
+
+    extra = list(OmegaConf.select(root, "extra_targets", default=None) or []) if root is not None else []
+    return instantiate(node, **kwargs, _execution_whitelist_=[*TRUSTED_TARGETS, *map(str, extra)])

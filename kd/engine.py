@@ -76,11 +76,13 @@ def fit(
     check_every: int = 10,
     progress: bool = True,
     desc: str = "train",
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; raises :class:`Diverged` on a non-finite loss.
 
     The loss is read back to the host every ``check_every`` steps (and at the last
     step of each epoch), which bounds the device syncs without letting a NaN run on.
+    ``on_epoch`` sees each finished epoch's history entry (it may raise to stop early).
     """
     device = next(model.parameters()).device
     augment_gen = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
@@ -129,4 +131,6 @@ def fit(
             f", val acc {entry['val_acc']:.2f}%" if "val_acc" in entry else "",
             seconds,
         )
+        if on_epoch is not None:
+            on_epoch(entry)
     return result

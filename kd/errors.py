@@ -1,4 +1,8 @@
-"""Errors that end a run with a one-line message instead of a traceback."""
+"""Errors that end a run with a one-line message instead of a traceback.
+
+Each survives pickling (``__reduce__``): a launcher running jobs in other processes
+(joblib, SLURM) sends a job's exception back to the sweeper that way.
+"""
 
 
 class KDError(Exception):
@@ -29,3 +33,17 @@ class Diverged(KDError):
         super().__init__(
             f"training diverged: {phase} loss={value} at epoch {epoch}, step {step}; lower optim.lr or loss.temperature"
         )
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.epoch, self.step, self.value, self.phase))
+
+
+class Pruned(KDError):
+    """The sweep's pruner stopped this trial early (not a failure)."""
+
+    def __init__(self, step: int, value: float) -> None:
+        self.step, self.value = step, value
+        super().__init__(f"pruned after step {step} (validation accuracy {value:.2f}%)")
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (self.step, self.value))

@@ -17,25 +17,26 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd.config import run_settings, trial_seeds, validate
+from kd.config import build, run_settings, trial_seeds, validate
 from kd.data import BatchStream, Dataset, Preprocess
 from kd.devices import select_device, threads_per_job
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_logits
-from kd.errors import CheckpointError, Diverged
+from kd.errors import CheckpointError, Diverged, Pruned
 from kd.losses import CrossEntropy
 from kd.models import count_parameters
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import file_digest, save_checked, write_json
 from kd.teacher import TeacherStore, fingerprint, load_checkpoint, make_checkpoint, model_source_digest, restore_model
+from kd.tracking import NullLogger
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +140,12 @@ def train_model(
     ctx: Context,
     teacher: TeacherSignal | None = None,
     desc: str = "train",
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> Trained:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     torch.manual_seed(recipe.seed)
-    model = instantiate(recipe.model, num_classes=data.num_classes).to(device, memory_format=ctx.memory_format)
-    optimizer = instantiate(recipe.optim)(model.parameters())
+    model = build(recipe.model, cfg, num_classes=data.num_classes).to(device, memory_format=ctx.memory_format)
+    optimizer = build(recipe.optim, cfg)(model.parameters())
     runner = torch.compile(model) if cfg.trainer.compile else model
     batches = BatchStream(ctx.train_images, ctx.train_labels, data.train_idx, recipe.batch_size, seed=recipe.seed)
     val_images = ctx.train_images[data.val_idx.to(device)]
@@ -166,6 +168,7 @@ def train_model(
         check_every=int(cfg.trainer.check_every),
         progress=bool(cfg.trainer.progress),
         desc=desc,
+        on_epoch=on_epoch,
     )
     # The last epoch's validation already evaluated this very model (eval mode, no dropout).
     val_acc = result.history[-1]["val_acc"] if len(data.val_idx) else float("nan")
@@ -244,7 +247,7 @@ def prepare_teacher(ctx: Context, store: TeacherStore) -> tuple[TeacherSignal, d
         checkpoint, built = stored_ce_model(recipe, ctx, store, desc="teacher")
         checkpoint["digest"] = file_digest(checkpoint["path"])
         source = "trained" if built else "store"
-    teacher = instantiate(recipe.model, num_classes=data.num_classes)
+    teacher = build(recipe.model, cfg, num_classes=data.num_classes)
     restore_model(checkpoint, teacher, _target(recipe.model), data.num_classes)
     teacher = teacher.to(device, memory_format=ctx.memory_format).eval()
     info.update(
@@ -283,7 +286,7 @@ def _finite_or_none(value: float) -> float | None:
 
 def make_context(cfg: DictConfig, device: torch.device) -> Context:
     """Load the configured data once and put it on ``device`` (the whole set; it is small)."""
-    data: Dataset = instantiate(cfg.data).load()
+    data: Dataset = build(cfg.data, cfg).load()
     return Context(
         cfg=cfg,
         device=device,
@@ -316,8 +319,26 @@ def _summarise_seeds(per_seed: list[dict], with_baseline: bool) -> dict[str, Any
     return out
 
 
-def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs: int = 1) -> dict:
-    """Train and evaluate the configured model once per seed; returns the metrics written."""
+# Called after each epoch of the run's own model with (step, validation accuracy):
+# the sweeper's trial reporter, which may raise Pruned.
+EpochReport = Callable[[int, float], None]
+
+
+def run(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    job_num: int = 0,
+    parallel_jobs: int = 1,
+    report: EpochReport | None = None,
+    tags: dict[str, Any] | None = None,
+) -> dict:
+    """Train and evaluate the configured model once per seed; returns the metrics written.
+
+    With ``report``, each epoch's validation accuracy is reported as one step; with
+    several seeds the steps run on (seed i, epoch e is step ``i * epochs + e``), so
+    trials with the same seeds compare step by step. ``tags`` (a sweep's study name and
+    trial number) go to the run tracker (``logger``) with the run's settings.
+    """
     started = time.time()
     validate(cfg)
     output_dir = Path(output_dir)
@@ -329,7 +350,7 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
 
     ctx = make_context(cfg, device)
     data = ctx.data
-    loss_fn = instantiate(cfg.loss)
+    loss_fn = build(cfg.loss, cfg)
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
     model_name = _target(cfg.model).rsplit(".", 1)[-1]
     metrics: dict[str, Any] = {
@@ -366,16 +387,27 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
     if cfg.objective == "val_acc" and not len(data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
 
+    logger_cfg = OmegaConf.select(cfg, "logger", default=None)
+    tracker = build(logger_cfg, cfg, output_dir=output_dir) if logger_cfg else NullLogger()
+    tracker.start(run_settings(cfg), {"run_dir": str(output_dir), **(tags or {})})
+
     per_seed: list[dict] = []
     try:
         teacher = None
         if loss_fn.needs_teacher:
             teacher, teacher_info = prepare_teacher(ctx, store)
             metrics.update(teacher_info)
-        for seed in seeds:
+        for index, seed in enumerate(seeds):
             recipe = run_recipe(cfg, seed)
             desc = f"{model_name} seed {seed}" if len(seeds) > 1 else model_name
-            trained = train_model(recipe, loss_fn, ctx, teacher=teacher, desc=desc)
+
+            def on_epoch(entry: dict, offset: int = index * recipe.epochs, seed: int = seed) -> None:
+                step = offset + entry["epoch"]
+                tracker.log_epoch(step, {**entry, "seed": seed})
+                if report is not None and "val_acc" in entry:
+                    report(step, entry["val_acc"])
+
+            trained = train_model(recipe, loss_fn, ctx, teacher=teacher, desc=desc, on_epoch=on_epoch)
             checkpoint = _checkpoint(trained, recipe, ctx)
             path = output_dir / ("model.pt" if len(seeds) == 1 else f"model_seed{seed}.pt")
             save_checked(checkpoint, path)
@@ -412,6 +444,20 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
             wall_seconds=time.time() - started,
         )
         write_json(output_dir / "metrics.json", metrics)
+        tracker.finish(metrics)
+        raise
+    except Pruned as err:
+        metrics.update(
+            status="pruned",
+            pruned_step=err.step,
+            pruned_val_acc=err.value,
+            epochs_trained=err.step,
+            per_seed=per_seed,
+            wall_seconds=time.time() - started,
+        )
+        write_json(output_dir / "metrics.json", metrics)
+        tracker.finish(metrics)
+        log.info("%s; results: %s", err, output_dir / "metrics.json")
         raise
 
     summary = _summarise_seeds(per_seed, with_baseline)
@@ -423,11 +469,13 @@ def run(cfg: DictConfig, output_dir: str | Path, job_num: int = 0, parallel_jobs
         **summary,
         objective_value=objective_value,
         train_seconds=sum(s["train_seconds"] for s in per_seed) / len(per_seed),
+        epochs_trained=len(per_seed) * int(cfg.trainer.epochs),
         wall_seconds=time.time() - started,
         history=per_seed[0]["history"],
         checkpoint=per_seed[0]["checkpoint"],
     )
     write_json(output_dir / "metrics.json", metrics)
+    tracker.finish(metrics)
     n = f" ({len(seeds)} seeds, mean ± SE)" if len(seeds) > 1 else ""
     log.info(
         "%s%s: val acc %s, test acc %s",

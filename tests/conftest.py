@@ -35,7 +35,7 @@ FAST = [
 @pytest.fixture
 def compose_cfg() -> Callable[..., DictConfig]:
     def _compose(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF)):
             return compose(config_name="config", overrides=list(overrides))
 
     return _compose

@@ -1,9 +1,8 @@
 import itertools
 
 import pytest
-from hydra.utils import instantiate
 
-from kd.config import validate
+from kd.config import build, validate
 from kd.errors import ConfigError
 
 MODELS, LOSSES, DATA = ["teacher", "student"], ["ce", "kd"], ["cifar10", "folder", "synthetic"]
@@ -16,7 +15,7 @@ def test_every_group_combination_composes(compose_cfg, model, loss, data):
     validate(cfg)
     assert cfg.model._target_.endswith("DeepNN" if model == "teacher" else "LightNN")
     assert cfg.teacher.model._target_ == "kd.models.DeepNN"
-    loss_fn = instantiate(cfg.loss)
+    loss_fn = build(cfg.loss, cfg)
     assert loss_fn.needs_teacher == (loss == "kd")
     if loss == "kd":
         assert (loss_fn.temperature, loss_fn.alpha) == (2.0, 0.25)
@@ -41,7 +40,7 @@ def test_optuna_search_composes(compose_cfg):
 
     from tests.conftest import CONF
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose(config_name="config", overrides=["hparams_search=kd_optuna"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("KDOptunaSweeper")
@@ -57,7 +56,7 @@ def test_launchers_compose(launcher):
 
     from tests.conftest import CONF
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     if launcher == "joblib":
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from hydra_plugins.kd_sweeper.kd_sweeper import VOID, WORKER, counted_trials
+from kd.tuning import WORKER, counted_trials, open_storage, voided
 from tests.conftest import FAST, REPO, RUN_PY, read_metrics, run_py
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def sweep_args(study: str, n_trials: int, *extra: str, storage: str | None = Non
 
 
 def load(study: str, storage: str) -> optuna.Study:
-    return optuna.load_study(study_name=study, storage=storage)
+    return optuna.load_study(study_name=study, storage=open_storage(storage))
 
 
 def test_optuna_sweep_leaves_a_sqlite_study_and_the_best_parameters(workdir):
@@ -127,8 +127,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(workdir):
     assert len(counted) == 5 and all(t.state == TrialState.COMPLETE for t in counted)
     for t in study.get_trials():
         assert t.state != TrialState.RUNNING
-        if VOID in t.system_attrs:
-            assert t.system_attrs[VOID] == "interrupted"
+    assert set(voided(study).values()) <= {"interrupted"}
     for n, trial in before.items():  # finished work is kept, not redone or overwritten
         assert study.trials[n].value == trial.value
         assert (workdir / "multirun/resume" / str(n) / "metrics.json").stat().st_mtime_ns == stamps[n]
@@ -153,7 +152,7 @@ def _shared_study(workdir: Path, storage: str) -> None:
     assert len({t.number for t in counted}) == 6
     drawn = [tuple(sorted(t.params.items())) for t in counted]
     assert len(set(drawn)) == 6, "workers must not propose the same parameters"
-    owners = {t.system_attrs[WORKER] for t in counted}
+    owners = {t.user_attrs[WORKER] for t in counted}
     assert len(owners) == 2, f"both workers should have run trials, got {owners}"
     done = sorted(json.loads(p.read_text())["temperature"] for p in workdir.glob("multirun/w*/*/metrics.json"))
     assert done == sorted(t.params["loss.temperature"] for t in counted)
@@ -161,6 +160,11 @@ def _shared_study(workdir: Path, storage: str) -> None:
 
 def test_two_workers_share_one_sqlite_study(workdir):
     _shared_study(workdir, f"sqlite:///{workdir}/shared.db")
+
+
+def test_two_workers_share_one_journal_file(workdir):
+    # Optuna's journal file: workers on machines that share a file system, no server.
+    _shared_study(workdir, f"journal:///{workdir}/shared_fs/study.log")
 
 
 def test_two_workers_share_one_postgresql_study(workdir):

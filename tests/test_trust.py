@@ -129,7 +129,7 @@ def test_a_checkpoint_with_no_recorded_split_is_used_with_a_warning(compose_cfg,
 def _sweep_root(*overrides: str):
     import kd.config  # noqa: F401  (registers the study-name resolver)
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         return compose(
             config_name="config", overrides=["hparams_search=kd_optuna", *overrides], return_hydra_config=True
         )

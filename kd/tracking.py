@@ -1,0 +1,84 @@
+"""Run tracking: each run's config, per-epoch losses and accuracies, and final metrics
+written to the tracker a user already has (``logger=tensorboard`` or ``logger=mlflow``).
+
+Trackers are built from ``conf/logger/*.yaml`` and see only plain values; a sweep's
+trial number and study name arrive as tags, so a sweep shows up as one experiment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class NullLogger:
+    """No tracking (``logger: null``)."""
+
+    def start(self, config: dict, tags: dict[str, str]) -> None:
+        pass
+
+    def log_epoch(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def finish(self, metrics: dict) -> None:
+        pass
+
+
+class TensorBoardLogger(NullLogger):
+    """Event files in ``<run dir>/tensorboard``: ``tensorboard --logdir`` a sweep's
+    directory shows every trial as one run."""
+
+    def __init__(self, output_dir: str | Path, subdir: str = "tensorboard") -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / subdir))
+
+    def start(self, config: dict, tags: dict[str, str]) -> None:
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+        for key, value in tags.items():
+            self.writer.add_text(f"tags/{key}", str(value), 0)
+
+    def log_epoch(self, step: int, values: dict[str, float]) -> None:
+        for key, value in _scalars(values).items():
+            self.writer.add_scalar(key, value, step)
+
+    def finish(self, metrics: dict) -> None:
+        for key, value in _scalars(metrics).items():
+            self.writer.add_scalar(f"final/{key}", value, 0)
+        self.writer.close()
+
+
+class MLflowLogger(NullLogger):
+    """One MLflow run per job in the experiment named after the sweep's study."""
+
+    def __init__(
+        self, output_dir: str | Path, tracking_uri: str | None = None, experiment_name: str | None = None
+    ) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        # MLflow 3 refuses its old file store by default; a local SQLite file is its successor.
+        mlflow.set_tracking_uri(tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+        self.experiment_name = experiment_name
+        self.output_dir = Path(output_dir)
+
+    def start(self, config: dict, tags: dict[str, str]) -> None:
+        self.mlflow.set_experiment(self.experiment_name or tags.get("study_name") or "kd")
+        name = f"trial {tags['trial_number']}" if tags.get("trial_number") is not None else self.output_dir.name
+        self.mlflow.start_run(run_name=name, tags={k: str(v) for k, v in tags.items()})
+        flat = {k: v for k, v in config.items() if not isinstance(v, (dict, list))}
+        self.mlflow.log_params({k: str(v)[:500] for k, v in list(flat.items())[:100]})
+        self.mlflow.log_dict(config, "config.json")
+
+    def log_epoch(self, step: int, values: dict[str, float]) -> None:
+        self.mlflow.log_metrics(_scalars(values), step=step)
+
+    def finish(self, metrics: dict) -> None:
+        self.mlflow.log_metrics({f"final_{k}": v for k, v in _scalars(metrics).items()})
+        status = {"completed": "FINISHED", "pruned": "KILLED"}.get(metrics.get("status", ""), "FAILED")
+        self.mlflow.end_run(status=status)
