@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
+from kd.tuning import voided
 
 MODEL_NAMES = {"DeepNN": "Teacher", "LightNN": "Student"}
 
@@ -193,10 +194,11 @@ def sweep_table(sweep_dir: Path) -> dict | None:
     study = _load_study(sweep_dir)
     if study is None:
         return None
+    void = voided(study)
     complete = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.state == optuna.trial.TrialState.COMPLETE and "kd:void" not in t.system_attrs
+        if t.state == optuna.trial.TrialState.COMPLETE and t.number not in void
     ]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: -t.value if maximize else t.value)
@@ -221,7 +223,9 @@ def sweep_table(sweep_dir: Path) -> dict | None:
                 "kd_minus_ce_test": _paired(records, "test_acc") if t.number == selected else None,
             }
         )
-    failed = sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    failed = states.count(optuna.trial.TrialState.FAIL)
+    pruned = states.count(optuna.trial.TrialState.PRUNED)
     return {
         "dir": str(sweep_dir),
         "study_name": study.study_name,
@@ -229,6 +233,7 @@ def sweep_table(sweep_dir: Path) -> dict | None:
         "objective": objective,
         "selected_trial": selected,
         "failed_or_voided": failed,
+        "pruned": pruned,
         "rows": rows,
     }
 
@@ -238,7 +243,8 @@ def sweep_markdown(sweep: dict) -> str:
     head = ["Trial", *params, f"Objective ({sweep['objective']})", "Val acc", "KD − CE, val [95% CI]", "Test acc"]
     lines = [
         f"Study `{sweep['study_name']}`: {len(sweep['rows'])} completed trials ordered by the objective "
-        f"({sweep['direction']}); {sweep['failed_or_voided']} failed or voided trial(s) left out. "
+        f"({sweep['direction']}); {sweep['failed_or_voided']} failed or voided and "
+        f"{sweep.get('pruned', 0)} pruned trial(s) left out. "
         "Test accuracy is shown for the selected trial (★) only.",
         "",
         "| " + " | ".join(head) + " |",
@@ -321,9 +327,7 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
     ax = optuna_plots.plot_optimization_history(study, target_name="validation accuracy (%)")
     save(ax.figure, "optimization_history.png", (5.5, 3.6))
     if len(trials) >= 3:
-        # optuna 2.10's default fANOVA evaluator fails on numpy 2; mean decrease in
-        # impurity (a random forest over the trials) works and is seeded.
-        evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0)
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # Optuna's default, seeded
         ax = optuna_plots.plot_param_importances(study, evaluator=evaluator)
         save(ax.figure, "param_importances.png", (5.5, 2.8))
     return written

@@ -33,6 +33,8 @@ once (ranges, and no selection on a missing validation split).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -48,6 +50,7 @@ from typing import Any
 
 import optuna
 from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
@@ -62,6 +65,7 @@ from kd.tuning import VOID_PREFIX, WORKER, counted_trials, open_storage, voided
 log = logging.getLogger(__name__)
 
 SETTINGS = "kd:settings"
+OWNERLESS_GRACE = datetime.timedelta(minutes=10)
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 
 
@@ -165,14 +169,20 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
     def _void(self, study: optuna.Study, number: int, reason: str, running: bool = False) -> None:
         study.set_user_attr(f"{VOID_PREFIX}{number}", reason)
         if running:
-            study.tell(number, state=TrialState.FAIL)
+            # Its worker may have finished it meanwhile; it stays voided all the same.
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                study.tell(number, state=TrialState.FAIL)
 
     def _void_stale_trials(self, study: optuna.Study) -> None:
         """RUNNING trials whose process on this host is gone were killed: void them."""
         host = socket.gethostname()
+        now = datetime.datetime.now()
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = trial.user_attrs.get(WORKER)
             if owner is None:
+                # Another worker may have asked it a moment ago and not yet signed it.
+                if trial.datetime_start and now - trial.datetime_start < OWNERLESS_GRACE:
+                    continue
                 log.warning("trial %d is RUNNING with no owner (stock sweeper?): voiding it", trial.number)
             else:
                 owner_host, pid = owner.rsplit(":", 1)
@@ -212,7 +222,12 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
         returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
         outcomes = []
         for trial, ret in zip(trials, returns, strict=True):
+            # A pruned job ended by raising Pruned; reading return_value would print it as
+            # an error ("Error executing job ..."), so look at the exception directly.
+            error = getattr(ret, "_return_value", None) if ret.status == JobStatus.FAILED else None
             try:
+                if isinstance(error, Pruned):
+                    raise error
                 value = float(ret.return_value)  # re-raises the job's exception
                 if not math.isfinite(value):
                     raise ValueError(f"objective is {value}")
