@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd import pipeline
 from kd.devices import available_cores
-from kd.errors import KDError
+from kd.errors import KDError, Pruned
 from kd.tuning import reporter_for
 
 log = logging.getLogger("kd")
@@ -62,9 +62,13 @@ def main(cfg: DictConfig) -> float:
         )
     except KDError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the sweeper records this trial as failed and goes on
+            (log.info if isinstance(err, Pruned) else log.error)("%s", err)  # in the job's own log too
+            raise  # the sweeper records this trial as failed (or pruned) and goes on
         print(f"kd: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except Exception:
+        log.exception("the run failed")  # the whole traceback, in the job's log file
+        raise
     value = metrics["objective_value"]
     return float("nan") if value is None else float(value)
 

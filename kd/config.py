@@ -59,10 +59,29 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "data.val_size", lambda v: v >= 0, ">= 0 and smaller than the training set", integer=True)
     _number(cfg, "data.train_size", lambda v: v >= 1, ">= 1", integer=True)
     _number(cfg, "data.test_size", lambda v: v >= 1, ">= 1", integer=True)
-    _number(cfg, "seed", lambda v: v >= 0, ">= 0", integer=True)
+    seed_rule = "in [0, 2**32 - 1]"
+    _number(cfg, "seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
+    _number(cfg, "data.seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
+    _number(cfg, "data.split_seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
+    _number(cfg, "data.num_classes", lambda v: v >= 2, ">= 2", integer=True)
+    _number(cfg, "trainer.check_every", lambda v: v >= 1, ">= 1", integer=True)
+    for key in ("data.mean", "data.std"):
+        values = OmegaConf.select(cfg, key, default=None)
+        ok = isinstance(values, (list, ListConfig)) and len(values) == 3
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok or (key == "data.std" and min(values) <= 0):
+            rule = "three positive numbers" if key == "data.std" else "three numbers"
+            raise ConfigError(f"{key} must be {rule} (one per RGB channel), got {values!r}")
+    checkpoint = OmegaConf.select(cfg, "teacher.checkpoint", default=None)
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise ConfigError(f"teacher.checkpoint must be a file path (or null for the store), got {checkpoint!r}")
+    for key in ("trial.baseline", "teacher.augment", "teacher.amp", "trainer.amp", "data.augment"):
+        flag = OmegaConf.select(cfg, key, default=None)
+        if flag is not None and not isinstance(flag, bool):
+            raise ConfigError(f"{key} must be true or false, got {flag!r}")
     for key in ("teacher.epochs", "teacher.batch_size"):
         _number(cfg, key, lambda v: v >= 1, ">= 1", integer=True)
-    _number(cfg, "teacher.seed", lambda v: v >= 0, ">= 0", integer=True)
+    _number(cfg, "teacher.seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
     _number(cfg, "teacher.optim.lr", lambda v: v > 0, "> 0")
     objective = OmegaConf.select(cfg, "objective", default="val_acc")
     if objective not in OBJECTIVES:
@@ -71,8 +90,8 @@ def validate(cfg: DictConfig) -> None:
     if seeds is not None:
         if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
             raise ConfigError(f"trial.seeds must be a non-empty list such as [42,43,44] (or null), got {seeds!r}")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-            raise ConfigError(f"trial.seeds must hold integers >= 0, got {list(seeds)!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32 for s in seeds):
+            raise ConfigError(f"trial.seeds must hold integers in [0, 2**32 - 1], got {list(seeds)!r}")
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"trial.seeds must not repeat a seed, got {list(seeds)!r}")
     device = str(cfg.trainer.device)

@@ -153,9 +153,10 @@ class ImageFolderData(ImageData):
 
     name = "folder"
 
-    def __init__(self, root: str, **common) -> None:
+    def __init__(self, root: str, skip_bad_images: bool = False, **common) -> None:
         super().__init__(**common)
         self.root = Path(root).expanduser()
+        self.skip_bad_images = bool(skip_bad_images)
 
     def _check_layout(self) -> None:
         if not self.root.is_dir():
@@ -179,26 +180,45 @@ class ImageFolderData(ImageData):
         files = []
         for class_index, class_dir in enumerate(sorted(d for d in split_dir.iterdir() if d.is_dir())):
             for f in sorted(class_dir.iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    files.append((str(f), class_index))
+                if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                if not f.is_file():  # a dangling link, a link loop, or a folder named like an image
+                    what = "a broken symbolic link (dangling or a loop)" if f.is_symlink() else "not a file"
+                    self._bad(f, what, "fix or remove it")
+                    continue
+                files.append((str(f), class_index))
         return files
+
+    def _bad(self, path: Path | str, what: str, fix: str) -> None:
+        """Skip (and count) a bad file when data.skip_bad_images is on; else stop in one line."""
+        if not self.skip_bad_images:
+            raise DataError(f"{path} is {what}; {fix}, or set data.skip_bad_images=true to skip such files")
+        self.skipped.append(f"{path}: {what}")
 
     def _decode(self, files: list[tuple[str, int]]) -> dict:
         from PIL import Image
 
         log.info("decoding %d images under %s (once; cached afterwards)", len(files), self.root)
-        arrays = []
-        for path, _ in files:
-            with Image.open(path) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
+        arrays, labels = [], []
+        for path, label in files:
+            try:
+                with Image.open(path) as im:
+                    arrays.append(np.asarray(im.convert("RGB")))
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                self._bad(path, f"not a readable image ({reason})", "replace or delete it")
+                continue
+            labels.append(label)
+        if not arrays:
+            raise DataError(f"no readable images under {self.root}")
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise DataError(f"images under {self.root} differ in size ({sorted(shapes)[:3]}); resize them first")
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-        return {"images": images, "labels": labels}
+        return {"images": images, "labels": torch.tensor(labels, dtype=torch.int64), "skipped": list(self.skipped)}
 
     def _load_split(self, split: str) -> ImageSet:
+        self.skipped: list[str] = []
         files = self._listing(split)
         if self.cache_dir is None:
             decoded = self._decode(files)
@@ -208,8 +228,14 @@ class ImageFolderData(ImageData):
             for path, label in files:
                 st = os.stat(path)
                 key.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            key.update(f"skip_bad_images={self.skip_bad_images}".encode())
             cache_file = self.cache_dir / "decoded" / f"folder-{split}-{key.hexdigest()}.pt"
             decoded, _ = build_once(cache_file, lambda: self._decode(files))
+        skipped = decoded.get("skipped") or self.skipped
+        if skipped:
+            log.warning(
+                "%s/: skipped %d bad file(s) (data.skip_bad_images=true), e.g. %s", split, len(skipped), skipped[0]
+            )
         return ImageSet(decoded["images"], decoded["labels"])
 
     def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:

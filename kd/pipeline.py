@@ -423,8 +423,11 @@ def run(
                 # A CE-trained model is exactly what the store would build from this
                 # recipe (as a teacher, or as a KD run's baseline): publish it.
                 key = fingerprint(checkpoint["spec"])
-                if store.publish(key, checkpoint):
-                    log.info("published to the store as %s (a later KD run reuses it)", key)
+                try:
+                    if store.publish(key, checkpoint):
+                        log.info("published to the store as %s (a later KD run reuses it)", key)
+                except OSError as err:  # a convenience only: never lose the run for it
+                    log.warning("could not publish to the store %s (%s); the run's results are kept", store.root, err)
             elif with_baseline:
                 base, built = stored_ce_model(recipe, ctx, store, desc=f"CE baseline seed {seed}")
                 entry["baseline"] = {

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,22 +79,39 @@ class TeacherStore:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a model checkpoint given by the user; one-line errors for every failure."""
+    """Load a model checkpoint given by the user; one-line errors for every failure.
+
+    Only tensors and plain values are unpickled (``weights_only=True``): a checkpoint
+    from an untrusted source cannot run code when it is loaded.
+    """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"teacher.checkpoint={path} is a directory; give the model.pt file inside it")
     if not path.is_file():
         raise CheckpointError(f"teacher.checkpoint={path} does not exist; train a teacher or fix the path")
     sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.exists():
+        fields = sidecar.read_text(errors="replace").split()
+        if len(fields) != 2 or not fields[1].isdigit() or len(fields[0]) != 64:
+            raise CheckpointError(
+                f"{sidecar} (the checksum beside teacher.checkpoint) is damaged; "
+                f"delete it to load {path.name} unchecked"
+            )
+        if fields[1] != str(path.stat().st_size) or fields[0] != file_digest(path):
+            raise CheckpointError(
+                f"teacher.checkpoint={path} is truncated or corrupt (checksum mismatch); retrain or restore it"
+            )
     try:
-        if sidecar.exists():
-            checkpoint = load_checked(path)
-            if checkpoint is None:
-                raise CheckpointError(
-                    f"teacher.checkpoint={path} is truncated or corrupt (checksum mismatch); retrain or restore it"
-                )
-        else:
-            checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
+        checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"teacher.checkpoint={path} holds Python objects beyond tensors and plain values; refusing to "
+                "unpickle it (weights_only). Save the model's state_dict instead"
+            ) from None
+        raise CheckpointError(
+            f"teacher.checkpoint={path} cannot be read (UnpicklingError); it is not a checkpoint"
+        ) from None
     except Exception as exc:
         raise CheckpointError(
             f"teacher.checkpoint={path} cannot be read ({type(exc).__name__}); it is truncated or not a checkpoint"

@@ -59,6 +59,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from kd.config import experiment_settings, settings_fingerprint, swept_keys, validate_for_selection
+from kd.devices import available_cores
 from kd.errors import ConfigError, Pruned
 from kd.tuning import VOID_PREFIX, WORKER, counted_trials, open_storage, voided
 
@@ -130,17 +131,33 @@ def settings_differences(recorded: dict, current: dict) -> list[str]:
     return sorted(k for k in set(recorded) | set(current) if recorded.get(k, "<unset>") != current.get(k, "<unset>"))
 
 
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), to tell a reused PID
+    from the process that owned a trial; None where /proc is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}"
 
 
-def _pid_alive(pid: int) -> bool:
+def owner_alive(owner: str) -> bool:
+    """Whether the process named by a trial's ``kd:worker`` (on this host) still runs."""
+    parts = owner.split(":")
+    pid = int(parts[1])
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if len(parts) >= 3 and parts[2] != "?":
+        return _process_start(pid) in (parts[2], None)  # same PID, other process: it is gone
     return True
 
 
@@ -164,7 +181,33 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.base_seed = OmegaConf.select(config, "hydra.sweeper.sampler.seed", default=None) or 0
+        self.configured_seed = OmegaConf.select(config, "hydra.sweeper.sampler.seed", default=None)
+        self.base_seed = self.configured_seed or 0
+
+    def _settle_base_seed(self, study: optuna.Study) -> None:
+        """``sampler.seed=null`` draws a random base seed once and records it in the study,
+        so a resumed or second worker samples on from the same one."""
+        recorded = study.user_attrs.get("kd:base_seed")
+        if self.configured_seed is None:
+            self.base_seed = recorded if recorded is not None else random.SystemRandom().randrange(2**31)
+        else:
+            self.base_seed = int(self.configured_seed)
+        if recorded is None:
+            study.set_user_attr("kd:base_seed", self.base_seed)
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> None:
+        """``study.tell`` that a busy database cannot turn into the end of the sweep."""
+        for attempt in range(5):
+            try:
+                study.tell(trial, **kwargs)
+                return
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # voided meanwhile by another worker
+            except Exception as err:
+                if attempt == 4:
+                    log.warning("could not record trial %d (%s); a rerun voids and redoes it", trial.number, err)
+                    return
+                time.sleep(0.5 * (attempt + 1))
 
     def _void(self, study: optuna.Study, number: int, reason: str, running: bool = False) -> None:
         study.set_user_attr(f"{VOID_PREFIX}{number}", reason)
@@ -185,8 +228,7 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
                     continue
                 log.warning("trial %d is RUNNING with no owner (stock sweeper?): voiding it", trial.number)
             else:
-                owner_host, pid = owner.rsplit(":", 1)
-                if owner_host != host or _pid_alive(int(pid)):
+                if owner.split(":")[0] != host or owner_alive(owner):
                     continue  # another live worker's trial, or on a host we cannot check
                 log.warning("trial %d was interrupted (worker %s is gone): voiding it", trial.number, owner)
             self._void(study, trial.number, "interrupted", running=True)
@@ -233,15 +275,15 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
                     raise ValueError(f"objective is {value}")
             except Pruned as pruned:
                 log.info("trial %d %s", trial.number, pruned)
-                study.tell(trial, state=TrialState.PRUNED)
+                self._tell(study, trial, state=TrialState.PRUNED)
                 outcomes.append((trial.number, "pruned"))
             except Exception as err:
                 first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-                log.warning("trial %d failed: %s", trial.number, first_line)
-                study.tell(trial, state=TrialState.FAIL)
+                log.warning("trial %d failed: %s (full traceback in its log)", trial.number, first_line)
+                self._tell(study, trial, state=TrialState.FAIL)
                 outcomes.append((trial.number, "failed"))
             else:
-                study.tell(trial, value)
+                self._tell(study, trial, values=value)
                 outcomes.append((trial.number, "complete"))
         return outcomes
 
@@ -307,7 +349,14 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
         if not isinstance(self.sampler, optuna.samplers.BaseSampler):
             refuse("hydra/sweeper=kd_optuna needs an instantiated sampler (GridSampler is not supported)")
         study = self._open_study(self.sampler, directions[0])
+        wanted = str(directions[0]).lower()
+        if study.direction.name.lower() != wanted:
+            refuse(
+                f"study {study.study_name} was created to {study.direction.name.lower()}, but this sweep would "
+                f"{wanted}; use the study's direction or a new hydra.sweeper.study_name"
+            )
         self._check_settings(study, settings)
+        self._settle_base_seed(study)
         self._void_stale_trials(study)
         allowed_failures = math.floor(self.max_failure_rate * self.n_trials)
         log.info(
@@ -358,8 +407,10 @@ def _check_sweeper_values(n_trials: Any, n_jobs: Any, max_failure_rate: Any) -> 
 
     if not integer(n_trials) or n_trials < 1:
         refuse(f"hydra.sweeper.n_trials must be an integer >= 1, got {n_trials!r}")
-    if not integer(n_jobs) or n_jobs < 1:
-        refuse(f"hydra.sweeper.n_jobs must be an integer >= 1 (trials launched together), got {n_jobs!r}")
+    if not integer(n_jobs) or n_jobs == 0:
+        refuse(
+            f"hydra.sweeper.n_jobs must be an integer >= 1 (trials launched together; -1: one per core), got {n_jobs!r}"
+        )
     if isinstance(max_failure_rate, bool) or not isinstance(max_failure_rate, (int, float)):
         refuse(f"hydra.sweeper.max_failure_rate must be a number in [0, 1], got {max_failure_rate!r}")
     if not 0.0 <= max_failure_rate <= 1.0:
@@ -383,6 +434,8 @@ class KDOptunaSweeper(OptunaSweeper):
         pruner: Any = None,
     ) -> None:
         _check_sweeper_values(n_trials, n_jobs, max_failure_rate)
+        if n_jobs < 0:  # joblib's convention: -1 is every core, -2 all but one, ...
+            n_jobs = max(1, available_cores() + 1 + n_jobs)
         sampler_obj = instantiate(sampler, _execution_whitelist_=SAMPLERS) if OmegaConf.is_config(sampler) else sampler
         impl = KDOptunaSweeperImpl(
             sampler_obj,
