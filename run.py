@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd import pipeline
 from kd.devices import available_cores
-from kd.errors import KDError, Pruned
+from kd.errors import ConfigError, KDError, Pruned
 from kd.tuning import reporter_for
 
 log = logging.getLogger("kd")
@@ -34,6 +34,15 @@ def parallel_jobs(hydra_cfg: DictConfig) -> int:
         return 1
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=1) or 1
     return n_jobs if n_jobs > 0 else max(1, available_cores() + 1 + n_jobs)
+
+
+def stops_like_a_single_run(err: KDError, hydra_cfg: DictConfig) -> bool:
+    """A bad value in a plain multirun run one job after another (Hydra's basic sweeper and
+    launcher): end it with the same one line as a single run. Optuna sweeps record the
+    trial as failed instead, and jobs in other processes report back to their sweeper."""
+    sweeper = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default=""))
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
+    return isinstance(err, ConfigError) and sweeper.endswith("BasicSweeper") and launcher.endswith("BasicLauncher")
 
 
 def run_tags(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
@@ -61,7 +70,7 @@ def main(cfg: DictConfig) -> float:
             tags=run_tags(cfg, hydra_cfg),
         )
     except KDError as err:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN and not stops_like_a_single_run(err, hydra_cfg):
             (log.info if isinstance(err, Pruned) else log.error)("%s", err)  # in the job's own log too
             raise  # the sweeper records this trial as failed (or pruned) and goes on
         print(f"kd: error: {err}", file=sys.stderr)

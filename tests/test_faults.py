@@ -140,6 +140,14 @@ def test_more_out_of_range_values_are_refused_by_name(compose_cfg, override, key
         validate(cfg)
 
 
+@pytest.mark.slow
+def test_a_plain_multirun_with_a_bad_value_fails_like_a_single_run(workdir):
+    single = run_py([*FAST, "trainer.epochs=0"], cwd=workdir)
+    multi = run_py(["-m", *FAST, "trainer.epochs=1,0", "hydra.sweep.dir=sw"], cwd=workdir)
+    assert single.returncode == multi.returncode == 2
+    assert _one_line_error(multi) == _one_line_error(single, "trainer.epochs must be")
+
+
 # --- the sweeper -----------------------------------------------------------------
 
 
