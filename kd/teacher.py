@@ -104,13 +104,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "GLOBAL" in str(exc) or "Unsupported global" in str(exc):  # an object torch will not rebuild
             raise CheckpointError(
                 f"teacher.checkpoint={path} holds Python objects beyond tensors and plain values; refusing to "
                 "unpickle it (weights_only). Save the model's state_dict instead"
             ) from None
         raise CheckpointError(
-            f"teacher.checkpoint={path} cannot be read (UnpicklingError); it is not a checkpoint"
+            f"teacher.checkpoint={path} cannot be read (UnpicklingError); it is truncated or not a checkpoint"
         ) from None
     except Exception as exc:
         raise CheckpointError(
