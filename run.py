@@ -12,8 +12,11 @@ Returns the sweep objective named by ``objective`` (validation accuracy; with
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,11 +24,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kd import pipeline
+from kd.config import override_hints
 from kd.devices import available_cores
 from kd.errors import ConfigError, KDError, Pruned
 from kd.tuning import reporter_for
 
 log = logging.getLogger("kd")
+STARTED = False  # set once Hydra has composed a config and called main
 
 
 def parallel_jobs(hydra_cfg: DictConfig) -> int:
@@ -45,6 +50,21 @@ def stops_like_a_single_run(err: KDError, hydra_cfg: DictConfig) -> bool:
     return isinstance(err, ConfigError) and sweeper.endswith("BasicSweeper") and launcher.endswith("BasicLauncher")
 
 
+def remove_if_empty(run_dir: Path) -> None:
+    """Delete a run directory that holds only Hydra's config copy and a log (and the date
+    folders above it that this leaves empty)."""
+    for handler in logging.getLogger().handlers[:]:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    if not run_dir.is_dir() or any(p.name not in (".hydra",) and p.suffix != ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only when empty: outputs/<date>/, then outputs/
+
+
 def run_tags(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
     """What ties a run to its sweep in a tracker: study name and trial number."""
     tags = {}
@@ -59,6 +79,8 @@ def run_tags(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    global STARTED
+    STARTED = True
     hydra_cfg = HydraConfig.get()
     try:
         metrics = pipeline.run(
@@ -74,7 +96,12 @@ def main(cfg: DictConfig) -> float:
             (log.info if isinstance(err, Pruned) else log.error)("%s", err)  # in the job's own log too
             raise  # the sweeper records this trial as failed (or pruned) and goes on
         print(f"kd: error: {err}", file=sys.stderr)
+        if isinstance(err, ConfigError):
+            remove_if_empty(Path(hydra_cfg.runtime.output_dir))  # a refused run leaves nothing
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("kd: interrupted; rerun the same command to resume (finished work is kept)", file=sys.stderr)
+        sys.exit(130)
     except Exception:
         log.exception("the run failed")  # the whole traceback, in the job's log file
         raise
@@ -83,4 +110,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code not in (0, None) and not STARTED:  # Hydra refused the command line
+            for hint in override_hints(sys.argv[1:], Path(__file__).parent / "conf"):
+                print(f"kd: hint: {hint}", file=sys.stderr)
+        raise

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -94,6 +95,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trial.seeds must hold integers in [0, 2**32 - 1], got {list(seeds)!r}")
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"trial.seeds must not repeat a seed, got {list(seeds)!r}")
+    progress = OmegaConf.select(cfg, "trainer.progress", default="auto")
+    if progress not in ("auto", True, False):
+        raise ConfigError(f"trainer.progress must be auto, true or false, got {progress!r}")
     device = str(cfg.trainer.device)
     if device != "auto" and device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
@@ -184,7 +188,54 @@ TRUSTED_TARGETS = ("kd.*", "torch.optim.*")
 
 def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` limited to :data:`TRUSTED_TARGETS` plus ``extra_targets``."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     extra = list(OmegaConf.select(root, "extra_targets", default=None) or []) if root is not None else []
-    return instantiate(node, **kwargs, _execution_whitelist_=[*TRUSTED_TARGETS, *map(str, extra)])
+    try:
+        return instantiate(node, **kwargs, _execution_whitelist_=[*TRUSTED_TARGETS, *map(str, extra)])
+    except (InstantiationException, TypeError) as err:  # a bad key or target: one line, not a traceback
+        lines = [line.strip() for line in str(err).splitlines() if line.strip() and "full_key" not in line]
+        target = OmegaConf.select(node, "_target_", default="?") if OmegaConf.is_config(node) else "?"
+        raise ConfigError(f"cannot build {target}: {lines[-1] if lines else type(err).__name__}") from None
+
+
+def _option_keys(path: Path) -> set[str]:
+    import yaml
+
+    try:
+        node = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    return {str(k) for k in node if k != "defaults"} if isinstance(node, dict) else set()
+
+
+def override_hints(args: list[str], conf_dir: Path) -> list[str]:
+    """Hints for overrides Hydra refused: a key that belongs to another option of its
+    group (``loss.alpha`` needs ``loss=kd``), or a near miss (``loss.temprature``)."""
+    import difflib
+
+    chosen: dict[str, str] = {}
+    for arg in args:
+        name, _, value = arg.lstrip("+~").partition("=")
+        if value and "." not in name and (conf_dir / name).is_dir():
+            chosen[name] = value
+    hints = []
+    for arg in args:
+        key, eq, _ = arg.lstrip("+~").partition("=")
+        group, dot, rest = key.partition(".")
+        if not (eq and dot and (conf_dir / group).is_dir()):
+            continue
+        field = rest.split(".")[0]
+        options = {p.stem: _option_keys(p) for p in sorted((conf_dir / group).glob("*.yaml"))}
+        if chosen.get(group) in options and field in options[chosen[group]]:
+            continue
+        holders = [name for name, keys in options.items() if field in keys]
+        if holders:
+            hints.append(f"{key} is a key of {group}={holders[0]}: add {group}={holders[0]} to the command")
+            continue
+        every_key = sorted({k for keys in options.values() for k in keys})
+        close = difflib.get_close_matches(field, every_key, n=1)
+        if close:
+            hints.append(f"{group} has no key {field!r}: did you mean {group}.{close[0]}?")
+    return hints

@@ -9,6 +9,7 @@ and no DataLoader workers. Decoded arrays of on-disk datasets are cached in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -265,6 +266,9 @@ class CIFAR10(ImageData):
                 ds = TorchCIFAR10(str(self.root), train=train, download=self.download)
             except Exception as exc:  # offline download, or files missing / corrupt
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                for folder in (self.root, self.root.parent):  # leave no empty folders behind
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only succeeds when empty
                 raise DataError(
                     f"CIFAR-10 not found under data.root={self.root} "
                     f"({'download failed: ' if self.download else ''}{reason}); point data.root at a "

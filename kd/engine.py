@@ -77,12 +77,15 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     on_epoch: Callable[[dict], None] | None = None,
+    log_every_s: float = 30.0,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; raises :class:`Diverged` on a non-finite loss.
 
     The loss is read back to the host every ``check_every`` steps (and at the last
     step of each epoch), which bounds the device syncs without letting a NaN run on.
     ``on_epoch`` sees each finished epoch's history entry (it may raise to stop early).
+    Without a progress bar (output not a terminal), a plain log line every
+    ``log_every_s`` seconds keeps a long epoch from being silent in a log file.
     """
     device = next(model.parameters()).device
     augment_gen = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
@@ -94,6 +97,7 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         seen_sum = 0.0
         bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        last_line = start
         for step, (idx, images, labels) in enumerate(batches.epoch(epoch), start=1):
             if augment_gen is not None:
                 images = augment_batch(images, augment_gen)
@@ -112,6 +116,11 @@ def fit(
                     bar.close()
                     raise Diverged(epoch, step, loss.item(), phase=desc)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
+                if not progress and time.perf_counter() - last_line >= log_every_s:
+                    last_line = time.perf_counter()
+                    log.info(
+                        "%s epoch %d/%d: step %d/%d, loss %.4f", desc, epoch, epochs, step, len(batches), mean_loss
+                    )
             bar.update(1)
             seen_sum += 1
         bar.close()

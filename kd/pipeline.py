@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,6 +135,11 @@ def recipe_spec(recipe: Recipe, ctx: Context) -> dict:
     }
 
 
+def show_progress(setting: Any) -> bool:
+    """``trainer.progress``: auto shows bars only on a terminal (none in redirected logs)."""
+    return sys.stderr.isatty() if setting == "auto" else bool(setting)
+
+
 def train_model(
     recipe: Recipe,
     loss_fn: nn.Module,
@@ -166,7 +172,7 @@ def train_model(
         validate=validate_now if len(data.val_idx) else None,
         amp=recipe.amp and device.type == "cuda",
         check_every=int(cfg.trainer.check_every),
-        progress=bool(cfg.trainer.progress),
+        progress=show_progress(cfg.trainer.progress),
         desc=desc,
         on_epoch=on_epoch,
     )

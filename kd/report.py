@@ -267,13 +267,14 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
-def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
+def sweep_plots(sweep_dir: Path, out: Path, notes: list[str] | None = None) -> list[str]:
     """PNG plots for an Optuna sweep directory; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
+    from matplotlib.ticker import MaxNLocator
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = _load_study(sweep_dir)
@@ -290,6 +291,8 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
         written.append(str(out / name))
 
     if not trials:
+        if notes is not None:
+            notes.append("No plots: the study has no completed trial yet.")
         return written
     values = [t.value for t in trials]
     errors = []  # the objective's standard error over each trial's seeds (0 for one seed)
@@ -317,7 +320,9 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
         ax.set_xlabel(title)
         ax.set_ylabel("objective (%)" + (", mean ± SE over seeds" if any(errors) else ""))
         ax.set_title(f"{study.study_name}: objective vs {title}", fontsize=10)
-        fig.colorbar(points, ax=ax, label="trial number")
+        bar = fig.colorbar(points, ax=ax, label="trial number")
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, f"objective_vs_{param.split('.')[-1]}.png", (5, 3.6))
@@ -325,8 +330,16 @@ def sweep_plots(sweep_dir: Path, out: Path) -> list[str]:
     from optuna.visualization import matplotlib as optuna_plots
 
     ax = optuna_plots.plot_optimization_history(study, target_name="validation accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     save(ax.figure, "optimization_history.png", (5.5, 3.6))
-    if len(trials) >= 3:
+    distinct = len({round(v, 9) for v in values})
+    if len(trials) < 3 or distinct < 2:
+        if notes is not None:
+            notes.append(
+                f"No parameter-importance plot: it needs at least 3 completed trials whose objectives "
+                f"differ (this sweep has {len(trials)} completed, {distinct} distinct value(s))."
+            )
+    else:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # Optuna's default, seeded
         ax = optuna_plots.plot_param_importances(study, evaluator=evaluator)
         save(ax.figure, "param_importances.png", (5.5, 2.8))
@@ -339,12 +352,13 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
     found = collect(dirs, sweep_dirs)
     rows = summarise(found.runs)
     plots: list[str] = []
+    notes: list[str] = []
     sweeps = []
     for d in sweep_dirs:
         table = sweep_table(d)
         if table is not None:
             sweeps.append(table)
-            plots += sweep_plots(d, out)
+            plots += sweep_plots(d, out, notes)
     lines = [f"# {title}", ""]
     if rows:
         lines += [markdown_table(rows), ""]
@@ -354,6 +368,7 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
         lines += [f"Skipped {len(found.skipped)} run(s):", ""]
         lines += [f"- `{d}`: {why}" for d, why in found.skipped]
         lines.append("")
+    lines += [f"{note}" for note in notes] + ([""] if notes else [])
     for p in plots:
         lines.append(f"![{Path(p).stem}]({Path(p).name})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -362,6 +377,7 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
         "sweeps": sweeps,
         "skipped": [{"run_dir": d, "reason": w} for d, w in found.skipped],
         "plots": [Path(p).name for p in plots],
+        "notes": notes,
         "runs": len(found.runs),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

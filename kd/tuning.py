@@ -17,6 +17,11 @@ from kd.errors import Pruned
 
 log = logging.getLogger(__name__)
 
+# Optuna's own handler colours its lines; send them through the run's handlers instead,
+# in the one plain format of conf/hydra/*_logging/kd.yaml.
+optuna.logging.disable_default_handler()
+optuna.logging.enable_propagation()
+
 VOID_PREFIX = "kd:void:"  # study user attribute per voided trial: kd:void:<number> -> reason
 WORKER = "kd:worker"  # trial user attribute: host:pid of the sweeper that launched it
 JOURNAL = "journal://"

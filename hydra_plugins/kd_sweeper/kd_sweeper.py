@@ -326,6 +326,13 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
             )
 
     def sweep(self, arguments: list[str]) -> None:
+        try:
+            self._sweep(arguments)
+        except KeyboardInterrupt:
+            print("kd: interrupted; rerun the same command to resume (finished trials are kept)", file=sys.stderr)
+            sys.exit(130)
+
+    def _sweep(self, arguments: list[str]) -> None:
         self._process_searchspace_config()
         distributions, fixed, fixed_overrides = create_params_from_overrides(
             self._parse_sweeper_params_config() + list(arguments)
@@ -399,6 +406,7 @@ class KDOptunaSweeperImpl(OptunaSweeperImpl):
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(results), f"{self.sweep_dir}/optimization_results.yaml")
         log.info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, self.storage)
+        log.info("next: python -m kd.report %s", self.sweep_dir)
 
 
 def _check_sweeper_values(n_trials: Any, n_jobs: Any, max_failure_rate: Any) -> None:
