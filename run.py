@@ -113,7 +113,7 @@ if __name__ == "__main__":
     try:
         main()
     except SystemExit as stop:
-        if stop.code not in (0, None) and not STARTED:  # Hydra refused the command line
+        if stop.code == 1 and not STARTED:  # Hydra refused the command line (kd's refusals exit 2)
             for hint in override_hints(sys.argv[1:], Path(__file__).parent / "conf"):
                 print(f"kd: hint: {hint}", file=sys.stderr)
         raise

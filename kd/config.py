@@ -215,7 +215,17 @@ def override_hints(args: list[str], conf_dir: Path) -> list[str]:
     group (``loss.alpha`` needs ``loss=kd``), or a near miss (``loss.temprature``)."""
     import difflib
 
+    import yaml
+
     chosen: dict[str, str] = {}
+    try:  # the primary config's defaults: model=student, trainer=default, ...
+        for entry in yaml.safe_load((conf_dir / "config.yaml").read_text()).get("defaults", []):
+            if isinstance(entry, dict):
+                for name, value in entry.items():
+                    if isinstance(value, str) and "@" not in name and " " not in name:
+                        chosen[name] = value
+    except (OSError, AttributeError, yaml.YAMLError):
+        pass
     for arg in args:
         name, _, value = arg.lstrip("+~").partition("=")
         if value and "." not in name and (conf_dir / name).is_dir():
