@@ -52,7 +52,14 @@ def _number(cfg: DictConfig, key: str, ok: Callable[[float], bool], rule: str, i
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first out-of-range setting in ``cfg``."""
     _number(cfg, "loss.temperature", lambda v: v > 0, "> 0")
-    _number(cfg, "loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1]")
+    loss_target = str(OmegaConf.select(cfg, "loss._target_", default=""))
+    if loss_target.endswith(".DKD"):  # DKD's alpha and beta weight KL terms: any size >= 0
+        _number(cfg, "loss.alpha", lambda v: v >= 0, ">= 0")
+    else:
+        _number(cfg, "loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1]")
+    _number(cfg, "loss.beta", lambda v: v >= 0, ">= 0")
+    _number(cfg, "loss.weight", lambda v: 0 <= v <= 1, "in [0, 1]")
+    _number(cfg, "loss.warmup_epochs", lambda v: v >= 0, ">= 0")
     _number(cfg, "trainer.epochs", lambda v: v >= 1, ">= 1", integer=True)
     _number(cfg, "trainer.batch_size", lambda v: v >= 1, ">= 1", integer=True)
     _number(cfg, "trainer.num_threads", lambda v: v >= 1, ">= 1 (or null for automatic)", integer=True)

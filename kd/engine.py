@@ -14,11 +14,13 @@ from tqdm import tqdm
 
 from kd.data import BatchStream, Preprocess, augment_batch
 from kd.errors import Diverged
+from kd.losses import LossInputs, Progress
 
 log = logging.getLogger(__name__)
 
-# Gives teacher logits for a batch: (example indices, preprocessed images) -> logits.
-TeacherSignal = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Gives the teacher's outputs for a batch: (example indices, preprocessed images) ->
+# (logits, named features); features only when the loss asks for them.
+TeacherSignal = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -30,6 +32,27 @@ class FitResult:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def predict_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    preprocess: Preprocess,
+    names: tuple[str, ...],
+    batch_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """Named intermediate features of ``model`` (eval mode) for ``images``, as float16
+    on the CPU (half the memory; the losses compare them in float32)."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for i in range(0, len(images), batch_size):
+        _, features = model.forward_with_features(preprocess(images[i : i + batch_size]))
+        for name in names:
+            parts[name].append(features[name].half().cpu())
+    model.train(was_training)
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
 @torch.no_grad()
@@ -88,6 +111,7 @@ def fit(
     ``log_every_s`` seconds keeps a long epoch from being silent in a log file.
     """
     device = next(model.parameters()).device
+    wants_features = bool(getattr(loss_fn, "student_features", ()))
     augment_gen = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
     result = FitResult()
     for epoch in range(1, epochs + 1):
@@ -95,6 +119,7 @@ def fit(
         _synchronize(device)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
+        term_sums: dict[str, torch.Tensor] = {}
         seen_sum = 0.0
         bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
         last_line = start
@@ -103,13 +128,25 @@ def fit(
                 images = augment_batch(images, augment_gen)
             inputs = preprocess(images)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                student_logits = model(inputs)
-                teacher_logits = teacher(idx, inputs) if teacher is not None else None
-                loss = loss_fn(student_logits.float(), labels, teacher_logits)
+                if wants_features:
+                    student_logits, student_features = model.forward_with_features(inputs)
+                else:
+                    student_logits, student_features = model(inputs), {}
+                teacher_logits, teacher_features = teacher(idx, inputs) if teacher is not None else (None, {})
+                progress_now = Progress(epoch, epochs, step, len(batches))
+                terms = loss_fn(
+                    LossInputs(
+                        student_logits.float(), labels, teacher_logits, student_features, teacher_features, progress_now
+                    )
+                )
+                loss = terms["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
+            for name, value in terms.items():
+                if name != "loss":
+                    term_sums[name] = term_sums.get(name, 0.0) + value.detach()
             if step % check_every == 0 or step == len(batches):
                 mean_loss = loss_sum.item() / step
                 if not math.isfinite(mean_loss):
@@ -128,6 +165,7 @@ def fit(
         seconds = time.perf_counter() - start
         result.train_seconds += seconds
         entry = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen_sum, 1), "seconds": seconds}
+        entry.update({f"loss_{name}": float(total) / max(seen_sum, 1) for name, total in term_sums.items()})
         if validate is not None:
             entry["val_acc"] = validate()
         result.history.append(entry)

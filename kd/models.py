@@ -10,7 +10,23 @@ import torch
 from torch import nn
 
 
-class DeepNN(nn.Module):
+class FeatureNet(nn.Module):
+    """A conv ``features`` stack and a ``classifier``; distillation methods that read
+    intermediate features call :meth:`forward_with_features`."""
+
+    features: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and named features: ``conv``, the last conv block's feature map."""
+        conv = self.features(x)
+        return self.classifier(torch.flatten(conv, 1)), {"conv": conv}
+
+
+class DeepNN(FeatureNet):
     """Teacher: 4 conv, 2 max-pool, 2 linear, dropout 0.1 (1,186,986 parameters for 10 classes)."""
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -34,11 +50,8 @@ class DeepNN(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
 
-
-class LightNN(nn.Module):
+class LightNN(FeatureNet):
     """Student: 2 conv, 2 max-pool, 2 linear, dropout 0.1 (267,738 parameters for 10 classes)."""
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -57,9 +70,6 @@ class LightNN(nn.Module):
             nn.Dropout(0.1),
             nn.Linear(256, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -30,7 +30,7 @@ from torch import nn
 from kd.config import build, run_settings, trial_seeds, validate
 from kd.data import BatchStream, Dataset, Preprocess
 from kd.devices import select_device, threads_per_job
-from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_logits
+from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features, predict_logits
 from kd.errors import CheckpointError, Diverged, Pruned
 from kd.losses import CrossEntropy
 from kd.models import count_parameters
@@ -151,7 +151,10 @@ def train_model(
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     torch.manual_seed(recipe.seed)
     model = build(recipe.model, cfg, num_classes=data.num_classes).to(device, memory_format=ctx.memory_format)
-    optimizer = build(recipe.optim, cfg)(model.parameters())
+    loss_fn = loss_fn.to(device)
+    # A loss's own trainable parts (a regressor) learn with the student, but are not
+    # part of it: not counted in its parameters, not saved in its checkpoint.
+    optimizer = build(recipe.optim, cfg)([*model.parameters(), *loss_fn.parameters()])
     runner = torch.compile(model) if cfg.trainer.compile else model
     batches = BatchStream(ctx.train_images, ctx.train_labels, data.train_idx, recipe.batch_size, seed=recipe.seed)
     val_images = ctx.train_images[data.val_idx.to(device)]
@@ -237,8 +240,11 @@ def check_teacher_split(checkpoint: dict, ctx: Context) -> str | None:
     return None
 
 
-def prepare_teacher(ctx: Context, store: TeacherStore) -> tuple[TeacherSignal, dict]:
-    """Load, find or train the teacher; serve its logits from the cache when exact."""
+def prepare_teacher(
+    ctx: Context, store: TeacherStore, feature_names: tuple[str, ...] = ()
+) -> tuple[TeacherSignal, dict]:
+    """Load, find or train the teacher; serve its logits (and the named intermediate
+    features a loss asks for) from the cache when exact."""
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     recipe = teacher_recipe(cfg)
     info: dict[str, Any] = {}
@@ -270,8 +276,11 @@ def prepare_teacher(ctx: Context, store: TeacherStore) -> tuple[TeacherSignal, d
         log.info("data.augment is on: running the teacher online at every step (no logit cache)")
 
         @torch.no_grad()
-        def online(idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-            return teacher(inputs)
+        def online(idx: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            if not feature_names:
+                return teacher(inputs), {}
+            logits, features = teacher.forward_with_features(inputs)
+            return logits, {name: features[name] for name in feature_names}
 
         info["teacher_signal"] = "online"
         return online, info
@@ -282,8 +291,21 @@ def prepare_teacher(ctx: Context, store: TeacherStore) -> tuple[TeacherSignal, d
     )
     logits = logits.to(device)
     log.info("teacher logits: %s", "computed and cached" if computed else "read from cache")
+    features: dict[str, torch.Tensor] = {}
+    if feature_names:
+        cached, computed = store.logits(
+            checkpoint["digest"],
+            f"{data_key}\0features:{','.join(feature_names)}",
+            lambda: predict_features(teacher, ctx.train_images, ctx.preprocess, feature_names),
+        )
+        features = {name: cached[name].to(device) for name in feature_names}  # float16 on the device
+        log.info("teacher features %s: %s", feature_names, "computed and cached" if computed else "read from cache")
     info["teacher_signal"] = "cache"
-    return (lambda idx, inputs: logits[idx]), info
+
+    def cached_signal(idx: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return logits[idx], {name: values[idx] for name, values in features.items()}
+
+    return cached_signal, info
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -356,14 +378,16 @@ def run(
 
     ctx = make_context(cfg, device)
     data = ctx.data
-    loss_fn = build(cfg.loss, cfg)
+    loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
+    hparams = loss_fn.hparams()
     model_name = _target(cfg.model).rsplit(".", 1)[-1]
     metrics: dict[str, Any] = {
         "model": model_name,
         "loss": loss_fn.name,
-        "temperature": loss_fn.temperature,
-        "alpha": loss_fn.alpha,
+        "loss_hparams": hparams,
+        "temperature": hparams.get("temperature"),
+        "alpha": hparams.get("alpha"),
         "epochs": int(cfg.trainer.epochs),
         "batch_size": int(cfg.trainer.batch_size),
         "lr": float(cfg.optim.lr),
@@ -401,7 +425,7 @@ def run(
     try:
         teacher = None
         if loss_fn.needs_teacher:
-            teacher, teacher_info = prepare_teacher(ctx, store)
+            teacher, teacher_info = prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
             metrics.update(teacher_info)
         for index, seed in enumerate(seeds):
             recipe = run_recipe(cfg, seed)
@@ -413,6 +437,8 @@ def run(
                 if report is not None and "val_acc" in entry:
                     report(step, entry["val_acc"])
 
+            torch.manual_seed(seed)
+            loss_fn = build(cfg.loss, cfg)
             trained = train_model(recipe, loss_fn, ctx, teacher=teacher, desc=desc, on_epoch=on_epoch)
             checkpoint = _checkpoint(trained, recipe, ctx)
             path = output_dir / ("model.pt" if len(seeds) == 1 else f"model_seed{seed}.pt")

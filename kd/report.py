@@ -65,11 +65,24 @@ def collect(roots: list[Path], sweep_dirs: list[Path] = ()) -> Collected:
     return found
 
 
+LOSS_NAMES = {
+    "kd": "KD",
+    "kd_std": "KD (standardised logits)",
+    "dkd": "DKD",
+    "cosine": "cosine",
+    "regressor": "regressor",
+}
+SYMBOLS = {"temperature": "T", "alpha": "α", "beta": "β", "weight": "w", "warmup_epochs": "warm-up"}
+
+
 def label(run: dict) -> str:
+    """``Student + KD (T=2, α=0.25)``: the model, and the method with its hyperparameters."""
     name = MODEL_NAMES.get(run["model"], run["model"])
-    if run["loss"] == "kd":
-        return f"{name} + KD (T={run['temperature']:.3g}, α={run['alpha']:.3g})"
-    return name
+    if run["loss"] == "ce":
+        return name
+    hparams = run.get("loss_hparams") or {k: run[k] for k in ("temperature", "alpha") if run.get(k) is not None}
+    shown = ", ".join(f"{SYMBOLS.get(k, k)}={v:.3g}" for k, v in hparams.items())
+    return f"{name} + {LOSS_NAMES.get(run['loss'], run['loss'])}" + (f" ({shown})" if shown else "")
 
 
 def settings_of(run: dict) -> dict:
@@ -155,9 +168,8 @@ def markdown_table(rows: list[dict]) -> str:
         "| ----- | ------- | ---------: | ----- | ------: | -------: | ----- | ----- | ------------: |",
     ]
     for r in rows:
-        setting = ", ".join(
-            f"{k}={_short(v)}" for k, v in r["differs"].items() if k not in ("loss.temperature", "loss.alpha")
-        )
+        # The label already names the method and its hyperparameters.
+        setting = ", ".join(f"{k}={_short(v)}" for k, v in r["differs"].items() if not k.startswith("loss."))
         params = f"{r['params']:,}" if r["params"] is not None else "n/a"
         seeds = ", ".join(str(s) for s in r["seeds"])
         lines.append(
@@ -300,9 +312,13 @@ def sweep_plots(sweep_dir: Path, out: Path, notes: list[str] | None = None) -> l
         metrics_file = sweep_dir / str(t.number) / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         errors.append(metrics.get(f"{metrics.get('objective', 'val_acc')}_se") or 0.0)
-    for param, log_scale, title in [("loss.temperature", True, "temperature T"), ("loss.alpha", False, "alpha")]:
+    params = sorted({p for t in trials for p in t.params})
+    for param in params:
         if not all(param in t.params for t in trials):
             continue
+        distribution = trials[-1].distributions[param]
+        log_scale = bool(getattr(distribution, "log", False))
+        title = param.split(".")[-1]
         fig, ax = plt.subplots()
         xs = [t.params[param] for t in trials]
         if any(errors):
@@ -314,7 +330,8 @@ def sweep_plots(sweep_dir: Path, out: Path, notes: list[str] | None = None) -> l
             from matplotlib.ticker import NullFormatter, ScalarFormatter
 
             ax.set_xscale("log")
-            ax.set_xticks([1, 2, 5, 10, 20])
+            ticks = [v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if distribution.low <= v <= distribution.high]
+            ax.set_xticks(ticks or [distribution.low, distribution.high])
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(title)

@@ -8,7 +8,7 @@ import torch
 
 from kd.engine import predict_logits
 from kd.errors import CheckpointError
-from kd.losses import HintonKD
+from kd.losses import HintonKD, LossInputs
 from kd.models import DeepNN, LightNN
 from kd.pipeline import make_context, prepare_teacher
 from kd.storage import build_once, save_checked
@@ -43,8 +43,8 @@ def test_cached_logits_give_the_same_kd_loss_as_the_online_teacher(compose_cfg, 
         inputs = ctx.preprocess(images)
         with torch.no_grad():
             student_logits = student(inputs)
-            online = loss_fn(student_logits, labels, teacher(inputs))
-            cached = loss_fn(student_logits, labels, cached_signal(idx, inputs))
+            online = loss_fn(LossInputs(student_logits, labels, teacher(inputs)))["loss"]
+            cached = loss_fn(LossInputs(student_logits, labels, cached_signal(idx, inputs)[0]))["loss"]
         torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-5)
         batches += 1
     assert batches == 3
@@ -59,7 +59,7 @@ def test_augmentation_bypasses_the_cache(compose_cfg, tmp_path, teacher_file):
     assert info["teacher_signal"] == "online"
     assert not (tmp_path / "s" / "logits").exists()
     x = ctx.preprocess(ctx.train_images[:4])
-    assert signal(torch.arange(4), x).shape == (4, 10)
+    assert signal(torch.arange(4), x)[0].shape == (4, 10)
 
 
 def test_a_different_teacher_or_dataset_gets_fresh_logits(tmp_path):
@@ -94,7 +94,7 @@ def test_teacher_checkpoint_contents_change_the_cache_key(compose_cfg, tmp_path,
     teacher = DeepNN()
     teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
     expected = predict_logits(teacher, ctx.train_images[:8], ctx.preprocess)
-    torch.testing.assert_close(signal(torch.arange(8), None), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(signal(torch.arange(8), None)[0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_truncated_checkpoint_is_reported_not_loaded(tmp_path, teacher_file):
@@ -154,5 +154,5 @@ def test_a_different_dataset_gets_fresh_logits_from_the_same_teacher(compose_cfg
         teacher = DeepNN()
         teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
         expected = predict_logits(teacher, ctx.train_images[:8], ctx.preprocess)
-        torch.testing.assert_close(signal(torch.arange(8), None), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(signal(torch.arange(8), None)[0], expected, rtol=1e-4, atol=1e-5)
     assert len(list((store_dir / "logits").glob("*.pt"))) == 2
