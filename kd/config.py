@@ -247,9 +247,10 @@ def override_hints(args: list[str], conf_dir: Path) -> list[str]:
         options = {p.stem: _option_keys(p) for p in sorted((conf_dir / group).glob("*.yaml"))}
         if chosen.get(group) in options and field in options[chosen[group]]:
             continue
-        holders = [name for name, keys in options.items() if field in keys]
+        holders = sorted((name for name, keys in options.items() if field in keys), key=lambda n: (len(n), n))
         if holders:
-            hints.append(f"{key} is a key of {group}={holders[0]}: add {group}={holders[0]} to the command")
+            more = f" (also {', '.join(f'{group}={h}' for h in holders[1:])})" if len(holders) > 1 else ""
+            hints.append(f"{key} is a key of {group}={holders[0]}{more}: add {group}={holders[0]} to the command")
             continue
         every_key = sorted({k for keys in options.values() for k in keys})
         close = difflib.get_close_matches(field, every_key, n=1)

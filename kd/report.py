@@ -81,7 +81,9 @@ def label(run: dict) -> str:
     if run["loss"] == "ce":
         return name
     hparams = run.get("loss_hparams") or {k: run[k] for k in ("temperature", "alpha") if run.get(k) is not None}
-    shown = ", ".join(f"{SYMBOLS.get(k, k)}={v:.3g}" for k, v in hparams.items())
+    order = list(SYMBOLS)  # metrics.json stores keys sorted; show them in the usual order
+    ranked = sorted(hparams.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+    shown = ", ".join(f"{SYMBOLS.get(k, k)}={v:.3g}" for k, v in ranked)
     return f"{name} + {LOSS_NAMES.get(run['loss'], run['loss'])}" + (f" ({shown})" if shown else "")
 
 
