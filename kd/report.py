@@ -31,6 +31,10 @@ from kd.tuning import voided
 MODEL_NAMES = {"DeepNN": "Teacher", "LightNN": "Student"}
 
 
+class ReportError(Exception):
+    """A one-line problem with the directories given to the report."""
+
+
 @dataclass
 class Collected:
     runs: list[dict] = field(default_factory=list)
@@ -192,7 +196,15 @@ def _load_study(sweep_dir: Path) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
-    names = optuna.get_all_study_summaries(storage)
+    try:
+        names = optuna.get_all_study_summaries(storage)
+    except RuntimeError as err:  # a study written by an older Optuna (e.g. 2.10)
+        if "storage upgrade" not in str(err):
+            raise
+        raise ReportError(
+            f"{sweep_dir / 'optuna.db'} was written by an older Optuna; upgrade it once with "
+            f"`optuna storage upgrade --storage {storage}` (back it up first)"
+        ) from None
     if not names:
         return None
     return optuna.load_study(study_name=names[0].study_name, storage=storage)
@@ -413,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"kd.report: error: not a directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    summary = report(args.dirs, args.out or args.dirs[0], args.title)
+    try:
+        summary = report(args.dirs, args.out or args.dirs[0], args.title)
+    except ReportError as err:
+        print(f"kd.report: error: {err}", file=sys.stderr)
+        return 2
     if summary["rows"]:
         print(markdown_table(summary["rows"]))
     for sweep in summary["sweeps"]:
