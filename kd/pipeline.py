@@ -469,30 +469,19 @@ def run(
                     "source": "trained" if built else "store",
                 }
             per_seed.append(entry)
-    except Diverged as err:
-        metrics.update(
-            status="diverged",
-            diverged_phase=err.phase,
-            diverged_epoch=err.epoch,
-            diverged_step=err.step,
-            per_seed=per_seed,
-            wall_seconds=time.time() - started,
-        )
+    except (Diverged, Pruned) as err:
+        # Stopped early: record where, keep the seeds that finished, and pass it on.
+        if isinstance(err, Diverged):
+            stop = {"status": "diverged", "diverged_phase": err.phase, "diverged_epoch": err.epoch}
+            stop["diverged_step"] = err.step
+        else:
+            stop = {"status": "pruned", "pruned_step": err.step, "pruned_val_acc": err.value}
+            stop["epochs_trained"] = err.step  # steps are epochs, counted over the seeds
+        metrics.update(stop, per_seed=per_seed, wall_seconds=time.time() - started)
         write_json(output_dir / "metrics.json", metrics)
         tracker.finish(metrics)
-        raise
-    except Pruned as err:
-        metrics.update(
-            status="pruned",
-            pruned_step=err.step,
-            pruned_val_acc=err.value,
-            epochs_trained=err.step,
-            per_seed=per_seed,
-            wall_seconds=time.time() - started,
-        )
-        write_json(output_dir / "metrics.json", metrics)
-        tracker.finish(metrics)
-        log.info("%s; results: %s", err, output_dir / "metrics.json")
+        if isinstance(err, Pruned):
+            log.info("%s; results: %s", err, output_dir / "metrics.json")
         raise
 
     summary = _summarise_seeds(per_seed, with_baseline)
