@@ -202,11 +202,11 @@ def stored_ce_model(recipe: Recipe, ctx: Context, store: TeacherStore, desc: str
     """The CE-trained model of ``recipe`` from the store, trained once if absent."""
     key = fingerprint(recipe_spec(recipe, ctx))
 
-    def build() -> dict:
+    def train_once() -> dict:
         log.info("%s %s is not in the store: training it once", desc, key)
         return _checkpoint(train_model(recipe, CrossEntropy(), ctx, desc=desc), recipe, ctx)
 
-    checkpoint, built = store.get_or_build(key, build)
+    checkpoint, built = store.get_or_build(key, train_once)
     checkpoint["path"] = str(store.checkpoint_path(key))
     return checkpoint, built
 

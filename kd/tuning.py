@@ -75,9 +75,14 @@ def reporter_for(cfg: Any, sweeper_cfg: Any) -> TrialReporter | None:
     study_name = cfg.trial.get("study_name") if "trial" in cfg else None
     if number is None or study_name is None or sweeper_cfg is None or sweeper_cfg.get("storage") is None:
         return None
-    pruner = None
-    if sweeper_cfg.get("pruner"):
-        from hydra.utils import instantiate
+    return TrialReporter(sweeper_cfg.storage, str(study_name), int(number), build_pruner(sweeper_cfg.get("pruner")))
 
-        pruner = instantiate(sweeper_cfg.pruner, _execution_whitelist_="optuna.pruners.*")
-    return TrialReporter(sweeper_cfg.storage, str(study_name), int(number), pruner)
+
+def build_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner | None:
+    """The sweeper's ``pruner`` config as an Optuna pruner (only optuna.pruners.* may be
+    named), built the same way by the sweeper and by each job; None when unset."""
+    if not pruner_cfg:
+        return None
+    from hydra.utils import instantiate
+
+    return instantiate(pruner_cfg, _execution_whitelist_="optuna.pruners.*")

@@ -61,7 +61,7 @@ from optuna.trial import TrialState
 from kd.config import experiment_settings, settings_fingerprint, swept_keys, validate_for_selection
 from kd.devices import available_cores
 from kd.errors import ConfigError, Pruned
-from kd.tuning import VOID_PREFIX, WORKER, counted_trials, open_storage, voided
+from kd.tuning import VOID_PREFIX, WORKER, build_pruner, counted_trials, open_storage, voided
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,5 @@ class KDOptunaSweeper(OptunaSweeper):
             params,
         )
         impl.sampler_config = sampler if OmegaConf.is_config(sampler) else None
-        if OmegaConf.is_config(pruner):
-            pruner = instantiate(pruner, _execution_whitelist_="optuna.pruners.*")
-        impl.pruner = pruner
+        impl.pruner = build_pruner(pruner) if OmegaConf.is_config(pruner) else pruner
         self.sweeper = impl
