@@ -210,30 +210,39 @@ def _load_study(sweep_dir: Path) -> Any:
     return optuna.load_study(study_name=names[0].study_name, storage=storage)
 
 
-def sweep_table(sweep_dir: Path) -> dict | None:
+def _completed(study: Any) -> list:
+    """The study's completed trials that count (voided ones never appear as results)."""
+    import optuna
+
+    void = voided(study)
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and t.number not in void
+    ]
+
+
+def _trial_metrics(sweep_dir: Path, number: int) -> dict:
+    """A trial's metrics.json ({} while it is missing)."""
+    metrics_file = sweep_dir / str(number) / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+
+
+def sweep_table(sweep_dir: Path, study: Any) -> dict:
     """A sweep's trials from its study (completed, not voided), best objective first.
 
     Test accuracy is given for the selected trial only: it is reported, never ranked on.
     """
     import optuna
 
-    study = _load_study(sweep_dir)
-    if study is None:
-        return None
-    void = voided(study)
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state == optuna.trial.TrialState.COMPLETE and t.number not in void
-    ]
+    complete = _completed(study)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: -t.value if maximize else t.value)
     selected = complete[0].number if complete else None
     rows = []
     objective = "val_acc"
     for t in complete:
-        metrics_file = sweep_dir / str(t.number) / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        metrics = _trial_metrics(sweep_dir, t.number)
         objective = metrics.get("objective", objective)
         records = seed_records(metrics) if metrics else []
         rows.append(
@@ -293,7 +302,7 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
-def sweep_plots(sweep_dir: Path, out: Path, notes: list[str] | None = None) -> list[str]:
+def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None = None) -> list[str]:
     """PNG plots for an Optuna sweep directory; returns the files written."""
     import matplotlib
 
@@ -303,10 +312,7 @@ def sweep_plots(sweep_dir: Path, out: Path, notes: list[str] | None = None) -> l
     from matplotlib.ticker import MaxNLocator
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = _load_study(sweep_dir)
-    if study is None:
-        return []
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    trials = _completed(study)
     written: list[str] = []
 
     def save(fig: Any, name: str, size: tuple[float, float]) -> None:
@@ -323,8 +329,7 @@ def sweep_plots(sweep_dir: Path, out: Path, notes: list[str] | None = None) -> l
     values = [t.value for t in trials]
     errors = []  # the objective's standard error over each trial's seeds (0 for one seed)
     for t in trials:
-        metrics_file = sweep_dir / str(t.number) / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        metrics = _trial_metrics(sweep_dir, t.number)
         errors.append(metrics.get(f"{metrics.get('objective', 'val_acc')}_se") or 0.0)
     params = sorted({p for t in trials for p in t.params})
     for param in params:
@@ -386,10 +391,10 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
     notes: list[str] = []
     sweeps = []
     for d in sweep_dirs:
-        table = sweep_table(d)
-        if table is not None:
-            sweeps.append(table)
-            plots += sweep_plots(d, out, notes)
+        study = _load_study(d)  # once per sweep, for its table and its plots
+        if study is not None:
+            sweeps.append(sweep_table(d, study))
+            plots += sweep_plots(d, study, out, notes)
     lines = [f"# {title}", ""]
     if rows:
         lines += [markdown_table(rows), ""]
