@@ -91,6 +91,12 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, key, lambda v: v >= 1, ">= 1", integer=True)
     _number(cfg, "teacher.seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
     _number(cfg, "teacher.optim.lr", lambda v: v > 0, "> 0")
+    for prefix in ("", "teacher."):
+        _number(cfg, f"{prefix}optim.weight_decay", lambda v: v >= 0, ">= 0")
+        _number(cfg, f"{prefix}schedule.max_lr", lambda v: v > 0, "> 0")
+        _number(cfg, f"{prefix}schedule.pct_start", lambda v: 0 < v < 1, "in (0, 1)")
+        _number(cfg, f"{prefix}schedule.warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
+        _number(cfg, f"{prefix}schedule.final_factor", lambda v: 0 <= v <= 1, "in [0, 1]")
     objective = OmegaConf.select(cfg, "objective", default="val_acc")
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")

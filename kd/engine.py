@@ -93,6 +93,7 @@ def fit(
     epochs: int,
     *,
     teacher: TeacherSignal | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     augment_seed: int | None = None,
     validate: Callable[[], float] | None = None,
     amp: bool = False,
@@ -106,6 +107,7 @@ def fit(
 
     The loss is read back to the host every ``check_every`` steps (and at the last
     step of each epoch), which bounds the device syncs without letting a NaN run on.
+    ``scheduler`` (if any) steps after every optimiser step.
     ``on_epoch`` sees each finished epoch's history entry (it may raise to stop early).
     Without a progress bar (output not a terminal), a plain log line every
     ``log_every_s`` seconds keeps a long epoch from being silent in a log file.
@@ -143,6 +145,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             loss_sum += loss.detach()
             for name, value in terms.items():
                 if name != "loss":
@@ -165,6 +169,7 @@ def fit(
         seconds = time.perf_counter() - start
         result.train_seconds += seconds
         entry = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen_sum, 1), "seconds": seconds}
+        entry["lr"] = optimizer.param_groups[0]["lr"]  # at the end of the epoch (schedules move it)
         entry.update({f"loss_{name}": float(total) / max(seen_sum, 1) for name, total in term_sums.items()})
         if validate is not None:
             entry["val_acc"] = validate()

@@ -71,6 +71,7 @@ class Recipe:
     seed: int
     augment: bool
     amp: bool
+    schedule: DictConfig | None = None  # a per-step lr schedule; None: constant lr
 
 
 @dataclass
@@ -87,7 +88,10 @@ def _target(model_cfg: DictConfig) -> str:
 
 def teacher_recipe(cfg: DictConfig) -> Recipe:
     t = cfg.teacher
-    return Recipe(t.model, t.optim, int(t.epochs), int(t.batch_size), int(t.seed), bool(t.augment), bool(t.amp))
+    schedule = OmegaConf.select(t, "schedule", default=None)
+    return Recipe(
+        t.model, t.optim, int(t.epochs), int(t.batch_size), int(t.seed), bool(t.augment), bool(t.amp), schedule
+    )
 
 
 def run_recipe(cfg: DictConfig, seed: int) -> Recipe:
@@ -100,6 +104,7 @@ def run_recipe(cfg: DictConfig, seed: int) -> Recipe:
         seed,
         bool(cfg.data.augment),
         bool(cfg.trainer.amp),
+        OmegaConf.select(cfg, "schedule", default=None),
     )
 
 
@@ -122,7 +127,7 @@ def recipe_spec(recipe: Recipe, ctx: Context) -> dict:
     """Everything that changes a CE-trained model's weights, and nothing else: its store
     address. Left out on purpose: device, threads, channels_last, compile, progress and
     check_every (speed and logging only), and every key of the student or its loss."""
-    return {
+    spec = {
         "model": OmegaConf.to_container(recipe.model, resolve=True),
         "model_source": model_source_digest(_target(recipe.model)),
         "data": data_identity(ctx.data),
@@ -133,6 +138,9 @@ def recipe_spec(recipe: Recipe, ctx: Context) -> dict:
         "augment": recipe.augment,
         "amp": recipe.amp and ctx.device.type == "cuda",  # autocast is off elsewhere
     }
+    if recipe.schedule is not None:  # absent for a constant lr: older addresses stay valid
+        spec["schedule"] = OmegaConf.to_container(recipe.schedule, resolve=True)
+    return spec
 
 
 def show_progress(setting: Any) -> bool:
@@ -157,6 +165,9 @@ def train_model(
     optimizer = build(recipe.optim, cfg)([*model.parameters(), *loss_fn.parameters()])
     runner = torch.compile(model) if cfg.trainer.compile else model
     batches = BatchStream(ctx.train_images, ctx.train_labels, data.train_idx, recipe.batch_size, seed=recipe.seed)
+    scheduler = None
+    if recipe.schedule is not None:
+        scheduler = build(recipe.schedule, cfg)(optimizer, total_steps=recipe.epochs * len(batches))
     val_images = ctx.train_images[data.val_idx.to(device)]
     val_labels = ctx.train_labels[data.val_idx.to(device)]
 
@@ -171,6 +182,7 @@ def train_model(
         ctx.preprocess,
         recipe.epochs,
         teacher=teacher,
+        scheduler=scheduler,
         augment_seed=recipe.seed if recipe.augment else None,
         validate=validate_now if len(data.val_idx) else None,
         amp=recipe.amp and device.type == "cuda",
