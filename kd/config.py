@@ -90,6 +90,15 @@ def validate(cfg: DictConfig) -> None:
     for key in ("teacher.epochs", "teacher.batch_size"):
         _number(cfg, key, lambda v: v >= 1, ">= 1", integer=True)
     _number(cfg, "teacher.seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
+    _number(cfg, "teacher.view_seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
+    views = OmegaConf.select(cfg, "teacher.views", default=None)
+    if views is not None and views not in ("all", "online"):
+        from kd.views import view_count
+
+        if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= view_count():
+            raise ConfigError(
+                f"teacher.views must be a view count in [1, {view_count()}], all or online, got {views!r}"
+            )
     _number(cfg, "teacher.optim.lr", lambda v: v > 0, "> 0")
     for prefix in ("", "teacher."):
         _number(cfg, f"{prefix}optim.weight_decay", lambda v: v >= 0, ">= 0")

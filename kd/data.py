@@ -281,7 +281,7 @@ class CIFAR10(ImageData):
 
 
 class Preprocess:
-    """uint8 batch -> normalised float batch on the device (optionally augmented)."""
+    """uint8 batch -> normalised float batch on the device."""
 
     def __init__(
         self,
@@ -299,22 +299,6 @@ class Preprocess:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.addcmul(self.shift, images.float(), self.scale)
         return x.contiguous(memory_format=self.memory_format)
-
-
-def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop (zero padding ``padding``) and horizontal flip, per example, on uint8."""
-    n, _, h, w = images.shape
-    device = images.device
-    padded = F.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(device)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
-    rows = dy[:, None] + torch.arange(h, device=device)  # [n, h]
-    cols = dx[:, None] + torch.arange(w, device=device)  # [n, w]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=device)[:, None, None, None]
-    channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class BatchStream:

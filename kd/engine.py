@@ -12,15 +12,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kd.data import BatchStream, Preprocess, augment_batch
+from kd.data import BatchStream, Preprocess
 from kd.errors import Diverged
 from kd.losses import LossInputs, Progress
+from kd.views import apply_views
 
 log = logging.getLogger(__name__)
 
-# Gives the teacher's outputs for a batch: (example indices, preprocessed images) ->
-# (logits, named features); features only when the loss asks for them.
-TeacherSignal = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# Gives the teacher's outputs for a batch: (example indices, preprocessed images, the
+# augmentation's view slots or None) -> (logits, named features); features only when
+# the loss asks for them.
+TeacherSignal = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
+# Augments a uint8 batch: (example indices, images) -> (augmented images, the view slot
+# of each example when the teacher's logits are cached per view, else None).
+Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -61,11 +68,18 @@ def predict_logits(
     images: torch.Tensor,
     preprocess: Preprocess,
     batch_size: int = 1024,
+    views: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits of ``model`` in eval mode for uint8 ``images``, as float32."""
+    """Logits of ``model`` in eval mode for uint8 ``images`` (or for view ``views[i]``
+    of image ``i``, see :func:`kd.views.apply_views`), as float32."""
     was_training = model.training
     model.eval()
-    outputs = [model(preprocess(images[i : i + batch_size])).float() for i in range(0, len(images), batch_size)]
+    outputs = []
+    for i in range(0, len(images), batch_size):
+        batch = images[i : i + batch_size]
+        if views is not None:
+            batch = apply_views(batch, views[i : i + batch_size])
+        outputs.append(model(preprocess(batch)).float())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0)
 
@@ -94,7 +108,7 @@ def fit(
     *,
     teacher: TeacherSignal | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    augment_seed: int | None = None,
+    augment: Augment | None = None,
     validate: Callable[[], float] | None = None,
     amp: bool = False,
     check_every: int = 10,
@@ -114,7 +128,6 @@ def fit(
     """
     device = next(model.parameters()).device
     wants_features = bool(getattr(loss_fn, "student_features", ()))
-    augment_gen = torch.Generator().manual_seed(augment_seed) if augment_seed is not None else None
     result = FitResult()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -126,15 +139,16 @@ def fit(
         bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
         last_line = start
         for step, (idx, images, labels) in enumerate(batches.epoch(epoch), start=1):
-            if augment_gen is not None:
-                images = augment_batch(images, augment_gen)
+            slots = None
+            if augment is not None:
+                images, slots = augment(idx, images)
             inputs = preprocess(images)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 if wants_features:
                     student_logits, student_features = model.forward_with_features(inputs)
                 else:
                     student_logits, student_features = model(inputs), {}
-                teacher_logits, teacher_features = teacher(idx, inputs) if teacher is not None else (None, {})
+                teacher_logits, teacher_features = teacher(idx, inputs, slots) if teacher is not None else (None, {})
                 progress_now = Progress(epoch, epochs, step, len(batches))
                 terms = loss_fn(
                     LossInputs(
@@ -145,6 +159,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            last_lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None:
                 scheduler.step()
             loss_sum += loss.detach()
@@ -169,7 +184,7 @@ def fit(
         seconds = time.perf_counter() - start
         result.train_seconds += seconds
         entry = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen_sum, 1), "seconds": seconds}
-        entry["lr"] = optimizer.param_groups[0]["lr"]  # at the end of the epoch (schedules move it)
+        entry["lr"] = last_lr  # of the epoch's last step (a schedule moves it)
         entry.update({f"loss_{name}": float(total) / max(seen_sum, 1) for name, total in term_sums.items()})
         if validate is not None:
             entry["val_acc"] = validate()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm import tqdm
 
 from kd.config import build, run_settings, trial_seeds, validate
 from kd.data import BatchStream, Dataset, Preprocess
@@ -38,6 +39,7 @@ from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import file_digest, save_checked, write_json
 from kd.teacher import TeacherStore, fingerprint, load_checkpoint, make_checkpoint, model_source_digest, restore_model
 from kd.tracking import NullLogger
+from kd.views import CachedViews, RandomViews, view_count, view_orders
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def train_model(
     recipe: Recipe,
     loss_fn: nn.Module,
     ctx: Context,
-    teacher: TeacherSignal | None = None,
+    teacher: TeacherSource | None = None,
     desc: str = "train",
     on_epoch: Callable[[dict], None] | None = None,
 ) -> Trained:
@@ -181,9 +183,9 @@ def train_model(
         batches,
         ctx.preprocess,
         recipe.epochs,
-        teacher=teacher,
+        teacher=teacher.signal if teacher is not None else None,
         scheduler=scheduler,
-        augment_seed=recipe.seed if recipe.augment else None,
+        augment=_augmentation(recipe, teacher),
         validate=validate_now if len(data.val_idx) else None,
         amp=recipe.amp and device.type == "cuda",
         check_every=int(cfg.trainer.check_every),
@@ -195,6 +197,14 @@ def train_model(
     val_acc = result.history[-1]["val_acc"] if len(data.val_idx) else float("nan")
     test_acc = accuracy(model, ctx.test_images, ctx.test_labels, ctx.preprocess)
     return Trained(model, result, val_acc, test_acc)
+
+
+def _augmentation(recipe: Recipe, teacher: TeacherSource | None) -> CachedViews | RandomViews | None:
+    if not recipe.augment:
+        return None
+    if teacher is not None and teacher.views is not None:
+        return CachedViews(teacher.views, seed=recipe.seed)  # the views the teacher's logits are cached for
+    return RandomViews(seed=recipe.seed)
 
 
 def _checkpoint(trained: Trained, recipe: Recipe, ctx: Context) -> dict:
@@ -252,11 +262,28 @@ def check_teacher_split(checkpoint: dict, ctx: Context) -> str | None:
     return None
 
 
-def prepare_teacher(
-    ctx: Context, store: TeacherStore, feature_names: tuple[str, ...] = ()
-) -> tuple[TeacherSignal, dict]:
+@dataclass
+class TeacherSource:
+    """Where a KD run's teacher outputs come from, and what it records about them."""
+
+    signal: TeacherSignal
+    info: dict[str, Any]
+    # Augmented KD from cached views: each training image's K view ids [N, K] (on the
+    # device); the student then trains on these views only. None: any view, or none.
+    views: torch.Tensor | None = None
+
+
+def _teacher_views(cfg: DictConfig) -> int | None:
+    """``teacher.views`` as a count of cached views; None for an online teacher."""
+    setting = OmegaConf.select(cfg, "teacher.views", default="online")
+    if setting == "online":
+        return None
+    return view_count() if setting == "all" else int(setting)
+
+
+def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str, ...] = ()) -> TeacherSource:
     """Load, find or train the teacher; serve its logits (and the named intermediate
-    features a loss asks for) from the cache when exact."""
+    features a loss asks for) from the cache when exact: per view with augmentation."""
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     recipe = teacher_recipe(cfg)
     info: dict[str, Any] = {}
@@ -282,22 +309,26 @@ def prepare_teacher(
     )
     accs = ", ".join(f"{k} {checkpoint[k]:.2f}%" for k in ("val_acc", "test_acc") if checkpoint.get(k) is not None)
     log.info("teacher: %s (%s%s)", checkpoint["path"], source, f"; {accs}" if accs else "")
+    data_key = f"{data.fingerprint}\0{data.mean}\0{data.std}"
 
     if data.augment:
-        # Augmented inputs differ every epoch, so cached logits would be wrong.
-        log.info("data.augment is on: running the teacher online at every step (no logit cache)")
+        k = _teacher_views(cfg)
+        if k is not None and not feature_names:
+            return _cached_views(ctx, store, teacher, checkpoint["digest"], data_key, k, info)
+        # Fresh random views every step, or features per view (too large to cache).
+        why = "teacher.views=online" if k is None else f"loss {cfg.loss._target_} reads teacher features"
+        log.info("data.augment with %s: running the teacher online at every step", why)
 
         @torch.no_grad()
-        def online(idx: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def online(idx: torch.Tensor, inputs: torch.Tensor, slots: torch.Tensor | None) -> tuple:
             if not feature_names:
                 return teacher(inputs), {}
             logits, features = teacher.forward_with_features(inputs)
             return logits, {name: features[name] for name in feature_names}
 
         info["teacher_signal"] = "online"
-        return online, info
+        return TeacherSource(online, info)
 
-    data_key = f"{data.fingerprint}\0{data.mean}\0{data.std}"
     logits, computed = store.logits(
         checkpoint["digest"], data_key, lambda: predict_logits(teacher, ctx.train_images, ctx.preprocess).cpu()
     )
@@ -314,10 +345,43 @@ def prepare_teacher(
         log.info("teacher features %s: %s", feature_names, "computed and cached" if computed else "read from cache")
     info["teacher_signal"] = "cache"
 
-    def cached_signal(idx: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def cached_signal(idx: torch.Tensor, inputs: torch.Tensor, slots: torch.Tensor | None) -> tuple:
         return logits[idx], {name: values[idx] for name, values in features.items()}
 
-    return cached_signal, info
+    return TeacherSource(cached_signal, info)
+
+
+def _cached_views(
+    ctx: Context, store: TeacherStore, teacher: nn.Module, digest: str, data_key: str, k: int, info: dict[str, Any]
+) -> TeacherSource:
+    """The teacher's logits for K fixed views of every training image, from the store
+    (computed once, view by view, resumably)."""
+    view_seed = int(OmegaConf.select(ctx.cfg, "teacher.view_seed", default=0))
+    bar = tqdm(total=k, desc="teacher views", disable=not show_progress(ctx.cfg.trainer.progress), leave=False)
+    started = time.perf_counter()
+
+    def on_column(column: int, built: bool) -> None:
+        bar.update(1)
+        if built:
+            log.info(
+                "teacher view %d/%d computed and cached (%.0f s so far)", column + 1, k, time.perf_counter() - started
+            )
+
+    def column(views: torch.Tensor) -> torch.Tensor:
+        return predict_logits(teacher, ctx.train_images, ctx.preprocess, views=views.to(ctx.device)).half().cpu()
+
+    logits, orders = store.view_logits(
+        digest, data_key, view_seed, k, lambda: view_orders(len(ctx.train_images), view_seed), column, on_column
+    )
+    bar.close()
+    logits, orders = logits.to(ctx.device), orders.to(ctx.device)
+    log.info("teacher logits for %d view(s) per image ready (%.0f s)", k, time.perf_counter() - started)
+    info.update(teacher_signal="views", teacher_views=k, teacher_view_seed=view_seed)
+
+    def view_signal(idx: torch.Tensor, inputs: torch.Tensor, slots: torch.Tensor | None) -> tuple:
+        return logits[idx, slots].float(), {}
+
+    return TeacherSource(view_signal, info, views=orders)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -437,8 +501,8 @@ def run(
     try:
         teacher = None
         if loss_fn.needs_teacher:
-            teacher, teacher_info = prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
-            metrics.update(teacher_info)
+            teacher = prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
+            metrics.update(teacher.info)
         for index, seed in enumerate(seeds):
             recipe = run_recipe(cfg, seed)
             desc = f"{model_name} seed {seed}" if len(seeds) > 1 else model_name

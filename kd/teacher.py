@@ -5,8 +5,9 @@ changes the trained weights and nothing else (see :func:`kd.pipeline.recipe_spec
 so every KD run that needs the same teacher finds the same file, and a teacher is
 trained at most once per store, even by parallel processes (see
 :func:`kd.storage.build_once`). CE students trained as KD baselines are stored the
-same way. Teacher logits over the training set are cached too, keyed by the
-checkpoint's bytes and the dataset's contents, so a changed teacher or dataset can never be served stale logits.
+same way. Teacher logits over the training set are cached too (per augmented view
+for KD with augmentation), keyed by the checkpoint's bytes and the dataset's
+contents, so a changed teacher or dataset can never be served stale logits.
 """
 
 from __future__ import annotations
@@ -76,6 +77,37 @@ class TeacherStore:
         """Teacher logits for every training example, computed once per (teacher, data)."""
         key = hashlib.sha256(f"{checkpoint_digest}\0{data_key}".encode()).hexdigest()[:24]
         return build_once(self.root / "logits" / f"{key}.pt", compute)
+
+    def view_logits(
+        self,
+        checkpoint_digest: str,
+        data_key: str,
+        view_seed: int,
+        k: int,
+        orders: Callable[[], torch.Tensor],
+        compute: Callable[[torch.Tensor], torch.Tensor],
+        on_column: Callable[[int, bool], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits for the first ``k`` views of every training example.
+
+        ``orders()`` gives each example's seeded order of views (``[N, views]``);
+        ``compute(views)`` the teacher's logits ``[N, classes]`` for view ``views[i]`` of
+        example ``i``. Each view column is one file, built once: an interrupted build
+        resumes at the first missing column, and a smaller ``k`` reuses a larger one's.
+        Returns logits ``[N, k, classes]`` (float16) and the view ids ``[N, k]``.
+        """
+        key = hashlib.sha256(f"{checkpoint_digest}\0{data_key}\0views:{view_seed}".encode()).hexdigest()[:24]
+        folder = self.root / "views" / key
+        order, _ = build_once(folder / "orders.pt", orders)
+        if not 1 <= k <= order.shape[1]:
+            raise ValueError(f"k={k} views requested; an image has {order.shape[1]}")
+        columns = []
+        for column in range(k):
+            logits, built = build_once(folder / f"view{column:03d}.pt", lambda c=column: compute(order[:, c]))
+            columns.append(logits)
+            if on_column is not None:
+                on_column(column, built)
+        return torch.stack(columns, dim=1), order[:, :k].to(torch.int64)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -112,8 +112,8 @@ def test_cached_teacher_features_give_the_online_teachers_loss(compose_cfg, tmp_
     save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10), path)
     cfg = compose_cfg(f"loss={method}", *SMALL, f"teacher.checkpoint={path}", f"paths.store_dir={tmp_path}/s")
     ctx = make_context(cfg, torch.device("cpu"))
-    cached, info = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir), ("conv",))
-    assert info["teacher_signal"] == "cache"
+    source = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir), ("conv",))
+    assert source.info["teacher_signal"] == "cache"
     teacher = DeepNN().to(memory_format=torch.channels_last).eval()
     teacher.load_state_dict(load_checkpoint(path)["state_dict"])
     student = LightNN()
@@ -126,7 +126,7 @@ def test_cached_teacher_features_give_the_online_teachers_loss(compose_cfg, tmp_
             logits, features = student.forward_with_features(x)
             t_logits, t_features = teacher.forward_with_features(x)
             online = loss_fn(LossInputs(logits, labels, t_logits, features, t_features))["loss"]
-            c_logits, c_features = cached(idx, x)
+            c_logits, c_features = source.signal(idx, x, None)
             from_cache = loss_fn(LossInputs(logits, labels, c_logits, features, c_features))["loss"]
         torch.testing.assert_close(from_cache, online, rtol=2e-3, atol=2e-3)  # features cached in float16
 

@@ -28,8 +28,8 @@ def teacher_file(tmp_path: Path) -> Path:
 def test_cached_logits_give_the_same_kd_loss_as_the_online_teacher(compose_cfg, tmp_path, teacher_file):
     cfg = compose_cfg("loss=kd", *SMALL, f"teacher.checkpoint={teacher_file}", f"paths.store_dir={tmp_path}/s")
     ctx = make_context(cfg, torch.device("cpu"))
-    cached_signal, info = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
-    assert info["teacher_signal"] == "cache" and info["teacher_source"] == "checkpoint"
+    source = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
+    assert source.info["teacher_signal"] == "cache" and source.info["teacher_source"] == "checkpoint"
 
     teacher = DeepNN().to(memory_format=torch.channels_last)
     teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
@@ -44,22 +44,27 @@ def test_cached_logits_give_the_same_kd_loss_as_the_online_teacher(compose_cfg, 
         with torch.no_grad():
             student_logits = student(inputs)
             online = loss_fn(LossInputs(student_logits, labels, teacher(inputs)))["loss"]
-            cached = loss_fn(LossInputs(student_logits, labels, cached_signal(idx, inputs)[0]))["loss"]
+            cached = loss_fn(LossInputs(student_logits, labels, source.signal(idx, inputs, None)[0]))["loss"]
         torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-5)
         batches += 1
     assert batches == 3
 
 
-def test_augmentation_bypasses_the_cache(compose_cfg, tmp_path, teacher_file):
+def test_an_online_teacher_with_augmentation_caches_nothing(compose_cfg, tmp_path, teacher_file):
     cfg = compose_cfg(
-        "loss=kd", *SMALL, "data.augment=true", f"teacher.checkpoint={teacher_file}", f"paths.store_dir={tmp_path}/s"
+        "loss=kd",
+        *SMALL,
+        "data.augment=true",
+        "teacher.views=online",
+        f"teacher.checkpoint={teacher_file}",
+        f"paths.store_dir={tmp_path}/s",
     )
     ctx = make_context(cfg, torch.device("cpu"))
-    signal, info = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
-    assert info["teacher_signal"] == "online"
-    assert not (tmp_path / "s" / "logits").exists()
+    source = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
+    assert source.info["teacher_signal"] == "online" and source.views is None
+    assert not (tmp_path / "s" / "logits").exists() and not (tmp_path / "s" / "views").exists()
     x = ctx.preprocess(ctx.train_images[:4])
-    assert signal(torch.arange(4), x)[0].shape == (4, 10)
+    assert source.signal(torch.arange(4), x, None)[0].shape == (4, 10)
 
 
 def test_a_different_teacher_or_dataset_gets_fresh_logits(tmp_path):
@@ -89,12 +94,12 @@ def test_teacher_checkpoint_contents_change_the_cache_key(compose_cfg, tmp_path,
     prepare_teacher(ctx, TeacherStore(store_dir))
     torch.manual_seed(2)  # same path, new weights: must not reuse the old logits
     save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10), teacher_file)
-    signal, _ = prepare_teacher(ctx, TeacherStore(store_dir))
+    signal = prepare_teacher(ctx, TeacherStore(store_dir)).signal
     assert len(list((store_dir / "logits").glob("*.pt"))) == 2
     teacher = DeepNN()
     teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
     expected = predict_logits(teacher, ctx.train_images[:8], ctx.preprocess)
-    torch.testing.assert_close(signal(torch.arange(8), None)[0], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(signal(torch.arange(8), None, None)[0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_truncated_checkpoint_is_reported_not_loaded(tmp_path, teacher_file):
@@ -150,9 +155,9 @@ def test_a_different_dataset_gets_fresh_logits_from_the_same_teacher(compose_cfg
             f"paths.store_dir={store_dir}",
         )
         ctx = make_context(cfg, torch.device("cpu"))
-        signal, _ = prepare_teacher(ctx, TeacherStore(store_dir))
+        signal = prepare_teacher(ctx, TeacherStore(store_dir)).signal
         teacher = DeepNN()
         teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
         expected = predict_logits(teacher, ctx.train_images[:8], ctx.preprocess)
-        torch.testing.assert_close(signal(torch.arange(8), None)[0], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(signal(torch.arange(8), None, None)[0], expected, rtol=1e-4, atol=1e-5)
     assert len(list((store_dir / "logits").glob("*.pt"))) == 2

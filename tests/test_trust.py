@@ -114,16 +114,16 @@ def test_a_teacher_that_saw_the_validation_images_is_refused(compose_cfg, tmp_pa
         prepare_teacher(make_context(cfg, torch.device("cpu")), TeacherStore(tmp_path / "s"))
     # Without a validation split there is nothing to leak: the same file is fine.
     cfg_no_val = compose_cfg("loss=kd", *SMALL, "data.val_size=0", f"teacher.checkpoint={path}")
-    _, info = prepare_teacher(make_context(cfg_no_val, torch.device("cpu")), TeacherStore(tmp_path / "s"))
-    assert "teacher_warning" not in info
+    source = prepare_teacher(make_context(cfg_no_val, torch.device("cpu")), TeacherStore(tmp_path / "s"))
+    assert "teacher_warning" not in source.info
 
 
 def test_a_checkpoint_with_no_recorded_split_is_used_with_a_warning(compose_cfg, tmp_path):
     path = tmp_path / "bare.pt"
     torch.save(DeepNN().state_dict(), path)
     cfg = compose_cfg("loss=kd", *SMALL, f"teacher.checkpoint={path}")
-    _, info = prepare_teacher(make_context(cfg, torch.device("cpu")), TeacherStore(tmp_path / "s"))
-    assert "records no training split" in info["teacher_warning"]
+    source = prepare_teacher(make_context(cfg, torch.device("cpu")), TeacherStore(tmp_path / "s"))
+    assert "records no training split" in source.info["teacher_warning"]
 
 
 def _sweep_root(*overrides: str):
