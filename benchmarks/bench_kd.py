@@ -130,7 +130,9 @@ class ProjectPath:
         student = self.model(LightNN, seed)
         features = features or {}
         teacher = (
-            (lambda idx, x: (logits[idx], {k: v[idx] for k, v in features.items()})) if logits is not None else None
+            (lambda idx, x, slots: (logits[idx], {k: v[idx] for k, v in features.items()}))
+            if logits is not None
+            else None
         )
         self.train(student, loss_fn, epochs, teacher)
         accuracy(student, self.test_images, self.test_labels, self.preprocess)
@@ -253,7 +255,7 @@ def main() -> None:
     report(
         "student KD epoch",
         ref,
-        project.train(project.model(LightNN), HintonKD(2.0, 0.25), 1, lambda idx, x: (logits[idx], {})),
+        project.train(project.model(LightNN), HintonKD(2.0, 0.25), 1, lambda idx, x, slots: (logits[idx], {})),
     )
 
     n, e = args.sweep_trials, args.sweep_epochs
@@ -301,7 +303,7 @@ def main() -> None:
             "torch.compile": {"compile": True},
             "bf16 + compile": {"amp": True, "compile": True},
         }
-        kd_signal = lambda idx, x: (logits[idx], {})  # noqa: E731
+        kd_signal = lambda idx, x, slots: (logits[idx], {})  # noqa: E731
         for name, flags in variants.items():
             t_s = project.train(project.model(DeepNN), CrossEntropy(), 2, last_epoch_only=True, **flags)
             s_s = project.train(
