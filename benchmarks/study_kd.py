@@ -137,7 +137,8 @@ def markdown(rows: list[dict]) -> str:
         ce = {s: describe(r["ce"][s]) for s in ("val_acc", "test_acc")}
         lines.append(
             f"| {r['arm']} | {r['teacher_val_acc']:.2f} / {r['teacher_test_acc']:.2f} | {r['epochs']} | {aug} | "
-            f"{r['temperature']:g}, {r['alpha']:g} | {fmt_mean_se(r['kd']['val_acc'])} | {fmt_mean_se(ce['val_acc'])} | "
+            f"{r['temperature']:g}, {r['alpha']:g} | {fmt_mean_se(r['kd']['val_acc'])} | "
+            f"{fmt_mean_se(ce['val_acc'])} | "
             f"{fmt_difference(r['kd_minus_ce']['val_acc'])} | {fmt_mean_se(r['kd']['test_acc'])} | "
             f"{fmt_mean_se(ce['test_acc'])} | {fmt_difference(r['kd_minus_ce']['test_acc'])} | "
             f"{r['wall_seconds']:.0f} |"
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help="comma-separated arm names")
     parser.add_argument("--summarise-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra run.py overrides for every arm (e.g. trainer.device=cuda)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarise_only:
         common = ["data=folder", f"data.root={Path(args.data_root).resolve()}", "trainer.progress=false"]
