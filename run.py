@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kd import pipeline
+from kd import pipeline, population
 from kd.config import override_hints
 from kd.devices import available_cores
 from kd.errors import ConfigError, KDError, Pruned
@@ -82,6 +82,7 @@ def main(cfg: DictConfig) -> float:
     global STARTED
     STARTED = True
     hydra_cfg = HydraConfig.get()
+    share = population.take_share()  # set when hydra/launcher=population trained this job
     try:
         metrics = pipeline.run(
             cfg,
@@ -90,6 +91,9 @@ def main(cfg: DictConfig) -> float:
             parallel_jobs=parallel_jobs(hydra_cfg),
             report=reporter_for(cfg, hydra_cfg.sweeper) if hydra_cfg.mode == RunMode.MULTIRUN else None,
             tags=run_tags(cfg, hydra_cfg),
+            context=share.context if share else None,
+            teacher_source=share.teacher if share else None,
+            pretrained=share.outcomes if share else None,
         )
     except KDError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN and not stops_like_a_single_run(err, hydra_cfg):

@@ -48,8 +48,9 @@ TEACHERS = {
 
 
 def arm_overrides(name: str) -> list[str]:
-    """``<teacher>-<epochs>-<off|views>[-T<temperature>-a<alpha>]``, e.g. ``strong-30-views``
-    or ``strong-30-views-T4-a0.9``; ``ce-<epochs>-<off|views>`` trains only the CE
+    """``<teacher>-<epochs>-<off|views[K|all]>[-T<temperature>-a<alpha>]``, e.g.
+    ``strong-30-views`` (teacher.views default), ``strong-30-viewsall`` or
+    ``strong-30-views-T4-a0.9``; ``ce-<epochs>-<off|views>`` trains only the CE
     baselines (they are published to the store, where the KD arms find them)."""
     teacher, epochs, augment, *rest = name.split("-")
     loss = ["loss=ce"] if teacher == "ce" else ["loss=kd"]
@@ -61,7 +62,8 @@ def arm_overrides(name: str) -> list[str]:
         *STUDENT,
         *TEACHERS.get(teacher, []),
         f"trainer.epochs={int(epochs)}",
-        f"data.augment={'true' if augment == 'views' else 'false'}",
+        f"data.augment={'true' if augment.startswith('views') else 'false'}",
+        *([f"teacher.views={augment[5:]}"] if augment.startswith("views") and augment != "views" else []),
         f"trial.seeds={SEEDS}",
     ]
 

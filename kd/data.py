@@ -326,11 +326,15 @@ class BatchStream:
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
+    def order(self, epoch: int) -> torch.Tensor:
+        """The example indices of ``epoch`` in the order they are visited."""
+        if not self.shuffle:
+            return self.indices
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=gen).to(self.indices.device)]
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        indices = self.indices
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            indices = indices[torch.randperm(len(indices), generator=gen).to(indices.device)]
+        indices = self.order(epoch)
         for start in range(0, len(indices), self.batch_size):
             idx = indices[start : start + self.batch_size]
             yield idx, self.images[idx], self.labels[idx]

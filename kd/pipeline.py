@@ -435,6 +435,9 @@ def run(
     parallel_jobs: int = 1,
     report: EpochReport | None = None,
     tags: dict[str, Any] | None = None,
+    context: Context | None = None,
+    teacher_source: TeacherSource | None = None,
+    pretrained: dict[int, Trained | BaseException] | None = None,
 ) -> dict:
     """Train and evaluate the configured model once per seed; returns the metrics written.
 
@@ -442,17 +445,22 @@ def run(
     several seeds the steps run on (seed i, epoch e is step ``i * epochs + e``), so
     trials with the same seeds compare step by step. ``tags`` (a sweep's study name and
     trial number) go to the run tracker (``logger``) with the run's settings.
+
+    A population launcher passes the ``context`` and ``teacher_source`` its jobs share,
+    and per seed the ``pretrained`` outcome of the population (a trained model, or
+    what stopped it); everything else (checkpoints, baselines, metrics.json) is done
+    here exactly as for a model trained by this run.
     """
     started = time.time()
     validate(cfg)
     output_dir = Path(output_dir)
-    device = select_device(str(cfg.trainer.device), job_num)
+    device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
     threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
     torch.set_num_threads(int(threads))
     store = TeacherStore(cfg.paths.store_dir)
     seeds = trial_seeds(cfg)
 
-    ctx = make_context(cfg, device)
+    ctx = context or make_context(cfg, device)
     data = ctx.data
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
@@ -501,7 +509,7 @@ def run(
     try:
         teacher = None
         if loss_fn.needs_teacher:
-            teacher = prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
+            teacher = teacher_source or prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
             metrics.update(teacher.info)
         for index, seed in enumerate(seeds):
             recipe = run_recipe(cfg, seed)
@@ -515,7 +523,15 @@ def run(
 
             torch.manual_seed(seed)
             loss_fn = build(cfg.loss, cfg)
-            trained = train_model(recipe, loss_fn, ctx, teacher=teacher, desc=desc, on_epoch=on_epoch)
+            if pretrained is not None and seed in pretrained:
+                outcome = pretrained[seed]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                trained = outcome
+                for entry in trained.fit.history:  # the population already reported to the trial
+                    tracker.log_epoch(index * recipe.epochs + entry["epoch"], {**entry, "seed": seed})
+            else:
+                trained = train_model(recipe, loss_fn, ctx, teacher=teacher, desc=desc, on_epoch=on_epoch)
             checkpoint = _checkpoint(trained, recipe, ctx)
             path = output_dir / ("model.pt" if len(seeds) == 1 else f"model_seed{seed}.pt")
             save_checked(checkpoint, path)

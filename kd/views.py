@@ -66,8 +66,12 @@ class RandomViews:
         self.generator = torch.Generator().manual_seed(seed)
         self.padding = padding
 
+    def draw(self, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """This step's view id per example (and no slot: nothing is cached per view)."""
+        return torch.randint(0, view_count(self.padding), (len(idx),), generator=self.generator), None
+
     def __call__(self, idx: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, None]:
-        views = torch.randint(0, view_count(self.padding), (len(idx),), generator=self.generator)
+        views, _ = self.draw(idx)
         return apply_views(images, views, self.padding), None
 
 
@@ -87,7 +91,11 @@ class CachedViews:
     def k(self) -> int:
         return self.orders.shape[1]
 
+    def draw(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's view id and cache slot per example (on the orders' device)."""
+        slots = torch.randint(0, self.k, (len(idx),), generator=self.generator).to(self.orders.device)
+        return self.orders[idx.to(self.orders.device), slots], slots
+
     def __call__(self, idx: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = torch.randint(0, self.k, (len(idx),), generator=self.generator).to(images.device)
-        views = self.orders[idx.to(self.orders.device), slots.to(self.orders.device)]
-        return apply_views(images, views, self.padding), slots
+        views, slots = self.draw(idx)
+        return apply_views(images, views, self.padding), slots.to(images.device)

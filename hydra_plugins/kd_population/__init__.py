@@ -1,0 +1,1 @@
+"""``hydra/launcher=population``: a sweep's compatible jobs trained as one population."""

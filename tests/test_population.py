@@ -1,0 +1,140 @@
+"""Population training: N students trained together equal N single runs."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+from conftest import FAST, REPO, read_metrics, run_py
+from optuna.trial import TrialState
+
+from kd.config import build
+from kd.errors import Diverged
+from kd.pipeline import make_context, prepare_teacher, run_recipe, train_model
+from kd.population import Member, population_key, train_population
+from kd.teacher import TeacherStore
+
+# A student without dropout (tests/population_nets.py): dropout masks cannot match
+# between a population and single runs, everything else must.
+NO_DROPOUT = ["model._target_=population_nets.LightNoDropout", "extra_targets=[population_nets.*]"]
+SMALL = [
+    "data=synthetic",
+    "data.train_size=224",
+    "data.test_size=64",
+    "data.val_size=32",
+    "+data.noise=120",  # hard enough that accuracies differ between members
+    "trainer.device=cpu",
+    "trainer.epochs=2",
+    "trainer.batch_size=32",
+    "teacher.epochs=1",
+    *NO_DROPOUT,
+]
+
+
+def _members(compose_cfg, tmp_path, settings: list[list[str]]):
+    cfgs = [compose_cfg(*SMALL, f"paths.store_dir={tmp_path}/s", *extra) for extra in settings]
+    ctx = make_context(cfgs[0], torch.device("cpu"))
+    teacher = prepare_teacher(ctx, TeacherStore(tmp_path / "s")) if build(cfgs[0].loss, cfgs[0]).needs_teacher else None
+    members = [Member(run_recipe(c, int(c.seed)), build(c.loss, c)) for c in cfgs]
+    return cfgs, ctx, teacher, members
+
+
+def _assert_same(single, member) -> None:
+    for (name, a), b in zip(single.model.named_parameters(), member.model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-4, msg=lambda m, name=name: f"{name}: {m}")
+    for entry_single, entry_member in zip(single.fit.history, member.fit.history, strict=True):
+        assert set(entry_member) - {"population"} == set(entry_single)
+        for key in ("train_loss", "lr", "val_acc"):
+            assert entry_member[key] == pytest.approx(entry_single[key], rel=1e-3, abs=1e-4)
+    assert member.test_acc == pytest.approx(single.test_acc, abs=100 / 64 + 1e-9)  # at most one image apart
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # KD: each member its own seed, temperature, alpha and learning rate
+        [
+            ["loss=kd", "loss.temperature=2", "loss.alpha=0.5", "optim.lr=1e-3", "seed=1"],
+            ["loss=kd", "loss.temperature=4", "loss.alpha=0.9", "optim.lr=3e-3", "seed=2"],
+            ["loss=kd", "loss.temperature=1", "loss.alpha=0.0", "optim.lr=2e-3", "seed=3"],
+        ],
+        # CE with augmentation, AdamW weight decay and a one-cycle schedule per member
+        [
+            ["data.augment=true", "optim=adamw", "schedule=onecycle", "optim.lr=2e-3", "seed=5"],
+            ["data.augment=true", "optim=adamw", "schedule=onecycle", "optim.lr=5e-3", "seed=6"],
+        ],
+    ],
+    ids=["kd", "ce-augmented-onecycle"],
+)
+def test_a_population_trains_each_member_as_its_single_run_would(compose_cfg, tmp_path, settings):
+    cfgs, ctx, teacher, members = _members(compose_cfg, tmp_path, settings)
+    assert len({population_key(c) for c in cfgs}) == 1 and population_key(cfgs[0]) is not None
+    outcomes = train_population(members, ctx, teacher)
+    for cfg, member in zip(cfgs, outcomes, strict=True):
+        single = train_model(run_recipe(cfg, int(cfg.seed)), build(cfg.loss, cfg), ctx, teacher=teacher)
+        _assert_same(single, member)
+
+
+def test_a_diverging_member_stops_alone(compose_cfg, tmp_path):
+    settings = [["optim.lr=1e-3", "seed=1"], ["optim.lr=1e30", "seed=2"], ["optim.lr=2e-3", "seed=3"]]
+    cfgs, ctx, teacher, members = _members(compose_cfg, tmp_path, settings)
+    outcomes = train_population(members, ctx, teacher)
+    assert isinstance(outcomes[1], Diverged) and outcomes[1].epoch == 1
+    for index in (0, 2):  # the others went on, unchanged by their diverged neighbour
+        cfg = cfgs[index]
+        _assert_same(train_model(run_recipe(cfg, int(cfg.seed)), build(cfg.loss, cfg), ctx), outcomes[index])
+
+
+def test_only_jobs_that_differ_in_member_keys_share_a_population(compose_cfg):
+    from hydra_plugins.kd_population.population_launcher import plan_groups
+
+    jobs = [
+        compose_cfg("loss=kd", "loss.temperature=2", "seed=1"),
+        compose_cfg("loss=kd", "loss.temperature=4", "loss.alpha=0.9", "optim.lr=0.01", "trial.seeds=[1,2,3]"),
+        compose_cfg("loss=kd", "trainer.epochs=3"),  # another recipe: another population
+        compose_cfg("loss=dkd"),  # a method without a population form: alone
+        compose_cfg("loss=kd", "optim=sgd"),  # an optimiser without one: alone
+        compose_cfg("loss=kd", "trainer.epochs=3", "seed=9"),
+    ]
+    assert population_key(jobs[3]) is None and population_key(jobs[4]) is None
+    assert plan_groups(jobs, max_members=64) == [[0, 1], [2, 5], [3], [4]]
+    assert plan_groups(jobs, max_members=3) == [[0], [1], [2, 5], [3], [4]]  # job 1 brings three seeds
+
+
+@pytest.mark.slow
+def test_the_population_launcher_writes_what_the_basic_launcher_writes(workdir):
+    grid = ["-m", *FAST, *NO_DROPOUT, "loss=kd", "loss.temperature=1,4", "trial.seeds=[1,2]", "trainer.epochs=2"]
+    env = {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    basic = run_py([*grid, "hydra.sweep.dir=basic"], cwd=workdir, env=env)
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    pop = run_py([*grid, "hydra/launcher=population", "hydra.sweep.dir=pop"], cwd=workdir, env=env)
+    assert pop.returncode == 0, pop.stderr[-3000:]
+    assert "in 1 population(s) of sizes [2]" in pop.stdout + pop.stderr
+    for job in ("0", "1"):
+        a, b = read_metrics(workdir / "basic" / job), read_metrics(workdir / "pop" / job)
+        assert set(a) == set(b) and a["settings"] == b["settings"] and a["seeds"] == b["seeds"] == [1, 2]
+        for key in ("val_acc", "test_acc"):
+            assert b[key] == pytest.approx(a[key], abs=1.0)
+        assert b["kd_minus_ce"]["val_acc"]["n"] == 2 and b["per_seed"][1]["baseline"]["source"] == "store"
+        assert (workdir / "pop" / job / "model_seed2.pt").exists() and (workdir / "pop" / job / ".hydra").is_dir()
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_on_the_population_launcher_prunes_and_completes(workdir):
+    from test_optuna_features import PRUNING
+
+    args = [*PRUNING, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2", "hydra/launcher=population"]
+    proc = run_py([*args, "hydra.sweep.dir=sw"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "population(s)" in proc.stdout + proc.stderr
+    storage = f"sqlite:///{workdir / 'sw' / 'optuna.db'}"
+    study = optuna.load_study(study_name=optuna.get_all_study_summaries(storage)[0].study_name, storage=storage)
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and TrialState.PRUNED in states and TrialState.COMPLETE in states
+    for t in study.trials:
+        metrics = json.loads((workdir / "sw" / str(t.number) / "metrics.json").read_text())
+        assert sorted(t.intermediate_values) == list(range(1, metrics["epochs_trained"] + 1))
+        if t.state == TrialState.COMPLETE:
+            assert metrics["status"] == "completed" and t.value == pytest.approx(metrics["objective_value"])
