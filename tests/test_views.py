@@ -174,3 +174,16 @@ def test_schedule_and_weight_decay_are_part_of_a_recipe(compose_cfg):
         validate(compose_cfg(*SMALL, "optim=adamw", "optim.weight_decay=-1"))
     with pytest.raises(ConfigError, match="teacher.schedule.pct_start must be in"):
         validate(compose_cfg(*SMALL, "schedule@teacher.schedule=onecycle", "teacher.schedule.pct_start=1.5"))
+
+
+def test_named_student_recipes_share_everything_but_the_loss_and_the_teacher(compose_cfg):
+    small = ["data=synthetic", "data.val_size=64"]
+    kd = compose_cfg("experiment=kd_strong_aug", *small)
+    ce = compose_cfg("experiment=student_long_aug", *small)
+    strong = compose_cfg("experiment=teacher_strong", *small)
+    assert kd.loss._target_ == "kd.losses.HintonKD" and ce.loss._target_ == "kd.losses.CrossEntropy"
+    ctx = make_context(ce, torch.device("cpu"))
+    # KD's CE baseline is exactly the student_long_aug run, and its teacher the teacher_strong run.
+    assert recipe_spec(run_recipe(kd, 42), ctx) == recipe_spec(run_recipe(ce, 42), ctx)
+    assert recipe_spec(teacher_recipe(kd), ctx) == recipe_spec(run_recipe(strong, int(strong.seed)), ctx)
+    assert kd.data.augment is True and kd.trainer.epochs == 30 and kd.teacher.views == 16
