@@ -235,9 +235,10 @@ def train_population(
             return [float("nan")] * len(alive)
         template.eval()
         correct = torch.zeros(len(alive), device=device)
-        for i in range(0, len(images), 1024):
-            logits = eval_forward(params, buffers, ctx.preprocess(images[i : i + 1024]).contiguous())
-            correct += (logits.argmax(2) == labels[i : i + 1024]).sum(1)
+        chunk = max(16, min(1024, 65536 // len(alive)))  # about 64k member-images per pass
+        for i in range(0, len(images), chunk):
+            logits = eval_forward(params, buffers, ctx.preprocess(images[i : i + chunk]).contiguous())
+            correct += (logits.argmax(2) == labels[i : i + chunk]).sum(1)
         template.train()
         return (100.0 * correct / len(labels)).tolist()
 
