@@ -186,4 +186,4 @@ def test_named_student_recipes_share_everything_but_the_loss_and_the_teacher(com
     # KD's CE baseline is exactly the student_long_aug run, and its teacher the teacher_strong run.
     assert recipe_spec(run_recipe(kd, 42), ctx) == recipe_spec(run_recipe(ce, 42), ctx)
     assert recipe_spec(teacher_recipe(kd), ctx) == recipe_spec(run_recipe(strong, int(strong.seed)), ctx)
-    assert kd.data.augment is True and kd.trainer.epochs == 30 and kd.teacher.views == 16
+    assert kd.data.augment is True and kd.trainer.epochs == 30 and kd.teacher.views == 8
