@@ -187,3 +187,8 @@ def test_named_student_recipes_share_everything_but_the_loss_and_the_teacher(com
     assert recipe_spec(run_recipe(kd, 42), ctx) == recipe_spec(run_recipe(ce, 42), ctx)
     assert recipe_spec(teacher_recipe(kd), ctx) == recipe_spec(run_recipe(strong, int(strong.seed)), ctx)
     assert kd.data.augment is True and kd.trainer.epochs == 30 and kd.teacher.views == 8
+    long_kd = compose_cfg("experiment=kd_strong_long", *small)
+    long_ce = compose_cfg("experiment=student_long", *small)
+    assert long_kd.data.augment is False and long_kd.loss._target_ == "kd.losses.HintonKD"
+    assert recipe_spec(run_recipe(long_kd, 42), ctx) == recipe_spec(run_recipe(long_ce, 42), ctx)
+    assert recipe_spec(teacher_recipe(long_kd), ctx) == recipe_spec(teacher_recipe(kd), ctx)
