@@ -42,6 +42,21 @@ def compose_cfg() -> Callable[..., DictConfig]:
 
 
 @pytest.fixture
+def teacher_file(tmp_path: Path) -> Path:
+    """A randomly initialised teacher checkpoint (seed 1), for tests that distil from a file."""
+    import torch
+
+    from kd.models import DeepNN
+    from kd.storage import save_checked
+    from kd.teacher import make_checkpoint
+
+    torch.manual_seed(1)
+    path = tmp_path / "teacher.pt"
+    save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10), path)
+    return path
+
+
+@pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh directory to run in, with its own cache and teacher store."""
     monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "cache"))

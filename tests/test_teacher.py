@@ -1,7 +1,6 @@
 """The teacher store and the teacher-logit cache: exact, keyed, rebuilt when stale."""
 
 import multiprocessing as mp
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +14,6 @@ from kd.storage import build_once, save_checked
 from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint
 
 SMALL = ["data=synthetic", "data.train_size=96", "data.test_size=32", "data.val_size=16", "trainer.device=cpu"]
-
-
-@pytest.fixture
-def teacher_file(tmp_path: Path) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path / "teacher.pt"
-    save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10), path)
-    return path
 
 
 def test_cached_logits_give_the_same_kd_loss_as_the_online_teacher(compose_cfg, tmp_path, teacher_file):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,19 +11,10 @@ from kd.config import validate
 from kd.errors import ConfigError
 from kd.models import DeepNN
 from kd.pipeline import make_context, prepare_teacher, recipe_spec, run, run_recipe, teacher_recipe
-from kd.storage import save_checked
-from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint
+from kd.teacher import TeacherStore, load_checkpoint
 from kd.views import CachedViews, RandomViews, apply_views, view_count, view_orders
 
 SMALL = ["data=synthetic", "data.train_size=96", "data.test_size=32", "data.val_size=16", "trainer.device=cpu"]
-
-
-@pytest.fixture
-def teacher_file(tmp_path: Path) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path / "teacher.pt"
-    save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10), path)
-    return path
 
 
 def test_views_are_every_crop_and_flip_exactly_once():
