@@ -2,6 +2,7 @@
 
     python benchmarks/study_kd.py OUT --data-root ../shared/data/cifar10-jpeg
     python benchmarks/study_kd.py OUT --data-root ... --arms strong-30-views,seed-10-off
+    python benchmarks/study_kd.py OUT2 --data-root ... --arms strong-30-off-T4-a0.9 --seeds '[45,46,47]'
     python benchmarks/study_kd.py OUT --summarise-only
 
 Each arm is one ``run.py`` KD run over three seeds (``trial.seeds``) with its CE
@@ -47,7 +48,7 @@ TEACHERS = {
 }
 
 
-def arm_overrides(name: str) -> list[str]:
+def arm_overrides(name: str, seeds: str = SEEDS) -> list[str]:
     """``<teacher>-<epochs>-<off|views[K|all]>[-T<temperature>-a<alpha>]``, e.g.
     ``strong-30-views`` (teacher.views default), ``strong-30-viewsall`` or
     ``strong-30-views-T4-a0.9``; ``ce-<epochs>-<off|views>`` trains only the CE
@@ -64,7 +65,7 @@ def arm_overrides(name: str) -> list[str]:
         f"trainer.epochs={int(epochs)}",
         f"data.augment={'true' if augment.startswith('views') else 'false'}",
         *([f"teacher.views={augment[5:]}"] if augment.startswith("views") and augment != "views" else []),
-        f"trial.seeds={SEEDS}",
+        f"trial.seeds={seeds}",
     ]
 
 
@@ -80,13 +81,13 @@ DEFAULT_ARMS = [
 ]
 
 
-def run_arm(name: str, out: Path, common: list[str]) -> None:
+def run_arm(name: str, out: Path, common: list[str], seeds: str = SEEDS) -> None:
     run_dir = out / name
     metrics = run_dir / "metrics.json"
     if metrics.exists() and json.loads(metrics.read_text()).get("status") == "completed":
         print(f"[study] {name}: done already", flush=True)
         return
-    cmd = [sys.executable, str(ROOT / "run.py"), *arm_overrides(name), *common, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, str(ROOT / "run.py"), *arm_overrides(name, seeds), *common, f"hydra.run.dir={run_dir}"]
     print(f"[study] {name}: {' '.join(cmd[2:])}", flush=True)
     started = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--data-root", help="ImageFolder tree (e.g. ../shared/data/cifar10-jpeg)")
     parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help="comma-separated arm names")
+    parser.add_argument(
+        "--seeds", default=SEEDS, help="student seeds of every arm, e.g. '[45,46,47]' to retrain a chosen setting"
+    )
     parser.add_argument("--summarise-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra run.py overrides for every arm (e.g. trainer.device=cuda)")
     args = parser.parse_intermixed_args()
@@ -160,7 +164,7 @@ def main() -> None:
     if not args.summarise_only:
         common = ["data=folder", f"data.root={Path(args.data_root).resolve()}", "trainer.progress=false"]
         for name in args.arms.split(","):
-            run_arm(name, args.out, [*common, *args.overrides])
+            run_arm(name, args.out, [*common, *args.overrides], args.seeds)
     rows = summarise(args.out)
     (args.out / "study.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "study.md").write_text(markdown(rows))

@@ -1,0 +1,46 @@
+"""benchmarks/study_kd.py's arms are the named experiments they stand for."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from kd.pipeline import make_context, recipe_spec, run_recipe, teacher_recipe
+
+STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study_kd.py"
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("study_kd", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_arms_train_the_recipes_the_named_experiments_ship(compose_cfg):
+    study = load_study()
+    small = ["data=synthetic", "data.val_size=64"]
+    arm = compose_cfg(*study.arm_overrides("strong-30-off-T4-a0.9"), *small)
+    shipped = compose_cfg("experiment=kd_strong_long", *small)
+    ctx = make_context(shipped, torch.device("cpu"))
+    # Same student recipe (so the same CE baseline), same teacher, same loss settings.
+    assert recipe_spec(run_recipe(arm, 42), ctx) == recipe_spec(run_recipe(shipped, 42), ctx)
+    assert recipe_spec(teacher_recipe(arm), ctx) == recipe_spec(teacher_recipe(shipped), ctx)
+    assert (arm.loss.temperature, arm.loss.alpha) == (shipped.loss.temperature, shipped.loss.alpha) == (4.0, 0.9)
+    assert list(arm.trial.seeds) == [42, 43, 44]
+
+    views = compose_cfg(*study.arm_overrides("strong-30-views8"), *small)
+    aug = compose_cfg("experiment=kd_strong_aug", *small)
+    assert recipe_spec(run_recipe(views, 42), ctx) == recipe_spec(run_recipe(aug, 42), ctx)
+    assert views.teacher.views == aug.teacher.views == 8 and views.data.augment is True
+
+    # The seed-recipe teacher is another teacher for the same student recipe.
+    seed_arm = compose_cfg(*study.arm_overrides("seed-30-off"), *small)
+    assert recipe_spec(run_recipe(seed_arm, 42), ctx) == recipe_spec(run_recipe(arm, 42), ctx)
+    assert recipe_spec(teacher_recipe(seed_arm), ctx) != recipe_spec(teacher_recipe(arm), ctx)
+
+    retrain = compose_cfg(*study.arm_overrides("strong-30-off", "[45,46,47]"), *small)
+    assert list(retrain.trial.seeds) == [45, 46, 47]
+    assert compose_cfg(*study.arm_overrides("ce-30-off"), *small).loss._target_ == "kd.losses.CrossEntropy"
