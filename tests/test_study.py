@@ -22,13 +22,16 @@ def load_study():
 def test_study_arms_train_the_recipes_the_named_experiments_ship(compose_cfg):
     study = load_study()
     small = ["data=synthetic", "data.val_size=64"]
-    arm = compose_cfg(*study.arm_overrides("strong-30-off-T4-a0.9"), *small)
     shipped = compose_cfg("experiment=kd_strong_long", *small)
+    chosen = f"strong-30-off-T{shipped.loss.temperature!r}-a{shipped.loss.alpha!r}"  # the retrained arm
+    arm = compose_cfg(*study.arm_overrides(chosen), *small)
     ctx = make_context(shipped, torch.device("cpu"))
     # Same student recipe (so the same CE baseline), same teacher, same loss settings.
     assert recipe_spec(run_recipe(arm, 42), ctx) == recipe_spec(run_recipe(shipped, 42), ctx)
     assert recipe_spec(teacher_recipe(arm), ctx) == recipe_spec(teacher_recipe(shipped), ctx)
-    assert (arm.loss.temperature, arm.loss.alpha) == (shipped.loss.temperature, shipped.loss.alpha) == (4.0, 0.9)
+    assert (arm.loss.temperature, arm.loss.alpha) == (shipped.loss.temperature, shipped.loss.alpha)
+    t4 = compose_cfg(*study.arm_overrides("strong-30-off-T4-a0.9"), *small)
+    assert (t4.loss.temperature, t4.loss.alpha) == (4.0, 0.9)
     assert list(arm.trial.seeds) == [42, 43, 44]
 
     views = compose_cfg(*study.arm_overrides("strong-30-views8"), *small)
