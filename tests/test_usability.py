@@ -110,6 +110,9 @@ def test_ctrl_c_ends_with_one_line_saying_how_to_resume(workdir):
     proc = subprocess.Popen(
         [sys.executable, str(RUN_PY), *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
+        # As from a terminal: a suite started in the background (`nohup ... &`) hands its
+        # children an ignored SIGINT, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.time() + 120
     for line in proc.stdout:
