@@ -23,11 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.kd_sweeper import job
 from kd import pipeline, population
 from kd.config import override_hints
 from kd.devices import available_cores
 from kd.errors import ConfigError, KDError, Pruned
-from kd.tuning import reporter_for
+from kd.tuning import epoch_reporter
 
 log = logging.getLogger("kd")
 STARTED = False  # set once Hydra has composed a config and called main
@@ -65,20 +66,20 @@ def remove_if_empty(run_dir: Path) -> None:
             parent.rmdir()  # only when empty: outputs/<date>/, then outputs/
 
 
-def run_tags(cfg: DictConfig, hydra_cfg: DictConfig) -> dict:
+def run_tags(hydra_cfg: DictConfig) -> dict:
     """What ties a run to its sweep in a tracker: study name and trial number."""
-    tags = {}
+    tags: dict = {}
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        study = cfg.trial.study_name or OmegaConf.select(hydra_cfg, "sweeper.study_name", default=None)
+        study = job.study_name() or OmegaConf.select(hydra_cfg, "sweeper.study_name", default=None)
         if study:
             tags["study_name"] = study
-        if cfg.trial.number is not None:
-            tags["trial_number"] = cfg.trial.number
+        if job.trial_number() is not None:
+            tags["trial_number"] = job.trial_number()
     return tags
 
 
 @hydra.main(config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float]:
     global STARTED
     STARTED = True
     hydra_cfg = HydraConfig.get()
@@ -89,8 +90,8 @@ def main(cfg: DictConfig) -> float:
             output_dir=hydra_cfg.runtime.output_dir,
             job_num=OmegaConf.select(hydra_cfg, "job.num", default=0) or 0,
             parallel_jobs=parallel_jobs(hydra_cfg),
-            report=reporter_for(cfg, hydra_cfg.sweeper) if hydra_cfg.mode == RunMode.MULTIRUN else None,
-            tags=run_tags(cfg, hydra_cfg),
+            report=epoch_reporter() if hydra_cfg.mode == RunMode.MULTIRUN else None,
+            tags=run_tags(hydra_cfg),
             context=share.context if share else None,
             teacher_source=share.teacher if share else None,
             pretrained=share.outcomes if share else None,
@@ -110,6 +111,8 @@ def main(cfg: DictConfig) -> float:
         log.exception("the run failed")  # the whole traceback, in the job's log file
         raise
     value = metrics["objective_value"]
+    if isinstance(value, list):  # objective=[val_acc,params]: one value per objective
+        return [float("nan") if v is None else float(v) for v in value]
     return float("nan") if value is None else float(value)
 
 

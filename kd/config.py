@@ -19,6 +19,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from kd.errors import ConfigError
 
 OBJECTIVES = ("val_acc", "test_acc")
+# Metrics a multi-objective sweep may trade accuracy against (objective=[val_acc,params]).
+COST_OBJECTIVES = ("params", "train_seconds")
+
+
+def objective_names(cfg: DictConfig) -> list[str]:
+    """``objective`` as a list: one metric name, or several for a multi-objective sweep."""
+    objective = OmegaConf.select(cfg, "objective", default="val_acc")
+    return [str(o) for o in objective] if isinstance(objective, (list, ListConfig)) else [str(objective)]
+
 
 # Keys that say where or how fast a run goes, not what it computes: left out of a
 # run's settings (report grouping) and of a study's identity (resume check, name).
@@ -26,8 +35,6 @@ NOT_RESULT_KEYS = (
     "paths",
     "extra_targets",
     "logger",
-    "trial.number",
-    "trial.study_name",
     "data.root",
     "data.cache_dir",
     "data.download",
@@ -107,7 +114,14 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, f"{prefix}schedule.warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
         _number(cfg, f"{prefix}schedule.final_factor", lambda v: 0 <= v <= 1, "in [0, 1]")
     objective = OmegaConf.select(cfg, "objective", default="val_acc")
-    if objective not in OBJECTIVES:
+    if isinstance(objective, (list, ListConfig)):
+        allowed = (*OBJECTIVES, *COST_OBJECTIVES)
+        if not objective or any(o not in allowed for o in objective) or len(set(objective)) != len(objective):
+            raise ConfigError(
+                f"objective must be a metric or a list of distinct metrics from {', '.join(allowed)}, "
+                f"got {list(objective)!r}"
+            )
+    elif objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     seeds = OmegaConf.select(cfg, "trial.seeds", default=None)
     if seeds is not None:
@@ -128,7 +142,7 @@ def validate(cfg: DictConfig) -> None:
 def validate_for_selection(cfg: DictConfig, swept: Iterable[str] = ()) -> None:
     """Checks for a sweep that selects on ``objective``: never the test set by accident."""
     validate(cfg)
-    if cfg.objective == "val_acc" and "data.val_size" not in swept and int(cfg.data.val_size) == 0:
+    if "val_acc" in objective_names(cfg) and "data.val_size" not in swept and int(cfg.data.val_size) == 0:
         raise ConfigError(
             "this sweep selects on objective=val_acc but data.val_size=0 leaves no validation images "
             "(experiment=seed_* sets it): add data.val_size=5000, or objective=test_acc to tune on test knowingly"

@@ -4,6 +4,8 @@ Each survives pickling (``__reduce__``): a launcher running jobs in other proces
 (joblib, SLURM) sends a job's exception back to the sweeper that way.
 """
 
+import optuna
+
 
 class KDError(Exception):
     """Base class: ``str(error)`` is the one line shown to the user."""
@@ -38,7 +40,7 @@ class Diverged(KDError):
         return (type(self), (self.epoch, self.step, self.value, self.phase))
 
 
-class Pruned(KDError):
+class Pruned(KDError, optuna.TrialPruned):
     """The sweep's pruner stopped this trial early (not a failure)."""
 
     def __init__(self, step: int, value: float) -> None:

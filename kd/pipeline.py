@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from kd.config import build, run_settings, trial_seeds, validate
+from kd.config import build, objective_names, run_settings, trial_seeds, validate
 from kd.data import BatchStream, Dataset, Preprocess
 from kd.devices import select_device, threads_per_job
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features, predict_logits
@@ -481,7 +481,7 @@ def run(
         "train_examples": len(data.train_idx),
         "val_examples": len(data.val_idx),
         "test_examples": len(data.test.labels),
-        "objective": str(cfg.objective),
+        "objective": objective_names(cfg)[0] if len(objective_names(cfg)) == 1 else objective_names(cfg),
         "device": str(device),
         "num_threads": int(threads),
         "host": platform.node(),
@@ -498,7 +498,7 @@ def run(
         len(data.test.labels),
         seeds,
     )
-    if cfg.objective == "val_acc" and not len(data.val_idx):
+    if "val_acc" in objective_names(cfg) and not len(data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
 
     logger_cfg = OmegaConf.select(cfg, "logger", default=None)
@@ -577,19 +577,19 @@ def run(
         raise
 
     summary = _summarise_seeds(per_seed, with_baseline)
-    objective_value = summary[str(cfg.objective)]
     metrics.update(
         status="completed",
         params=count_parameters(trained.model),
         per_seed=per_seed,
         **summary,
-        objective_value=objective_value,
         train_seconds=sum(s["train_seconds"] for s in per_seed) / len(per_seed),
         epochs_trained=len(per_seed) * int(cfg.trainer.epochs),
         wall_seconds=time.time() - started,
         history=per_seed[0]["history"],
         checkpoint=per_seed[0]["checkpoint"],
     )
+    objective = [metrics[name] for name in objective_names(cfg)]
+    metrics["objective_value"] = objective if len(objective) > 1 else objective[0]
     write_json(output_dir / "metrics.json", metrics)
     tracker.finish(metrics)
     n = f" ({len(seeds)} seeds, mean ± SE)" if len(seeds) > 1 else ""

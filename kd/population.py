@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 MEMBER_KEYS = (
     "seed",
     "trial.seeds",
-    "trial.number",
-    "trial.study_name",
     "loss.temperature",
     "loss.alpha",
     "optim.lr",
@@ -386,7 +384,7 @@ def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[Job
     from kd.errors import KDError
     from kd.pipeline import make_context, prepare_teacher, run_recipe, show_progress
     from kd.teacher import TeacherStore
-    from kd.tuning import reporter_for
+    from kd.tuning import epoch_reporter
 
     valid = []
     for cfg in configs:
@@ -405,7 +403,8 @@ def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[Job
     teacher = prepare_teacher(ctx, TeacherStore(first.paths.store_dir)) if needs_teacher else None
     members, owners = [], []
     for cfg in valid:
-        reporter = reporter_for(cfg, OmegaConf.select(cfg, "hydra.sweeper", default=None))
+        env = OmegaConf.select(cfg, "hydra.job.env_set", default=None) or {}
+        reporter = epoch_reporter({str(k): str(v) for k, v in env.items()})
         for index, seed in enumerate(trial_seeds(cfg)):
             recipe = run_recipe(cfg, seed)
 

@@ -1,18 +1,27 @@
-"""Optuna glue shared by the sweeper and its jobs: storages, voided trials, reporting.
+"""kd's side of an Optuna sweep with ``hydra/sweeper=kd_optuna``.
 
-The sweeper (``hydra_plugins/kd_sweeper``) asks trials and launches jobs; a job that
-knows its trial (``trial.number``) reports its validation accuracy after every epoch
-to that trial through the study's storage and asks the pruner whether to stop.
+The sweeper is app-agnostic; kd plugs in twice:
+
+* :func:`validate` is the sweeper's ``validate`` hook (set by ``conf/hydra/sweeper/kd_tpe.yaml``):
+  before any trial it checks the config once (ranges, and no selection on a missing
+  validation split) and returns the settings that make the study one experiment;
+* :func:`epoch_reporter` gives a job the function that reports each epoch's validation
+  accuracy to its trial and raises :class:`kd.errors.Pruned` when the pruner says stop.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from omegaconf import DictConfig
 
+from hydra_plugins.kd_sweeper import job
+from hydra_plugins.kd_sweeper.kd_sweeper import build_pruner  # noqa: F401  (re-exported for callers)
+from hydra_plugins.kd_sweeper.study import counted_trials, open_storage  # noqa: F401
+from kd.config import experiment_settings, swept_keys, validate_for_selection
 from kd.errors import Pruned
 
 log = logging.getLogger(__name__)
@@ -22,67 +31,28 @@ log = logging.getLogger(__name__)
 optuna.logging.disable_default_handler()
 optuna.logging.enable_propagation()
 
-VOID_PREFIX = "kd:void:"  # study user attribute per voided trial: kd:void:<number> -> reason
-WORKER = "kd:worker"  # trial user attribute: host:pid of the sweeper that launched it
-JOURNAL = "journal://"
+EpochReport = Callable[[int, float], None]
 
 
-def open_storage(url: Any) -> Any:
-    """An Optuna storage for ``url``: RDB URLs as they are; ``journal:///path/study.log``
-    is a journal file (workers on several machines sharing a file system, no server)."""
-    if isinstance(url, str) and url.startswith(JOURNAL):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        path = url[len(JOURNAL) :]
-        return JournalStorage(JournalFileBackend(path))
-    return url
+def validate(config: DictConfig, space: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``kd_optuna`` hook: raise (one line) on a config no trial should run with;
+    return every result-deciding setting the sweep does not vary."""
+    validate_for_selection(config, swept=set(space) | set(swept_keys(config)))
+    settings = experiment_settings(config)
+    for name in space:
+        settings.pop(name, None)
+    return settings
 
 
-def voided(study: optuna.Study) -> dict[int, str]:
-    """Trial number -> why it was voided (it counts for nothing)."""
-    return {int(k[len(VOID_PREFIX) :]): v for k, v in study.user_attrs.items() if k.startswith(VOID_PREFIX)}
+def epoch_reporter(env: Mapping[str, str] | None = None, pruner: Any = None) -> EpochReport | None:
+    """``report(step, val_acc)`` for the job whose environment is ``env`` (this process's
+    by default), raising :class:`Pruned` when told to stop; None outside a sweep."""
+    if job.current(env, pruner=pruner) is None:
+        return None
 
-
-def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's trials that count towards ``n_trials`` (all but voided ones)."""
-    void = voided(study)
-    return [t for t in study.get_trials(deepcopy=False) if t.number not in void]
-
-
-class TrialReporter:
-    """Reports one job's per-epoch validation accuracy to its trial; raises :class:`Pruned`
-    when the study's pruner says stop."""
-
-    def __init__(self, storage: Any, study_name: str, trial_number: int, pruner: Any = None) -> None:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=pruner)
-        frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == trial_number), None)
-        if frozen is None:
-            raise LookupError(f"trial {trial_number} is not in study {study_name}")
-        # Optuna has no public lookup of a live trial by number; its id is the handle.
-        self.trial = optuna.trial.Trial(study, frozen._trial_id)
-        self.prunes = pruner is not None
-
-    def __call__(self, step: int, value: float) -> None:
-        self.trial.report(value, step)
-        if self.prunes and self.trial.should_prune():
+    def report(step: int, value: float) -> None:
+        job.report(value, step, env=env)
+        if job.should_prune(env=env):
             raise Pruned(step, value)
 
-
-def reporter_for(cfg: Any, sweeper_cfg: Any) -> TrialReporter | None:
-    """The reporter of a job launched by ``kd_optuna`` (None for any other run)."""
-    number = cfg.trial.get("number") if "trial" in cfg else None
-    study_name = cfg.trial.get("study_name") if "trial" in cfg else None
-    if number is None or study_name is None or sweeper_cfg is None or sweeper_cfg.get("storage") is None:
-        return None
-    return TrialReporter(sweeper_cfg.storage, str(study_name), int(number), build_pruner(sweeper_cfg.get("pruner")))
-
-
-def build_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner | None:
-    """The sweeper's ``pruner`` config as an Optuna pruner (only optuna.pruners.* may be
-    named), built the same way by the sweeper and by each job; None when unset."""
-    if not pruner_cfg:
-        return None
-    from hydra.utils import instantiate
-
-    return instantiate(pruner_cfg, _execution_whitelist_="optuna.pruners.*")
+    return report

@@ -1,86 +1,95 @@
-"""A resumable, multi-worker Optuna sweeper with pruning: hydra-optuna-sweeper 1.4 with
-a new sweep loop.
+"""``hydra/sweeper=kd_optuna``: the Optuna sweeper of hydra-optuna-sweeper 1.4, resumable,
+pruning, for any Hydra app.
 
-The stock sweeper runs ``n_trials`` more trials every time it starts, numbers jobs from
-0 over old folders, redraws the same parameters under a fixed sampler seed, leaves
-killed trials RUNNING forever and cannot prune. This subclass keeps its config,
-search-space parsing and trial set-up, and replaces only ``sweep``:
+It takes every key of ``hydra/sweeper=optuna`` and runs the same search spaces,
+samplers (grid included) and one or several objectives. What it adds:
 
-* ``n_trials`` is the study's target: trials the study already holds count, so
-  re-running the same command resumes, and several workers sharing one storage
-  stop together at ``n_trials`` (a trial asked past the target in a race is voided);
-* trials left RUNNING by a dead process on this host are marked FAIL and voided;
-* each trial's job folder is its trial number, unique across resumes and workers;
-* each trial is sampled by a fresh sampler seeded from (seed, trial number), so
-  resumed runs and parallel workers never redraw the same parameters;
-* a failed or non-finite trial is recorded as FAIL and the sweep goes on, until the
-  failures of this invocation exceed ``max_failure_rate * n_trials``; a rerun after
-  fixing the cause starts a fresh allowance;
-* ``pruner`` (``hydra/sweeper/pruner=median`` ...) lets jobs stop early: each job
-  reports its validation accuracy per epoch to its own trial and ends PRUNED, which is
-  no failure;
-* ``storage`` may be ``journal:///path/study.log``: a journal file on a shared file
-  system, for workers on several machines without a database server.
-
-Voided trials stay in the study as FAIL and are listed in the study's user attributes
-(``kd:void:<number>``); :func:`kd.tuning.counted_trials` gives the others.
-
-A study is one experiment: it records the resolved settings the sweep does not vary
-(user attribute ``kd:settings``), and resuming it with other settings is refused, in
-one line naming the keys that differ. Before any trial runs, the config is checked
-once (ranges, and no selection on a missing validation split).
+* **Resume.** ``n_trials`` is the study's target, not a count per invocation: trials
+  the study holds count, so the same command resumes a killed sweep, and workers
+  sharing one storage stop together. A trial counts once it has an outcome (COMPLETE,
+  PRUNED, or FAIL in its job) or runs or waits; one asked past the target in a race
+  is FAIL with reason ``kd:surplus`` and does not count.
+* **Heartbeats.** With a storage, the sweeper beats for its running trials every
+  ``heartbeat_interval`` seconds; a trial whose worker stopped beating for
+  ``grace_period`` seconds becomes FAIL and is queued again with its parameters.
+* **One failure rule.** A job that raised, returned a non-finite objective or the wrong
+  number of values is FAIL with a reason (``kd:error: ...``, ``kd:diverged``) and counts
+  as a trial. Up to ceil(``max_failure_rate`` x ``n_trials``) trials may fail in one
+  invocation; one more ends it in one line naming the last failure (a rerun after the
+  fix resumes with a fresh allowance). A pruned trial is no failure.
+* **Pruning.** ``pruner`` (``hydra/sweeper/pruner=median`` ...) lets jobs stop early:
+  a job reports with :mod:`hydra_plugins.kd_sweeper.job` and raises
+  ``optuna.TrialPruned`` when told to. Refused for several objectives (Optuna cannot
+  prune them).
+* **The search space is the study's identity.** The swept keys, their distributions
+  and the fixed parameters are stored with the study; resuming with another space is
+  refused in one line before any trial is asked.
+* **Reproducible, collision-free sampling.** Each trial is sampled by a sampler seeded
+  from (seed, trial number), built before the trial is asked; parallel TPE uses
+  ``constant_liar``.
+* **An app's own checks.** ``validate`` names a function ``(config, space, fixed) ->
+  dict | None`` run once before any trial: it raises to refuse the sweep (its message
+  is the one line shown) and may return settings that also identify the study.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
-import json
-import logging
 import math
-import os
 import random
-import socket
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.trial import TrialState
 
-from kd.config import experiment_settings, settings_fingerprint, swept_keys, validate_for_selection
-from kd.devices import available_cores
-from kd.errors import ConfigError, Pruned
-from kd.tuning import VOID_PREFIX, WORKER, build_pruner, counted_trials, open_storage, voided
+from hydra_plugins.kd_sweeper import _compat
+from hydra_plugins.kd_sweeper.job import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from hydra_plugins.kd_sweeper.study import (
+    DIVERGED,
+    ERROR,
+    FAIL_REASON,
+    SURPLUS,
+    counted_trials,
+    fail_stale_trials,
+    open_storage,
+)
 
-log = logging.getLogger(__name__)
-
-SETTINGS = "kd:settings"
-OWNERLESS_GRACE = datetime.timedelta(minutes=10)
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
+MAX_FAILURE_RATE = 0.25  # the one default, here and in every YAML that sets it
+SPACE = "kd_optuna:space"  # study user attributes: the search space ...
+FIXED = "kd_optuna:fixed"  # ... the fixed parameters ...
+SETTINGS = "kd:settings"  # ... and what the app's validate hook returned
+BASE_SEED = "kd:base_seed"
 
 
 @dataclass
 class KDOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.kd_sweeper.kd_sweeper.KDOptunaSweeper"
+    # An app picks a pruner with `override hydra/sweeper/pruner: median` (none by default).
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": None}])
+    max_failure_rate: float = MAX_FAILURE_RATE
     pruner: Any = None
+    validate: str | None = None  # dotted path of the app's check, e.g. kd.tuning.validate
+    heartbeat_interval: int | None = 60  # seconds; null: no heartbeats
+    grace_period: int | None = None  # seconds without a beat before a trial is stale (2x interval)
 
 
 @dataclass
 class MedianPrunerConf:
     _target_: str = "optuna.pruners.MedianPruner"
     n_startup_trials: int = 4  # trials that finish before any is pruned
-    n_warmup_steps: int = 2  # epochs a trial always trains
+    n_warmup_steps: int = 2  # steps a trial always runs
     interval_steps: int = 1
 
 
@@ -110,58 +119,36 @@ class HyperbandPrunerConf:
 
 
 _store = ConfigStore.instance()
-_store.store(group="hydra/sweeper", name="kd_optuna", node=KDOptunaSweeperConf, provider="kd")
+_store.store(group="hydra/sweeper", name="kd_optuna", node=KDOptunaSweeperConf, provider="kd_optuna")
 for _name, _node in [
     ("median", MedianPrunerConf),
     ("percentile", PercentilePrunerConf),
     ("successive_halving", SuccessiveHalvingPrunerConf),
     ("hyperband", HyperbandPrunerConf),
 ]:
-    _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="kd")
+    _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="kd_optuna")
 
 
-def refuse(message: str) -> None:
-    """End the sweep before any trial with one line, as run.py does for a single run."""
-    print(f"kd: error: {message}", file=sys.stderr)
-    sys.exit(2)
+class SweepRefused(Exception):
+    """The sweep cannot start (or go on) as configured; ``str`` is the one line shown."""
 
 
-def settings_differences(recorded: dict, current: dict) -> list[str]:
-    """The keys whose values differ between two flattened settings dicts."""
-    return sorted(k for k in set(recorded) | set(current) if recorded.get(k, "<unset>") != current.get(k, "<unset>"))
+def refuse(message: str, code: int = 2) -> None:
+    print(f"kd_optuna: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, Linux), to tell a reused PID
-    from the process that owned a trial; None where /proc is not there."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+def build_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner | None:
+    """The sweeper's ``pruner`` config as an Optuna pruner (only optuna.pruners.* may be
+    named), built the same way by the sweeper and by each job; None when unset."""
+    if not pruner_cfg:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
-
-
-def worker_id() -> str:
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}"
-
-
-def owner_alive(owner: str) -> bool:
-    """Whether the process named by a trial's ``kd:worker`` (on this host) still runs."""
-    parts = owner.split(":")
-    pid = int(parts[1])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if len(parts) >= 3 and parts[2] != "?":
-        return _process_start(pid) in (parts[2], None)  # same PID, other process: it is gone
-    return True
+    return instantiate(pruner_cfg, _execution_whitelist_="optuna.pruners.*")
 
 
 def trial_seed(base_seed: int, trial_number: int) -> int:
+    import hashlib
+
     digest = hashlib.sha256(f"{base_seed}:{trial_number}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -172,244 +159,424 @@ def _quoted(value: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
+    import json
+
     return json.loads(json.dumps(value, default=str))
 
 
-class KDOptunaSweeperImpl(OptunaSweeperImpl):
-    sampler_config: Any = None
-    pruner: Any = None
+def space_identity(distributions: dict[str, BaseDistribution], fixed: dict[str, Any], deletions: list[str]) -> dict:
+    """What a study records of its search space: swept keys with their distributions,
+    and the keys fixed (or deleted) on the command line or in ``params``."""
+    return {
+        SPACE: {name: distribution_to_json(d) for name, d in sorted(distributions.items())},
+        FIXED: {**{name: str(v) for name, v in sorted(fixed.items())}, **{d: "<deleted>" for d in deletions}},
+    }
 
-    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.configured_seed = OmegaConf.select(config, "hydra.sweeper.sampler.seed", default=None)
-        self.base_seed = self.configured_seed or 0
+
+def describe_differences(recorded: dict, current: dict, what: str) -> list[str]:
+    """``key: old -> new`` for each key whose value differs between two flat dicts."""
+    lines = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+        if old != new:
+            lines.append(f"{what} {key}: {_short(old)} -> {_short(new)}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    import json
+
+    if isinstance(value, str) and value.startswith("{"):
+        try:  # a distribution's JSON: show its attributes, not its escaping
+            parsed = json.loads(value)
+            return f"{parsed['name']}{parsed['attributes']}"
+        except (ValueError, KeyError):
+            pass
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Heartbeat:
+    """Beats for the trials this sweeper is running, from a background thread."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage = _compat.study_storage(study)
+        self.interval = storage.get_heartbeat_interval() if isinstance(storage, _compat.BaseHeartbeat) else None
+        self.storage, self.trial_ids, self.lock = storage, set(), threading.Lock()
+        self.stopped = threading.Event()
+        if self.interval:
+            threading.Thread(target=self._run, name="kd_optuna-heartbeat", daemon=True).start()
+
+    def add(self, trial: optuna.Trial) -> None:
+        if self.interval:
+            with self.lock:
+                self.trial_ids.add(_compat.trial_id(trial))
+            self.storage.record_heartbeat(_compat.trial_id(trial))
+
+    def remove(self, trial: optuna.Trial) -> None:
+        with self.lock:
+            self.trial_ids.discard(_compat.trial_id(trial))
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                with contextlib.suppress(Exception):  # a busy database: the next beat comes soon
+                    self.storage.record_heartbeat(trial_id)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        custom_search_space: str | None,
+        params: DictConfig | None,
+        pruner: Any = None,
+        validate: str | None = None,
+        heartbeat_interval: int | None = None,
+        grace_period: int | None = None,
+    ) -> None:
+        super().__init__(
+            sampler,
+            direction,
+            storage,
+            study_name,
+            n_trials,
+            n_jobs,
+            max_failure_rate,
+            custom_search_space,
+            params,
+        )
+        self.sampler_config = sampler if OmegaConf.is_config(sampler) else None
+        self.pruner = build_pruner(pruner) if OmegaConf.is_config(pruner) else pruner
+        self.validate_path = validate
+        self.heartbeat = (heartbeat_interval, grace_period)
+        self.base_seed = 0
+        self.grid: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, Any], list[str]]:
+        self._process_searchspace_config()
+        distributions, fixed, deletions = _compat.create_params_from_overrides(
+            self._parse_sweeper_params_config() + list(arguments)
+        )
+        for name in fixed:  # a key fixed on the command line is not swept
+            distributions.pop(name, None)
+        return distributions, fixed, deletions
+
+    def _app_settings(self, distributions: dict, fixed: dict) -> dict | None:
+        """Run the app's ``validate`` hook; its return value identifies the study too."""
+        if not self.validate_path:
+            return None
+        try:
+            check = instantiate(
+                {"_target_": self.validate_path, "_partial_": True}, _execution_whitelist_=[self.validate_path]
+            )
+            settings = check(self.config, distributions, fixed)
+        except Exception as err:
+            raise SweepRefused(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        return _plain(settings) if settings is not None else None
+
+    def _sampler(self, seed: int | None, grid: dict | None) -> optuna.samplers.BaseSampler:
+        """The configured sampler, seeded with ``seed`` (where it takes a seed)."""
+        cfg = self.sampler_config
+        if cfg is None:
+            return self.sampler  # given as an object (tests, custom code): used as it is
+        kwargs: dict[str, Any] = {}
+        if seed is not None and "seed" in cfg:
+            kwargs["seed"] = seed
+        if self.n_jobs > 1 and "constant_liar" in cfg and str(cfg.get("_target_", "")).endswith("TPESampler"):
+            kwargs["constant_liar"] = True  # parallel TPE: don't ask where a running trial already is
+        sampler = instantiate(cfg, **kwargs, _execution_whitelist_=SAMPLERS)
+        if grid is not None and callable(sampler) and not isinstance(sampler, optuna.samplers.BaseSampler):
+            sampler = sampler(grid)
+        if not isinstance(sampler, optuna.samplers.BaseSampler):
+            raise SweepRefused(f"hydra.sweeper.sampler built {type(sampler).__name__}, not an Optuna sampler")
+        return sampler
+
+    def _is_grid(self) -> bool:
+        target = str(OmegaConf.select(self.sampler_config, "_target_", default="")) if self.sampler_config else ""
+        return target.endswith("GridSampler") or isinstance(self.sampler, optuna.samplers.GridSampler)
+
+    def _open_study(self, directions: list[str], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+        for path_prefix in ("sqlite:///", "journal:///"):
+            if isinstance(self.storage, str) and self.storage.startswith(path_prefix):
+                Path(self.storage[len(path_prefix) - 1 :]).parent.mkdir(parents=True, exist_ok=True)
+        interval, grace = self.heartbeat
+        storage = open_storage(self.storage, interval if self.storage else None, grace)
+        # Workers starting together race to create the schema and the study; the loser
+        # sees an integrity error once, and then finds both made.
+        for attempt in range(5):
+            try:
+                return optuna.create_study(
+                    study_name=self.study_name,
+                    storage=storage,
+                    sampler=sampler,
+                    pruner=self.pruner,
+                    directions=directions,
+                    load_if_exists=True,
+                )
+            except Exception:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + random.random())
+        raise AssertionError("unreachable")
+
+    def _check_identity(self, study: optuna.Study, identity: dict, directions: list[str]) -> None:
+        """Record what makes this study one experiment; refuse to resume it as another."""
+        recorded_directions = [d.name.lower() for d in study.directions]
+        if recorded_directions != [d.lower() for d in directions]:
+            raise SweepRefused(
+                f"study {study.study_name} was created to {recorded_directions}, but this sweep would "
+                f"{[d.lower() for d in directions]}; keep the study's direction or set a new hydra.sweeper.study_name"
+            )
+        differences = []
+        for key, what in ((SPACE, "swept"), (FIXED, "fixed"), (SETTINGS, "setting")):
+            if key not in identity:
+                continue
+            recorded = study.user_attrs.get(key)
+            if recorded is None:
+                study.set_user_attr(key, identity[key])
+            else:
+                differences += describe_differences(recorded, identity[key], what)
+        if differences:
+            shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+            raise SweepRefused(
+                f"study {study.study_name} was run with another search space or settings ({shown}); rerun it as it "
+                "was, or start a new study with hydra.sweeper.study_name=NEW"
+            )
 
     def _settle_base_seed(self, study: optuna.Study) -> None:
         """``sampler.seed=null`` draws a random base seed once and records it in the study,
         so a resumed or second worker samples on from the same one."""
-        recorded = study.user_attrs.get("kd:base_seed")
-        if self.configured_seed is None:
-            self.base_seed = recorded if recorded is not None else random.SystemRandom().randrange(2**31)
+        configured = OmegaConf.select(self.sampler_config, "seed", default=None) if self.sampler_config else None
+        recorded = study.user_attrs.get(BASE_SEED)
+        if configured is not None:
+            self.base_seed = int(configured)
         else:
-            self.base_seed = int(self.configured_seed)
+            self.base_seed = recorded if recorded is not None else random.SystemRandom().randrange(2**31)
         if recorded is None:
-            study.set_user_attr("kd:base_seed", self.base_seed)
+            study.set_user_attr(BASE_SEED, self.base_seed)
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> None:
+    # ------------------------------------------------------------------ the loop
+    def sweep(self, arguments: list[str]) -> None:
+        try:
+            self._sweep(arguments)
+        except SweepRefused as err:
+            refuse(str(err))
+        except KeyboardInterrupt:
+            print(
+                "kd_optuna: interrupted; rerun the same command to resume (finished trials are kept)", file=sys.stderr
+            )
+            sys.exit(130)
+
+    def _sweep(self, arguments: list[str]) -> None:
+        distributions, fixed, deletions = self._space(arguments)
+        directions = self._get_directions()
+        if len(directions) > 1 and self.pruner is not None:
+            raise SweepRefused(
+                f"pruning needs one objective, but direction has {len(directions)}; drop hydra/sweeper/pruner"
+            )
+        identity = space_identity(distributions, fixed, deletions)
+        settings = self._app_settings(distributions, fixed)
+        if settings is not None:
+            identity[SETTINGS] = settings
+        grid = None
+        if self._is_grid():
+            try:
+                grid = {name: self._to_grid_sampler_choices(d) for name, d in distributions.items()}
+            except (ValueError, AssertionError) as err:
+                raise SweepRefused(f"sampler=grid: {err}") from None
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+        self.grid = grid
+        study = self._open_study(directions, self._sampler(None, grid))
+        self._check_identity(study, identity, directions)
+        self._settle_base_seed(study)
+        fail_stale_trials(study)
+        allowed = math.ceil(self.max_failure_rate * self.n_trials - 1e-9)
+        log = _log()
+        log.info(
+            "study %s (%s): %d of %d trials there; up to %d may fail in this run%s",
+            study.study_name,
+            self.storage,
+            len(counted_trials(study)),
+            self.n_trials,
+            allowed,
+            f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else "",
+        )
+        heartbeat = Heartbeat(study)
+        failures: list[str] = []
+        try:
+            while True:
+                fail_stale_trials(study)
+                to_go = self.n_trials - len(counted_trials(study))
+                if to_go <= 0:
+                    break
+                failures += self._run_batch(
+                    study, min(to_go, self.n_jobs), (distributions, fixed, deletions), heartbeat
+                )
+                if len(failures) > allowed:
+                    refuse(
+                        f"{len(failures)} of {self.n_trials} trials failed, more than max_failure_rate="
+                        f"{self.max_failure_rate} allows (last: {failures[-1]}); fix the cause, then rerun the "
+                        "same command to resume",
+                        code=1,
+                    )
+        finally:
+            heartbeat.stop()
+        self._write_results(study, directions)
+
+    def _ask(self, study: optuna.Study) -> optuna.Trial:
+        """Ask the next trial with a sampler seeded from (seed, its number), built first."""
+        predicted = len(study.get_trials(deepcopy=False))
+        study.sampler = self._sampler(trial_seed(self.base_seed, predicted), self.grid)
+        trial = _compat.ask(study)
+        if trial.number != predicted:  # another worker asked meanwhile: seed by the real number
+            study.sampler = self._sampler(trial_seed(self.base_seed, trial.number), self.grid)
+        return trial
+
+    def _run_batch(self, study: optuna.Study, size: int, space: tuple, heartbeat: Heartbeat) -> list[str]:
+        """Ask, launch and tell up to ``size`` trials; returns this batch's failure reasons."""
+        trials, overrides = [], []
+        for _ in range(size):
+            trial = self._ask(study)
+            heartbeat.add(trial)
+            rank = sum(1 for t in counted_trials(study) if t.number < trial.number)
+            if rank >= self.n_trials:  # another worker filled the study meanwhile
+                self._fail(study, trial, SURPLUS, heartbeat)
+                continue
+            try:
+                (params,) = self._configure_trials([trial], *space)
+            except Exception as err:  # e.g. a custom search space that raised: nothing left RUNNING
+                self._fail(study, trial, f"{ERROR}: {err}", heartbeat)
+                raise
+            trials.append(trial)
+            overrides.append((*params, *self._job_overrides(study, trial)))
+        if not trials:
+            return []
+        try:
+            returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
+        except BaseException:
+            for trial in trials:  # the launcher itself failed: these trials never ran
+                self._fail(study, trial, None, heartbeat)
+            raise
+        failures = []
+        for trial, ret in zip(trials, returns, strict=True):
+            state, values, reason = self._outcome(ret, len(study.directions))
+            if state == TrialState.FAIL:
+                failures.append(reason)
+                _log().warning("trial %d failed: %s (its log has the details)", trial.number, reason)
+                self._fail(study, trial, reason, heartbeat)
+            else:
+                if state == TrialState.PRUNED:
+                    _log().info("trial %d pruned", trial.number)
+                self._tell(study, trial, heartbeat, state=state, values=values)
+        return failures
+
+    def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
+        """What a job needs to find its trial: Hydra sets ``hydra.job.env_set`` around it."""
+        env = {STUDY_ENV: study.study_name, TRIAL_ENV: trial.number}
+        if isinstance(self.storage, str):
+            env[STORAGE_ENV] = self.storage
+        return (
+            *(f"++hydra.job.env_set.{key}={_quoted(value)}" for key, value in env.items()),
+            # A job's sweep dir may be interpolated from values this sweep varies: pin it.
+            f"hydra.sweep.dir={_quoted(self.sweep_dir)}",
+            f"hydra.sweep.subdir={trial.number}",
+        )
+
+    @staticmethod
+    def _outcome(ret: Any, n_objectives: int) -> tuple[TrialState, list[float] | None, str]:
+        """A job's return as (state, values, failure reason)."""
+        error = _compat.job_exception(ret)
+        if isinstance(error, optuna.TrialPruned):
+            return TrialState.PRUNED, None, ""
+        if error is not None:
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            return TrialState.FAIL, None, f"{ERROR}: {type(error).__name__}: {first_line}".rstrip(": ")
+        value = ret.return_value
+        raw = [value] if n_objectives == 1 else value
+        try:
+            values = [float(v) for v in raw]
+        except (TypeError, ValueError):
+            return TrialState.FAIL, None, f"{ERROR}: the job returned {value!r}, not {n_objectives} number(s)"
+        if len(values) != n_objectives:
+            return (
+                TrialState.FAIL,
+                None,
+                f"{ERROR}: the job returned {len(values)} values for {n_objectives} objectives",
+            )
+        if not all(math.isfinite(v) for v in values):
+            return TrialState.FAIL, None, f"{DIVERGED}: objective {values if n_objectives > 1 else values[0]}"
+        return TrialState.COMPLETE, values, ""
+
+    def _fail(self, study: optuna.Study, trial: optuna.Trial, reason: str | None, heartbeat: Heartbeat) -> None:
+        if reason is not None:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr(FAIL_REASON, reason[:500])
+        self._tell(study, trial, heartbeat, state=TrialState.FAIL)
+
+    def _tell(self, study: optuna.Study, trial: optuna.Trial, heartbeat: Heartbeat, **kwargs: Any) -> None:
         """``study.tell`` that a busy database cannot turn into the end of the sweep."""
+        heartbeat.remove(trial)
         for attempt in range(5):
             try:
                 study.tell(trial, **kwargs)
                 return
             except optuna.exceptions.UpdateFinishedTrialError:
-                return  # voided meanwhile by another worker
+                return  # failed meanwhile as stale by another worker
+            except RuntimeError as err:
+                if "Study.stop" in str(err):  # the grid sampler says the grid is done: recorded all the same
+                    return
+                raise
             except Exception as err:
                 if attempt == 4:
-                    log.warning("could not record trial %d (%s); a rerun voids and redoes it", trial.number, err)
+                    _log().warning("could not record trial %d (%s); a rerun redoes it", trial.number, err)
                     return
                 time.sleep(0.5 * (attempt + 1))
 
-    def _void(self, study: optuna.Study, number: int, reason: str, running: bool = False) -> None:
-        study.set_user_attr(f"{VOID_PREFIX}{number}", reason)
-        if running:
-            # Its worker may have finished it meanwhile; it stays voided all the same.
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                study.tell(number, state=TrialState.FAIL)
-
-    def _void_stale_trials(self, study: optuna.Study) -> None:
-        """RUNNING trials whose process on this host is gone were killed: void them."""
-        host = socket.gethostname()
-        now = datetime.datetime.now()
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = trial.user_attrs.get(WORKER)
-            if owner is None:
-                # Another worker may have asked it a moment ago and not yet signed it.
-                if trial.datetime_start and now - trial.datetime_start < OWNERLESS_GRACE:
-                    continue
-                log.warning("trial %d is RUNNING with no owner (stock sweeper?): voiding it", trial.number)
-            else:
-                if owner.split(":")[0] != host or owner_alive(owner):
-                    continue  # another live worker's trial, or on a host we cannot check
-                log.warning("trial %d was interrupted (worker %s is gone): voiding it", trial.number, owner)
-            self._void(study, trial.number, "interrupted", running=True)
-
-    def _seeded_sampler(self, seed: int) -> optuna.samplers.BaseSampler | None:
-        """A fresh sampler of the configured kind seeded with ``seed`` (None if unseedable)."""
-        cfg = self.sampler_config
-        if not isinstance(cfg, DictConfig) or "seed" not in cfg:
-            return None
-        return instantiate(cfg, seed=seed, _execution_whitelist_=SAMPLERS)
-
-    def _launch_batch(self, study: optuna.Study, batch_size: int, space: tuple) -> list[tuple[int, str]]:
-        """Ask, launch and tell up to ``batch_size`` trials; returns (number, final state)."""
-        trials, overrides = [], []
-        # Jobs would resolve a default study name from their own (narrower) overrides:
-        # hand them this sweep's directory and study instead.
-        pinned = [f"hydra.sweep.dir={_quoted(self.sweep_dir)}", f"trial.study_name={_quoted(self.study_name)}"]
-        for _ in range(batch_size):
-            trial = study.ask()
-            rank = sum(1 for t in counted_trials(study) if t.number < trial.number)
-            if rank >= self.n_trials:  # another worker filled the study meanwhile
-                self._void(study, trial.number, "surplus", running=True)
-                continue
-            trial.set_user_attr(WORKER, worker_id())
-            sampler = self._seeded_sampler(trial_seed(self.base_seed, trial.number))
-            if sampler is not None:
-                study.sampler = sampler
-            (params,) = self._configure_trials([trial], *space)
-            trials.append(trial)
-            overrides.append((*params, *pinned, f"trial.number={trial.number}", f"hydra.sweep.subdir={trial.number}"))
-        if not trials:
-            return []
-        returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-        outcomes = []
-        for trial, ret in zip(trials, returns, strict=True):
-            # A pruned job ended by raising Pruned; reading return_value would print it as
-            # an error ("Error executing job ..."), so look at the exception directly.
-            error = getattr(ret, "_return_value", None) if ret.status == JobStatus.FAILED else None
-            try:
-                if isinstance(error, Pruned):
-                    raise error
-                value = float(ret.return_value)  # re-raises the job's exception
-                if not math.isfinite(value):
-                    raise ValueError(f"objective is {value}")
-            except Pruned as pruned:
-                log.info("trial %d %s", trial.number, pruned)
-                self._tell(study, trial, state=TrialState.PRUNED)
-                outcomes.append((trial.number, "pruned"))
-            except Exception as err:
-                first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-                log.warning("trial %d failed: %s (full traceback in its log)", trial.number, first_line)
-                self._tell(study, trial, state=TrialState.FAIL)
-                outcomes.append((trial.number, "failed"))
-            else:
-                self._tell(study, trial, values=value)
-                outcomes.append((trial.number, "complete"))
-        return outcomes
-
-    def _open_study(self, sampler: optuna.samplers.BaseSampler, direction: str) -> optuna.Study:
-        # Workers starting together race to create the schema and the study; the loser
-        # of the race sees an integrity error once, and then finds both made.
-        for attempt in range(5):
-            try:
-                return optuna.create_study(
-                    study_name=self.study_name,
-                    storage=open_storage(self.storage),
-                    sampler=sampler,
-                    pruner=self.pruner,
-                    direction=direction,
-                    load_if_exists=True,
-                )
-            except Exception as err:
-                if attempt == 4:
-                    raise
-                log.info("opening the study failed (%s); retrying", type(err).__name__)
-                time.sleep(0.5 + random.random())
-        raise AssertionError("unreachable")
-
-    def _check_settings(self, study: optuna.Study, settings: dict) -> None:
-        """Record the experiment's settings on a new study; refuse to resume with others."""
-        recorded = study.user_attrs.get(SETTINGS)
-        if recorded is None:
-            if study.get_trials(deepcopy=False):
-                log.warning("study %s records no settings (made by an older kd): recording them now", study.study_name)
-            study.set_user_attr(SETTINGS, _plain(settings))
-            study.set_user_attr("kd:settings_fingerprint", settings_fingerprint(settings))
-            return
-        differing = settings_differences(recorded, _plain(settings))
-        if differing:
-            shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
-            refuse(
-                f"study {study.study_name} was run with other settings ({shown} differ); resume it with the "
-                "same settings, or start a new study with hydra.sweeper.study_name=NEW (or leave the name "
-                "unset: the default is derived from the settings)"
-            )
-
-    def sweep(self, arguments: list[str]) -> None:
-        try:
-            self._sweep(arguments)
-        except KeyboardInterrupt:
-            print("kd: interrupted; rerun the same command to resume (finished trials are kept)", file=sys.stderr)
-            sys.exit(130)
-
-    def _sweep(self, arguments: list[str]) -> None:
-        self._process_searchspace_config()
-        distributions, fixed, fixed_overrides = create_params_from_overrides(
-            self._parse_sweeper_params_config() + list(arguments)
-        )
-        for name in fixed:
-            distributions.pop(name, None)
-        try:
-            validate_for_selection(self.config, swept=set(distributions) | set(swept_keys(self.config)))
-        except ConfigError as err:
-            refuse(str(err))
-        settings = experiment_settings(self.config)
-        for name in distributions:
-            settings.pop(name, None)
-        directions = self._get_directions()
-        if len(directions) != 1:
-            refuse("hydra/sweeper=kd_optuna supports one objective; use hydra/sweeper=optuna for several")
-        if isinstance(self.storage, str) and self.storage.startswith("sqlite:///"):
-            Path(self.storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(self.storage, str) and self.storage.startswith("journal:///"):
-            Path(self.storage[len("journal://") :]).parent.mkdir(parents=True, exist_ok=True)
-        if not isinstance(self.sampler, optuna.samplers.BaseSampler):
-            refuse("hydra/sweeper=kd_optuna needs an instantiated sampler (GridSampler is not supported)")
-        study = self._open_study(self.sampler, directions[0])
-        wanted = str(directions[0]).lower()
-        if study.direction.name.lower() != wanted:
-            refuse(
-                f"study {study.study_name} was created to {study.direction.name.lower()}, but this sweep would "
-                f"{wanted}; use the study's direction or a new hydra.sweeper.study_name"
-            )
-        self._check_settings(study, settings)
-        self._settle_base_seed(study)
-        self._void_stale_trials(study)
-        allowed_failures = math.floor(self.max_failure_rate * self.n_trials)
-        log.info(
-            "study %s (%s): %d of %d trials already there; up to %d may fail in this run%s",
-            study.study_name,
-            self.storage,
-            len(counted_trials(study)),
-            self.n_trials,
-            allowed_failures,
-            f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else "",
-        )
-        failed_now = 0
-        space = (distributions, fixed, fixed_overrides)
-        while True:
-            to_go = self.n_trials - len(counted_trials(study))
-            if to_go <= 0:
-                break
-            outcomes = self._launch_batch(study, min(to_go, self.n_jobs), space)
-            failed_now += sum(1 for _, state in outcomes if state == "failed")
-            if failed_now > allowed_failures:
-                raise RuntimeError(
-                    f"{failed_now} of {self.n_trials} trials failed, more than max_failure_rate="
-                    f"{self.max_failure_rate} allows; fix the cause, then re-run the same command to resume"
-                )
-
-        complete = [t for t in counted_trials(study) if t.state == TrialState.COMPLETE]
-        pruned = sum(1 for t in counted_trials(study) if t.state == TrialState.PRUNED)
-        # Other workers may still be running their last trials; this worker is done.
+    def _write_results(self, study: optuna.Study, directions: list[str]) -> None:
+        trials = counted_trials(study)
         results: dict[str, Any] = {
             "name": "optuna",
             "study_name": study.study_name,
-            "n_complete": len(complete),
-            "n_pruned": pruned,
-            "n_voided": len(voided(study)),
+            "n_complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
+            "n_pruned": sum(1 for t in trials if t.state == TrialState.PRUNED),
+            "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL),
         }
-        if complete:
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if complete and len(directions) == 1:
             best = study.best_trial
             results.update(best_params=best.params, best_value=best.value, best_trial=best.number)
-            log.info("best trial %d: %s -> %s", best.number, best.params, best.value)
+            _log().info("best trial %d: %s -> %s", best.number, best.params, best.value)
+        elif complete:
+            front = study.best_trials
+            results["solutions"] = [{"number": t.number, "params": t.params, "values": t.values} for t in front]
+            _log().info("Pareto front: %d trials", len(front))
+            for t in front:
+                _log().info("    trial %d: values %s, params %s", t.number, t.values, t.params)
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(results), f"{self.sweep_dir}/optimization_results.yaml")
-        log.info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, self.storage)
-        log.info("next: python -m kd.report %s", self.sweep_dir)
+        OmegaConf.save(OmegaConf.create(_plain(results)), f"{self.sweep_dir}/optimization_results.yaml")
+        _log().info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, self.storage)
 
 
-def _check_sweeper_values(n_trials: Any, n_jobs: Any, max_failure_rate: Any) -> None:
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger(__name__)
+
+
+def _check_sweeper_values(n_trials: Any, n_jobs: Any, max_failure_rate: Any, heartbeat: tuple) -> None:
     def integer(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -423,10 +590,20 @@ def _check_sweeper_values(n_trials: Any, n_jobs: Any, max_failure_rate: Any) -> 
         refuse(f"hydra.sweeper.max_failure_rate must be a number in [0, 1], got {max_failure_rate!r}")
     if not 0.0 <= max_failure_rate <= 1.0:
         refuse(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {max_failure_rate!r}")
+    for name, value in zip(("heartbeat_interval", "grace_period"), heartbeat, strict=True):
+        if value is not None and (not integer(value) or value < 1):
+            refuse(f"hydra.sweeper.{name} must be an integer >= 1 (seconds) or null, got {value!r}")
+
+
+def _available_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class KDOptunaSweeper(OptunaSweeper):
-    """``hydra/sweeper=kd_optuna``: the keys of ``hydra/sweeper=optuna`` plus ``pruner``."""
+    """``hydra/sweeper=kd_optuna``: the keys of ``hydra/sweeper=optuna`` plus ``pruner``,
+    ``validate``, ``heartbeat_interval`` and ``grace_period``."""
 
     def __init__(
         self,
@@ -440,13 +617,15 @@ class KDOptunaSweeper(OptunaSweeper):
         custom_search_space: str | None,
         params: DictConfig | None,
         pruner: Any = None,
+        validate: str | None = None,
+        heartbeat_interval: int | None = 60,
+        grace_period: int | None = None,
     ) -> None:
-        _check_sweeper_values(n_trials, n_jobs, max_failure_rate)
+        _check_sweeper_values(n_trials, n_jobs, max_failure_rate, (heartbeat_interval, grace_period))
         if n_jobs < 0:  # joblib's convention: -1 is every core, -2 all but one, ...
-            n_jobs = max(1, available_cores() + 1 + n_jobs)
-        sampler_obj = instantiate(sampler, _execution_whitelist_=SAMPLERS) if OmegaConf.is_config(sampler) else sampler
-        impl = KDOptunaSweeperImpl(
-            sampler_obj,
+            n_jobs = max(1, _available_cores() + 1 + n_jobs)
+        self.sweeper = KDOptunaSweeperImpl(
+            sampler,
             direction,
             storage,
             study_name,
@@ -455,7 +634,8 @@ class KDOptunaSweeper(OptunaSweeper):
             max_failure_rate,
             custom_search_space,
             params,
+            pruner=pruner,
+            validate=validate,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
         )
-        impl.sampler_config = sampler if OmegaConf.is_config(sampler) else None
-        impl.pruner = build_pruner(pruner) if OmegaConf.is_config(pruner) else pruner
-        self.sweeper = impl

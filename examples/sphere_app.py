@@ -1,0 +1,31 @@
+"""A plain Hydra app (not kd) swept by kd_optuna, pruning through the job-side API.
+
+    python examples/sphere_app.py -m                       # TPE + median pruning, 12 trials
+    python examples/sphere_app.py -m hydra/sweeper/sampler=grid 'x=choice(0,1,2)' 'y=choice(0,1)'
+    python examples/sphere_app.py -m 'hydra.sweeper.direction=[minimize,minimize]' objectives=2 \\
+        hydra/sweeper/pruner=null                          # two objectives: a Pareto front
+"""
+
+import math
+
+import hydra
+import optuna
+from omegaconf import DictConfig
+
+from hydra_plugins.kd_sweeper import job
+
+
+@hydra.main(config_path="conf", config_name="sphere")
+def main(cfg: DictConfig) -> float | list[float]:
+    if cfg.fail_at is not None and abs(cfg.x - cfg.fail_at) < 1e-9:
+        return math.nan  # a diverged trial: FAIL with reason kd:diverged, the sweep goes on
+    loss = (cfg.x - 2) ** 2 + cfg.y
+    for step in range(cfg.steps):  # a "training loop" whose loss approaches the final one
+        job.report(loss + 1.0 / (step + 1), step)
+        if job.should_prune():
+            raise optuna.TrialPruned()
+    return [loss, abs(cfg.x)] if cfg.objectives == 2 else loss
+
+
+if __name__ == "__main__":
+    main()

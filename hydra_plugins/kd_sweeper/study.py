@@ -1,0 +1,106 @@
+"""Storages and trial bookkeeping shared by the sweeper and the jobs it launches.
+
+``storage`` is an Optuna RDB URL (``sqlite:///...``, ``postgresql://...``), or
+``journal:///path/study.log``: a journal file on a shared file system, for workers on
+several machines without a database server. Both take heartbeats: a worker that dies
+stops beating, and after ``grace_period`` seconds its running trials become FAIL and are
+queued again with the same parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from hydra_plugins.kd_sweeper._compat import BaseHeartbeat, quiet_experimental
+
+JOURNAL = "journal://"
+FAIL_REASON = "fail_reason"  # trial user attribute: why a FAIL trial failed
+# Reasons of trials that ran and failed: they count as trials of the sweep.
+DIVERGED = "kd:diverged"  # the objective was NaN or infinite
+ERROR = "kd:error"  # the job raised, or returned something that is not an objective
+# Reasons of trials that never got an outcome: they do not count.
+SURPLUS = "kd:surplus"  # asked past n_trials in a race between workers
+HEARTBEAT = "kd_optuna:heartbeat"  # journal storage: trial system attribute, unix time
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal storage with Optuna's heartbeat protocol (Optuna gives it to RDB storages
+    only): heartbeats are trial system attributes, stamped with the writer's clock."""
+
+    def __init__(self, path: str, heartbeat_interval: int | None, grace_period: int | None, callback: Any) -> None:
+        super().__init__(JournalFileBackend(path))
+        self._interval = heartbeat_interval
+        self._grace = grace_period if grace_period is not None else 2 * (heartbeat_interval or 0)
+        self._callback = callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        deadline = time.time() - self._grace
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running if t.system_attrs.get(HEARTBEAT, deadline) < deadline]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self._callback
+
+
+class _RetryStale:
+    """Queue a stale trial again with its parameters (Optuna's retry callback, quietly)."""
+
+    def __init__(self, max_retry: int | None) -> None:
+        with quiet_experimental():
+            self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        with quiet_experimental():
+            self._retry(study, trial)
+
+
+def open_storage(url: Any, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
+    """An Optuna storage for ``url``; with ``heartbeat_interval`` (seconds), one that takes
+    heartbeats and retries the trials of dead workers once."""
+    if not isinstance(url, str):
+        return url  # None (in memory) or a storage object
+    callback = _RetryStale(max_retry=1) if heartbeat_interval else None
+    if url.startswith(JOURNAL):
+        path = url[len(JOURNAL) :]
+        return HeartbeatJournalStorage(path, heartbeat_interval, grace_period, callback)
+    if not heartbeat_interval:
+        return url
+    with quiet_experimental():
+        return RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=callback,
+        )
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    with quiet_experimental():
+        optuna.storages.fail_stale_trials(study)
+
+
+def counts(trial: FrozenTrial) -> bool:
+    """Whether a trial is one of the sweep's ``n_trials``: it finished (COMPLETE, PRUNED),
+    failed in its job, or is running or queued. A FAIL trial with no reason never got an
+    outcome (its worker died and the heartbeat failed it, or an older version voided
+    it) and does not count, nor does a surplus trial."""
+    if trial.state == TrialState.FAIL:
+        return str(trial.user_attrs.get(FAIL_REASON, "")).startswith((DIVERGED, ERROR))
+    return True
+
+
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if counts(t)]
