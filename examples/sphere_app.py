@@ -3,7 +3,7 @@
     python examples/sphere_app.py -m                       # TPE + median pruning, 12 trials
     python examples/sphere_app.py -m hydra/sweeper/sampler=grid 'x=choice(0,1,2)' 'y=choice(0,1)'
     python examples/sphere_app.py -m 'hydra.sweeper.direction=[minimize,minimize]' objectives=2 \\
-        hydra/sweeper/pruner=null                          # two objectives: a Pareto front
+        '~hydra/sweeper/pruner'                            # two objectives: a Pareto front
 """
 
 import math

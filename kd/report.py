@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
-from kd.tuning import voided
 
 MODEL_NAMES = {"DeepNN": "Teacher", "LightNN": "Student"}
 
@@ -211,15 +210,10 @@ def _load_study(sweep_dir: Path) -> Any:
 
 
 def _completed(study: Any) -> list:
-    """The study's completed trials that count (voided ones never appear as results)."""
+    """The study's completed trials (failed, pruned and running ones are never results)."""
     import optuna
 
-    void = voided(study)
-    return [
-        t
-        for t in study.get_trials(deepcopy=False)
-        if t.state == optuna.trial.TrialState.COMPLETE and t.number not in void
-    ]
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def _trial_metrics(sweep_dir: Path, number: int) -> dict:
@@ -235,6 +229,8 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
     """
     import optuna
 
+    if len(study.directions) > 1:
+        return pareto_table(sweep_dir, study)
     complete = _completed(study)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: -t.value if maximize else t.value)
@@ -267,18 +263,68 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
         "direction": "maximize" if maximize else "minimize",
         "objective": objective,
         "selected_trial": selected,
-        "failed_or_voided": failed,
+        "failed": failed,
         "pruned": pruned,
         "rows": rows,
     }
 
 
+def pareto_table(sweep_dir: Path, study: Any) -> dict:
+    """A multi-objective sweep: its Pareto front (the trials no other trial beats on every
+    objective, judged on the objectives it was optimised on), first objective first."""
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    objectives: Any = None
+    rows = []
+    for t in front:
+        metrics = _trial_metrics(sweep_dir, t.number)
+        objectives = metrics.get("objective", objectives)
+        records = seed_records(metrics) if metrics else []
+        rows.append(
+            {
+                "trial": t.number,
+                "params": t.params,
+                "values": list(t.values),
+                "val_acc": describe(_values(records, "val_acc")),
+                "test_acc": describe(_values(records, "test_acc")),  # front members were chosen on validation
+            }
+        )
+    names = objectives if isinstance(objectives, list) else [f"objective {i}" for i in range(len(study.directions))]
+    return {
+        "dir": str(sweep_dir),
+        "study_name": study.study_name,
+        "directions": [d.name.lower() for d in study.directions],
+        "objective": names,
+        "pareto_front": rows,
+        "complete": len(_completed(study)),
+    }
+
+
+def pareto_markdown(sweep: dict) -> str:
+    params = sorted({p for r in sweep["pareto_front"] for p in r["params"]})
+    goals = [f"{n} ({d[:3]})" for n, d in zip(sweep["objective"], sweep["directions"], strict=False)]
+    head = ["Trial", *params, *goals, "Val acc", "Test acc"]
+    lines = [
+        f"Study `{sweep['study_name']}`: the Pareto front, {len(sweep['pareto_front'])} of {sweep['complete']} "
+        "completed trials (none of the others is at least as good on every objective and better on one).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join("---:" for _ in head) + " |",
+    ]
+    for r in sweep["pareto_front"]:
+        cells = [str(r["trial"]), *(_short(r["params"].get(p)) for p in params)]
+        cells += [f"{v:.4g}" for v in r["values"]] + [fmt_mean_se(r["val_acc"]), fmt_mean_se(r["test_acc"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def sweep_markdown(sweep: dict) -> str:
+    if "pareto_front" in sweep:
+        return pareto_markdown(sweep)
     params = sorted({p for r in sweep["rows"] for p in r["params"]})
     head = ["Trial", *params, f"Objective ({sweep['objective']})", "Val acc", "KD − CE, val [95% CI]", "Test acc"]
     lines = [
         f"Study `{sweep['study_name']}`: {len(sweep['rows'])} completed trials ordered by the objective "
-        f"({sweep['direction']}); {sweep['failed_or_voided']} failed or voided and "
+        f"({sweep['direction']}); {sweep['failed']} failed and "
         f"{sweep.get('pruned', 0)} pruned trial(s) left out. "
         "Test accuracy is shown for the selected trial (★) only.",
         "",
@@ -325,6 +371,14 @@ def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None 
     if not trials:
         if notes is not None:
             notes.append("No plots: the study has no completed trial yet.")
+        return written
+    if len(study.directions) > 1:
+        from optuna.visualization import matplotlib as optuna_plots
+
+        if len(study.directions) <= 3:
+            names = [str(n) for n in (_trial_metrics(sweep_dir, trials[0].number).get("objective") or [])]
+            ax = optuna_plots.plot_pareto_front(study, target_names=names or None)
+            save(ax.figure, "pareto_front.png", (5.5, 4))
         return written
     values = [t.value for t in trials]
     errors = []  # the objective's standard error over each trial's seeds (0 for one seed)

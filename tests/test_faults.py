@@ -11,7 +11,6 @@ import torch
 from optuna.trial import TrialState
 from PIL import Image
 
-from hydra_plugins.kd_sweeper.kd_sweeper import owner_alive, worker_id
 from kd.data import ImageFolderData
 from kd.errors import CheckpointError, DataError
 from kd.models import DeepNN
@@ -24,7 +23,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def _one_line_error(proc, *needles: str) -> str:
     lines = proc.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("kd: error:"), proc.stderr[-2000:]
+    assert lines and lines[-1].startswith(("kd: error:", "kd_optuna: error:")), proc.stderr[-2000:]
     for needle in needles:
         assert needle in lines[-1], lines[-1]
     return lines[-1]
@@ -126,13 +125,6 @@ def test_a_plain_multirun_with_a_bad_value_fails_like_a_single_run(workdir):
 # --- the sweeper -----------------------------------------------------------------
 
 
-def test_a_reused_pid_is_not_taken_for_the_trial_owner():
-    me = worker_id()
-    assert owner_alive(me)
-    host, pid, start = me.split(":")
-    assert not owner_alive(f"{host}:{pid}:{int(start) + 12345}")  # same PID, another process
-
-
 def _sweep(*extra: str, study: str = "s") -> list[str]:
     return ["-m", "hparams_search=kd_optuna", *FAST, f"hydra.sweeper.study_name={study}", *extra]
 
@@ -197,10 +189,10 @@ def test_a_stopped_sweep_resumes_once_the_cause_is_fixed(workdir):
         *[a for a in FAST if not a.startswith("data")],
         "hydra.sweeper.study_name=fixme",
         "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.max_failure_rate=0.34",
+        "hydra.sweeper.max_failure_rate=0.33",  # ceil(0.33 x 3) = 1 failure allowed: the second stops it
     ]
     first = run_py(args, cwd=workdir)
-    assert first.returncode != 0 and "fix the cause, then re-run the same command" in first.stderr + first.stdout
+    assert first.returncode != 0 and "fix the cause, then rerun the same command" in first.stderr + first.stdout
     make_image_folder(root)
     again = run_py(args, cwd=workdir)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -68,6 +68,7 @@ def test_pruned_trials_stop_early_and_are_not_failures(workdir, launcher):
 @pytest.mark.slow
 def test_a_killed_pruning_sweep_resumes_without_losing_or_repeating_trials(workdir):
     args = [*PRUNING, "hydra.sweeper.n_trials=5", "hydra.sweeper.study_name=prune_resume"]
+    args += ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
     storage = f"sqlite:///{workdir}/multirun/prune_resume/optuna.db"
     env = {**os.environ, "PYTHONPATH": str(os.getcwd())}
     from tests.conftest import REPO, RUN_PY
@@ -93,7 +94,7 @@ def test_a_killed_pruning_sweep_resumes_without_losing_or_repeating_trials(workd
     before = {t.number: t.state for t in optuna.load_study(study_name="prune_resume", storage=storage).trials}
     again = run_py(args, cwd=workdir)
     assert again.returncode == 0, again.stderr[-2000:]
-    from kd.tuning import counted_trials, voided
+    from hydra_plugins.kd_sweeper.study import counted_trials
 
     study = optuna.load_study(study_name="prune_resume", storage=storage)
     counted = counted_trials(study)
@@ -101,7 +102,6 @@ def test_a_killed_pruning_sweep_resumes_without_losing_or_repeating_trials(workd
     for number, state in before.items():
         if state.is_finished():
             assert study.trials[number].state == state  # kept as it was, not rerun
-    assert set(voided(study).values()) <= {"interrupted"}
     drawn = [tuple(sorted(t.params.items())) + (t.number,) for t in counted]
     assert len({d[:-1] for d in drawn if True}) >= 1 and len({t.number for t in counted}) == 5
 

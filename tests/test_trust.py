@@ -183,7 +183,8 @@ def test_a_sweep_that_would_select_on_test_is_refused(workdir, extra):
     proc = run_py(["-m", "hparams_search=kd_optuna", *fast, *extra, "hydra.sweep.dir=sweep"], cwd=workdir)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("kd: error:") and "data.val_size=0" in lines[-1] and "objective=test_acc" in lines[-1]
+    assert lines[-1].startswith("kd_optuna: error:") and "data.val_size=0" in lines[-1]
+    assert "objective=test_acc" in lines[-1]
     assert not any((workdir / "sweep").glob("[0-9]*"))  # no trial ran
 
 
@@ -204,7 +205,7 @@ def test_resuming_a_study_with_other_settings_is_refused(workdir):
     second = run_py([*args, "hydra.sweeper.n_trials=2", "data.num_classes=5"], cwd=workdir)
     assert second.returncode == 2
     last = second.stderr.strip().splitlines()[-1]
-    assert last.startswith("kd: error: study mine") and "data.num_classes" in last and "study_name" in last
+    assert last.startswith("kd_optuna: error: study mine") and "data.num_classes" in last and "study_name" in last
     study = optuna.load_study(study_name="mine", storage=f"sqlite:///{workdir}/multirun/mine/optuna.db")
     assert len(study.trials) == 1
     assert study.user_attrs["kd:settings"]["data.num_classes"] == 10
@@ -242,3 +243,32 @@ def test_sweep_report_orders_by_the_objective_and_hides_voided_trials(workdir):
     text = json.dumps(summary)
     assert "★" not in text  # the mark is for the markdown only
     assert "★" in (workdir / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_resuming_with_a_swept_key_now_fixed_is_refused(workdir):
+    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.study_name=fix", "hydra.sweeper.n_trials=1"]
+    assert run_py(args, cwd=workdir).returncode == 0
+    second = run_py([*args, "hydra.sweeper.n_trials=2", "loss.alpha=0.5"], cwd=workdir)
+    assert second.returncode == 2
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith("kd_optuna: error: study fix was run with another search space")
+    assert "swept loss.alpha" in last and "fixed loss.alpha: <unset> -> 0.5" in last
+    study = optuna.load_study(study_name="fix", storage=f"sqlite:///{workdir}/multirun/fix/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+
+
+@pytest.mark.slow
+def test_two_objectives_trade_accuracy_against_size(workdir):
+    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=sw"]
+    args += ["hydra.sweeper.direction=[maximize,minimize]", "objective=[val_acc,params]"]
+    proc = run_py(args, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{workdir}/sw/optuna.db")
+    for t in study.trials:
+        m = read_metrics(workdir / "sw" / str(t.number))
+        assert t.values == [pytest.approx(m["val_acc"]), m["params"]] and m["objective"] == ["val_acc", "params"]
+    summary = report([workdir / "sw"], workdir / "out")
+    (sweep,) = summary["sweeps"]
+    assert {r["trial"] for r in sweep["pareto_front"]} == {t.number for t in study.best_trials}
+    assert "pareto_front.png" in summary["plots"]

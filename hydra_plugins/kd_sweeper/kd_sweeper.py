@@ -81,7 +81,7 @@ class KDOptunaSweeperConf(OptunaSweeperConf):
     max_failure_rate: float = MAX_FAILURE_RATE
     pruner: Any = None
     validate: str | None = None  # dotted path of the app's check, e.g. kd.tuning.validate
-    heartbeat_interval: int | None = 60  # seconds; null: no heartbeats
+    heartbeat_interval: int | None = 10  # seconds; null: no heartbeats
     grace_period: int | None = None  # seconds without a beat before a trial is stale (2x interval)
 
 
@@ -421,10 +421,11 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
                 fail_stale_trials(study)
                 to_go = self.n_trials - len(counted_trials(study))
                 if to_go <= 0:
-                    break
-                failures += self._run_batch(
-                    study, min(to_go, self.n_jobs), (distributions, fixed, deletions), heartbeat
-                )
+                    if not self._wait_for_others(study, heartbeat):
+                        break
+                    continue
+                space = (distributions, fixed, deletions)
+                failures += self._run_batch(study, min(to_go, self.n_jobs), space, heartbeat)
                 if len(failures) > allowed:
                     refuse(
                         f"{len(failures)} of {self.n_trials} trials failed, more than max_failure_rate="
@@ -436,8 +437,31 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             heartbeat.stop()
         self._write_results(study, directions)
 
+    def _wait_for_others(self, study: optuna.Study, heartbeat: Heartbeat) -> bool:
+        """The target is reached, counting trials that other workers run. Whether to wait
+        for them: with heartbeats, a trial whose worker died becomes FAIL after the grace
+        period and is queued again, and then this worker runs it."""
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return False
+        if not heartbeat.interval:
+            _log().warning(
+                "trials %s are still RUNNING elsewhere (or were killed); without heartbeats this worker "
+                "cannot tell which: it stops here",
+                [t.number for t in running],
+            )
+            return False
+        if not getattr(self, "_waiting", False):
+            _log().info("waiting for trials %s of other (or killed) workers", [t.number for t in running])
+            self._waiting = True
+        time.sleep(min(heartbeat.interval, 2))
+        return True
+
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         """Ask the next trial with a sampler seeded from (seed, its number), built first."""
+        if self.grid is not None:  # the grid's order is shuffled by its seed: one seed for every trial
+            study.sampler = self._sampler(self.base_seed, self.grid)
+            return _compat.ask(study)
         predicted = len(study.get_trials(deepcopy=False))
         study.sampler = self._sampler(trial_seed(self.base_seed, predicted), self.grid)
         trial = _compat.ask(study)
@@ -618,7 +642,7 @@ class KDOptunaSweeper(OptunaSweeper):
         params: DictConfig | None,
         pruner: Any = None,
         validate: str | None = None,
-        heartbeat_interval: int | None = 60,
+        heartbeat_interval: int | None = 10,
         grace_period: int | None = None,
     ) -> None:
         _check_sweeper_values(n_trials, n_jobs, max_failure_rate, (heartbeat_interval, grace_period))
