@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from hydra_plugins.kd_sweeper import job
@@ -56,3 +57,10 @@ def epoch_reporter(env: Mapping[str, str] | None = None, pruner: Any = None) -> 
             raise Pruned(step, value)
 
     return report
+
+
+class ReportHint(Callback):
+    """Ends every multirun's log with the command that tables and plots it."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        log.info("next: python -m kd.report %s", config.hydra.sweep.dir)

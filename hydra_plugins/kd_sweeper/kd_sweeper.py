@@ -309,18 +309,18 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         return target.endswith("GridSampler") or isinstance(self.sampler, optuna.samplers.GridSampler)
 
     def _open_study(self, directions: list[str], sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-        for path_prefix in ("sqlite:///", "journal:///"):
-            if isinstance(self.storage, str) and self.storage.startswith(path_prefix):
-                Path(self.storage[len(path_prefix) - 1 :]).parent.mkdir(parents=True, exist_ok=True)
+        # The folder of a SQLite file or a journal (sqlite:///rel/path, journal:///abs/path).
+        for prefix in ("sqlite:///", "journal://"):
+            if isinstance(self.storage, str) and self.storage.startswith(prefix):
+                Path(self.storage[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
         interval, grace = self.heartbeat
-        storage = open_storage(self.storage, interval if self.storage else None, grace)
         # Workers starting together race to create the schema and the study; the loser
         # sees an integrity error once, and then finds both made.
         for attempt in range(5):
             try:
                 return optuna.create_study(
                     study_name=self.study_name,
-                    storage=storage,
+                    storage=open_storage(self.storage, interval if self.storage else None, grace),
                     sampler=sampler,
                     pruner=self.pruner,
                     directions=directions,
@@ -334,11 +334,12 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
 
     def _check_identity(self, study: optuna.Study, identity: dict, directions: list[str]) -> None:
         """Record what makes this study one experiment; refuse to resume it as another."""
-        recorded_directions = [d.name.lower() for d in study.directions]
-        if recorded_directions != [d.lower() for d in directions]:
+        recorded_directions = ",".join(d.name.lower() for d in study.directions)
+        wanted = ",".join(str(d).lower() for d in directions)
+        if recorded_directions != wanted:
             raise SweepRefused(
-                f"study {study.study_name} was created to {recorded_directions}, but this sweep would "
-                f"{[d.lower() for d in directions]}; keep the study's direction or set a new hydra.sweeper.study_name"
+                f"study {study.study_name} was created to {recorded_directions}, but this sweep would {wanted}; "
+                "keep the study's direction or set a new hydra.sweeper.study_name"
             )
         differences = []
         for key, what in ((SPACE, "swept"), (FIXED, "fixed"), (SETTINGS, "setting")):

@@ -18,7 +18,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from hydra_plugins.kd_sweeper._compat import BaseHeartbeat, quiet_experimental
+from hydra_plugins.kd_sweeper._compat import BaseHeartbeat, quiet_experimental, trial_id
 
 JOURNAL = "journal://"
 FAIL_REASON = "fail_reason"  # trial user attribute: why a FAIL trial failed
@@ -46,7 +46,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         deadline = time.time() - self._grace
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running if t.system_attrs.get(HEARTBEAT, deadline) < deadline]
+        return [trial_id(t) for t in running if t.system_attrs.get(HEARTBEAT, deadline) < deadline]
 
     def get_heartbeat_interval(self) -> int | None:
         return self._interval
