@@ -98,7 +98,8 @@ def test_a_killed_pruning_sweep_resumes_without_losing_or_repeating_trials(workd
 
     study = optuna.load_study(study_name="prune_resume", storage=storage)
     counted = counted_trials(study)
-    assert len(counted) == 5 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
+    states = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
+    assert len(counted) == 5 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted), states
     for number, state in before.items():
         if state.is_finished():
             assert study.trials[number].state == state  # kept as it was, not rerun

@@ -146,6 +146,12 @@ def build_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner | None:
     return instantiate(pruner_cfg, _execution_whitelist_="optuna.pruners.*")
 
 
+def failure_allowance(max_failure_rate: float, n_trials: int) -> int:
+    """How many trials may fail in one invocation: ``max_failure_rate`` of ``n_trials``,
+    rounded up (0.25 of 3 allows one; a rate of 0 allows none)."""
+    return math.ceil(round(max_failure_rate * n_trials, 9))
+
+
 def trial_seed(base_seed: int, trial_number: int) -> int:
     import hashlib
 
@@ -404,7 +410,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         self._check_identity(study, identity, directions)
         self._settle_base_seed(study)
         fail_stale_trials(study)
-        allowed = math.ceil(self.max_failure_rate * self.n_trials - 1e-9)
+        allowed = failure_allowance(self.max_failure_rate, self.n_trials)
         log = _log()
         log.info(
             "study %s (%s): %d of %d trials there; up to %d may fail in this run%s",
@@ -497,7 +503,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             raise
         failures = []
         for trial, ret in zip(trials, returns, strict=True):
-            state, values, reason = self._outcome(ret, len(study.directions))
+            state, values, reason = self.outcome(ret, len(study.directions))
             if state == TrialState.FAIL:
                 failures.append(reason)
                 _log().warning("trial %d failed: %s (its log has the details)", trial.number, reason)
@@ -521,7 +527,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         )
 
     @staticmethod
-    def _outcome(ret: Any, n_objectives: int) -> tuple[TrialState, list[float] | None, str]:
+    def outcome(ret: Any, n_objectives: int) -> tuple[TrialState, list[float] | None, str]:
         """A job's return as (state, values, failure reason)."""
         error = _compat.job_exception(ret)
         if isinstance(error, optuna.TrialPruned):

@@ -1,0 +1,129 @@
+"""The sweeper's pure parts, checked directly: outcomes, counting, failure allowance,
+the study's identity and its differences."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from hydra_plugins.kd_sweeper.kd_sweeper import (
+    FIXED,
+    SPACE,
+    KDOptunaSweeperImpl,
+    describe_differences,
+    failure_allowance,
+    space_identity,
+    trial_seed,
+)
+from hydra_plugins.kd_sweeper.study import FAIL_REASON, counts
+from kd.errors import Pruned
+
+outcome = KDOptunaSweeperImpl.outcome
+
+
+def returned(value) -> JobReturn:
+    ret = JobReturn()
+    ret.status, ret.return_value = JobStatus.COMPLETED, value
+    return ret
+
+
+def raised(error: BaseException) -> JobReturn:
+    ret = JobReturn()
+    ret.status, ret.return_value = JobStatus.FAILED, error
+    return ret
+
+
+@pytest.mark.parametrize(
+    ("ret", "n", "expected"),
+    [
+        (returned(0.5), 1, (TrialState.COMPLETE, [0.5], "")),
+        (returned("2"), 1, (TrialState.COMPLETE, [2.0], "")),
+        (returned([1, 2.5]), 2, (TrialState.COMPLETE, [1.0, 2.5], "")),
+        (returned(math.nan), 1, (TrialState.FAIL, None, "kd:diverged: objective nan")),
+        (returned(-math.inf), 1, (TrialState.FAIL, None, "kd:diverged: objective -inf")),
+        (returned([1.0, math.inf]), 2, (TrialState.FAIL, None, "kd:diverged: objective [1.0, inf]")),
+        (returned(None), 1, (TrialState.FAIL, None, "kd:error: the job returned None, not 1 number(s)")),
+        (returned([1.0]), 2, (TrialState.FAIL, None, "kd:error: the job returned 1 values for 2 objectives")),
+        (returned([1.0, 2.0, 3.0]), 2, (TrialState.FAIL, None, "kd:error: the job returned 3 values for 2 objectives")),
+        (raised(RuntimeError("boom\nmore")), 1, (TrialState.FAIL, None, "kd:error: RuntimeError: boom")),
+        (raised(ValueError()), 1, (TrialState.FAIL, None, "kd:error: ValueError")),
+        (raised(optuna.TrialPruned()), 1, (TrialState.PRUNED, None, "")),
+        (raised(pickle.loads(pickle.dumps(Pruned(3, 50.0)))), 1, (TrialState.PRUNED, None, "")),
+    ],
+)
+def test_a_job_return_becomes_one_outcome(ret, n, expected):
+    assert outcome(ret, n) == expected
+
+
+@pytest.mark.parametrize(
+    ("rate", "n_trials", "allowed"),
+    [
+        (0.0, 10, 0),
+        (0.25, 3, 1),
+        (0.25, 4, 1),
+        (0.25, 5, 2),
+        (0.5, 20, 10),
+        (1.0, 20, 20),
+        (0.1, 30, 3),
+        (0.07, 100, 7),
+    ],
+)
+def test_the_failure_allowance_rounds_up_the_rate(rate, n_trials, allowed):
+    assert failure_allowance(rate, n_trials) == allowed
+
+
+def _trial(state: TrialState, reason: str | None = None) -> optuna.trial.FrozenTrial:
+    attrs = {FAIL_REASON: reason} if reason is not None else {}
+    value = 1.0 if state == TrialState.COMPLETE else None
+    return create_trial(state=state, value=value, user_attrs=attrs, params={}, distributions={})
+
+
+@pytest.mark.parametrize(
+    ("trial", "counted"),
+    [
+        (_trial(TrialState.COMPLETE), True),
+        (_trial(TrialState.PRUNED), True),
+        (_trial(TrialState.WAITING), True),
+        (_trial(TrialState.FAIL, "kd:diverged: objective nan"), True),
+        (_trial(TrialState.FAIL, "kd:error: RuntimeError: x"), True),
+        (_trial(TrialState.FAIL, "kd:surplus"), False),
+        (_trial(TrialState.FAIL), False),  # stale (heartbeat) or voided by an older kd
+        (_trial(TrialState.FAIL, "other"), False),
+    ],
+)
+def test_which_trials_count_towards_n_trials(trial, counted):
+    assert counts(trial) is counted
+
+
+def test_the_identity_holds_distributions_and_fixed_values():
+    identity = space_identity({"b": FloatDistribution(0, 1), "a": IntDistribution(1, 3)}, {"c": 0.5, "d": "x"}, ["~z"])
+    assert list(identity[SPACE]) == ["a", "b"]
+    assert optuna.distributions.json_to_distribution(identity[SPACE]["b"]) == FloatDistribution(0, 1)
+    assert identity[FIXED] == {"c": "0.5", "d": "x", "~z": "<deleted>"}
+
+
+def test_differences_name_each_changed_key_with_both_values():
+    old = space_identity({"x": FloatDistribution(0, 1), "y": CategoricalDistribution([1, 2])}, {}, [])
+    new = space_identity({"x": FloatDistribution(0, 2)}, {"y": 1}, [])
+    swept = describe_differences(old[SPACE], new[SPACE], "swept")
+    fixed = describe_differences(old[FIXED], new[FIXED], "fixed")
+    assert (
+        swept[0].startswith("swept x: FloatDistribution{") and "'high': 1.0" in swept[0] and "'high': 2.0" in swept[0]
+    )
+    assert swept[1].startswith("swept y: CategoricalDistribution") and swept[1].endswith("-> <unset>")
+    assert fixed == ["fixed y: <unset> -> 1"]
+    assert describe_differences(old[SPACE], old[SPACE], "swept") == []
+    assert describe_differences({"k": "a" * 80}, {}, "setting") == [f"setting k: {'a' * 57}... -> <unset>"]
+
+
+def test_trial_seeds_depend_on_seed_and_number_only():
+    assert trial_seed(42, 3) == trial_seed(42, 3)
+    assert len({trial_seed(42, n) for n in range(100)}) == 100
+    assert trial_seed(42, 3) != trial_seed(43, 3)
+    assert 0 <= trial_seed(0, 0) < 2**32
