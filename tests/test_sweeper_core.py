@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 
 import optuna
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
 from hydra_plugins.kd_sweeper.kd_sweeper import (
@@ -21,7 +23,7 @@ from hydra_plugins.kd_sweeper.kd_sweeper import (
     space_identity,
     trial_seed,
 )
-from hydra_plugins.kd_sweeper.study import FAIL_REASON, counts
+from hydra_plugins.kd_sweeper.study import FAIL_REASON, HeartbeatJournalStorage, counts, fail_stale_trials, open_storage
 from kd.errors import Pruned
 
 outcome = KDOptunaSweeperImpl.outcome
@@ -127,3 +129,56 @@ def test_trial_seeds_depend_on_seed_and_number_only():
     assert len({trial_seed(42, n) for n in range(100)}) == 100
     assert trial_seed(42, 3) != trial_seed(43, 3)
     assert 0 <= trial_seed(0, 0) < 2**32
+
+
+def test_trial_seeds_are_pinned():
+    # Resumed studies sample on from these: a changed recipe would change their draws.
+    assert (trial_seed(42, 3), trial_seed(0, 0)) == (3165930393, 2318824108)
+
+
+def test_long_values_are_cut_at_sixty_characters():
+    assert describe_differences({"k": "a" * 60}, {}, "s") == [f"s k: {'a' * 60} -> <unset>"]
+    assert describe_differences({"k": "a" * 61}, {}, "s") == [f"s k: {'a' * 57}... -> <unset>"]
+
+
+def test_storages_take_heartbeats_only_when_asked(tmp_path):
+    assert open_storage(None, heartbeat_interval=5) is None
+    url = f"sqlite:///{tmp_path}/a.db"
+    assert open_storage(url) == url
+    rdb = open_storage(url, heartbeat_interval=5, grace_period=7)
+    assert isinstance(rdb, RDBStorage) and rdb.heartbeat_interval == 5 and rdb.grace_period == 7
+    assert rdb.get_heartbeat_stale_trial_callback() is not None
+    journal = open_storage(f"journal://{tmp_path}/j.log", heartbeat_interval=3)
+    assert isinstance(journal, HeartbeatJournalStorage) and journal.get_heartbeat_interval() == 3
+    assert journal._grace == 6  # twice the interval by default
+    assert open_storage(f"journal://{tmp_path}/g.log", heartbeat_interval=3, grace_period=7)._grace == 7
+    quiet = open_storage(f"journal://{tmp_path}/k.log")
+    assert quiet.get_heartbeat_interval() is None and quiet.get_heartbeat_stale_trial_callback() is None
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_trial_whose_worker_stopped_beating_fails_and_is_queued_again(tmp_path, kind, monkeypatch):
+    url = f"journal://{tmp_path}/s.log" if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="hb", storage=open_storage(url, heartbeat_interval=1, grace_period=1))
+    dead, alive, unbeaten = study.ask(), study.ask(), study.ask()
+    for trial in (dead, alive, unbeaten):
+        trial.suggest_float("x", 0, 1)
+    for trial in (dead, alive):
+        study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+    study._storage.record_heartbeat(alive._trial_id)  # the live worker beats on
+    fail_stale_trials(study)
+    trials = study.get_trials()
+    # A trial with no beat yet (asked a moment ago) is not stale.
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING, TrialState.WAITING]
+    assert not counts(trials[0]) and counts(trials[3])  # the retry counts, the stale one does not
+    assert trials[3].system_attrs["failed_trial"] == dead.number
+    assert trials[3].params == trials[0].params  # run again with the same parameters
+    again = study.ask()
+    assert again.number == trials[3].number  # and asked before any new trial
+    study._storage.record_heartbeat(again._trial_id)
+    time.sleep(2.5)
+    study._storage.record_heartbeat(alive._trial_id)
+    fail_stale_trials(study)
+    states = [t.state for t in study.get_trials()]
+    assert states[3] == TrialState.FAIL and len(states) == 4  # retried once only
