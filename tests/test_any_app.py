@@ -177,3 +177,15 @@ def test_upstream_sweeper_suite_passes_with_kd_optuna(tmp_path):
     passed = sum(o == "passed" for o in outcomes.values())
     assert failed <= STOCK_FAILURES, proc.stdout[-4000:]
     assert len(outcomes) == 93 and passed >= 92, proc.stdout[-2000:]
+
+
+def test_a_queued_trial_is_run_even_when_the_target_counts_it(tmp_path):
+    # A dead worker's trial, queued again by the heartbeat's retry, counts towards
+    # n_trials but still has to run: the rerun must not stop with it WAITING.
+    assert sweep(tmp_path, "hydra.sweeper.n_trials=2").returncode == 0
+    study(tmp_path).enqueue_trial({"x": 1.0, "y": 0.0})
+    proc = sweep(tmp_path, "hydra.sweeper.n_trials=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[2].params == {"x": 1.0, "y": 0.0} and trials[2].value == pytest.approx(1.0)

@@ -128,7 +128,8 @@ def test_killed_sweep_resumes_to_exactly_n_trials(workdir):
     assert again.returncode == 0, again.stderr[-2000:]
     study = load("resume", storage)
     counted = counted_trials(study)
-    assert len(counted) == 5 and all(t.state == TrialState.COMPLETE for t in counted)
+    states = [(t.number, t.state.name, t.user_attrs.get(FAIL_REASON)) for t in study.trials]
+    assert len(counted) == 5 and all(t.state == TrialState.COMPLETE for t in counted), states
     for t in study.get_trials():
         assert t.state != TrialState.RUNNING
     # The killed trial went stale (its worker stopped beating): FAIL with no job outcome,

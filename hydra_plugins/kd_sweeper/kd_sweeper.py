@@ -426,7 +426,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         try:
             while True:
                 fail_stale_trials(study)
-                to_go = self.n_trials - len(counted_trials(study))
+                to_go = self.n_trials - len(counted_trials(study)) + self._waiting_count(study)
                 if to_go <= 0:
                     if not self._wait_for_others(study, heartbeat):
                         break
@@ -443,6 +443,12 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         finally:
             heartbeat.stop()
         self._write_results(study, directions)
+
+    @staticmethod
+    def _waiting_count(study: optuna.Study) -> int:
+        """Trials queued to run again (a dead worker's, retried): they count, but this
+        worker still has to ask them (``ask`` takes them first)."""
+        return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def _wait_for_others(self, study: optuna.Study, heartbeat: Heartbeat) -> bool:
         """The target is reached, counting trials that other workers run. Whether to wait
