@@ -64,6 +64,7 @@ def collect(roots: list[Path], sweep_dirs: list[Path] = ()) -> Collected:
                 found.skipped.append((str(run_dir), status + (where if status == "diverged" else "")))
                 continue
             metrics["run_dir"] = str(run_dir)
+            metrics["finished_at"] = metrics_file.stat().st_mtime  # which of two copies is newer
             found.runs.append(metrics)
     return found
 
@@ -106,6 +107,24 @@ def seed_records(run: dict) -> list[dict]:
     return [{k: run.get(k) for k in keys}]
 
 
+def unique_seeds(group: list[dict]) -> tuple[list[dict], list[dict]]:
+    """One record per seed of a setting: a result is (settings, seed), counted once however
+    many directories hold it. The newest run's record is kept; the others are returned
+    as duplicates (seed, where, and where the kept one is)."""
+    kept: dict[Any, tuple[dict, str | None]] = {}
+    duplicates = []
+    for run in sorted(group, key=lambda r: r.get("finished_at", 0.0), reverse=True):
+        for record in seed_records(run):
+            seed = record.get("seed")
+            if seed is not None and seed in kept:
+                duplicates.append({"seed": seed, "run_dir": run.get("run_dir"), "kept": kept[seed][1]})
+                continue
+            kept[seed if seed is not None else id(record)] = (record, run.get("run_dir"))
+    records = [record for record, _ in kept.values()]
+    records.sort(key=lambda r: (r.get("seed") is None, r.get("seed") or 0))
+    return records, duplicates
+
+
 def _values(records: list[dict], key: str) -> list[float]:
     return [r[key] for r in records if r.get(key) is not None]
 
@@ -128,7 +147,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for group in groups.values():
         first = group[0]
-        records = [rec for run in group for rec in seed_records(run)]
+        records, duplicates = unique_seeds(group)
         rows.append(
             {
                 "label": label(first),
@@ -148,6 +167,7 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "device": first.get("device"),
                 "settings": settings_of(first),
                 "run_dirs": [r.get("run_dir") for r in group],
+                "duplicates": duplicates,  # (seed, run_dir) counted once, from the newer run
             }
         )
     # Say what tells the rows apart: the settings whose values differ between them.
@@ -454,6 +474,11 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
         lines += [markdown_table(rows), ""]
     for sweep in sweeps:
         lines += [sweep_markdown(sweep), ""]
+    duplicates = [(r["label"], d) for r in rows for d in r["duplicates"]]
+    if duplicates:
+        lines += [f"Counted once ({len(duplicates)} duplicate seed result(s) left out; the newer run is kept):", ""]
+        lines += [f"- {name}, seed {d['seed']}: `{d['run_dir']}` (kept: `{d['kept']}`)" for name, d in duplicates]
+        lines.append("")
     if found.skipped:
         lines += [f"Skipped {len(found.skipped)} run(s):", ""]
         lines += [f"- `{d}`: {why}" for d, why in found.skipped]

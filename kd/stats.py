@@ -62,7 +62,7 @@ def fmt_mean_se(summary: dict, unit: str = " %") -> str:
     if summary.get("mean") is None:
         return "n/a"
     if summary.get("se") is None:
-        return f"{summary['mean']:.2f}{unit}"
+        return f"{summary['mean']:.2f}{unit} (n=1)"
     return f"{summary['mean']:.2f} ± {summary['se']:.2f}{unit}"
 
 
@@ -71,7 +71,7 @@ def fmt_difference(diff: dict | None) -> str:
     if not diff or diff.get("mean") is None:
         return "n/a"
     if diff.get("ci95") is None:
-        return f"{diff['mean']:+.2f} (one seed: no interval)"
+        return f"{diff['mean']:+.2f} (n=1, no interval)"
     lo, hi = diff["ci95"]
     verdict = "" if diff["distinguishable"] else ", not distinguishable from 0"
     return f"{diff['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]{verdict}"

@@ -165,8 +165,9 @@ def test_a_three_seed_trial_records_each_seed_and_the_paired_difference(workdir)
     assert m["val_acc_se"] == pytest.approx(torch.tensor(vals).std().item() / 3**0.5)
     diffs = [s["val_acc"] - s["baseline"]["val_acc"] for s in m["per_seed"]]
     assert m["kd_minus_ce"]["val_acc"]["diffs"] == pytest.approx(diffs)
-    lo, hi = m["kd_minus_ce"]["val_acc"]["ci95"]
-    assert lo <= sum(diffs) / 3 <= hi
+    # The 95 % t interval with 2 degrees of freedom, computed independently.
+    mean, se = sum(diffs) / 3, torch.tensor(diffs, dtype=torch.float64).std().item() / 3**0.5
+    assert m["kd_minus_ce"]["val_acc"]["ci95"] == pytest.approx([mean - 4.303 * se, mean + 4.303 * se])
     assert all((workdir / "out" / f"model_seed{s}.pt").is_file() for s in (1, 2, 3))
     # The baselines are stored: a second run reuses them instead of training again.
     again = run_py([*FAST, "loss=kd", "loss.alpha=0.5", "trial.seeds=[1,2,3]", "hydra.run.dir=out2"], cwd=workdir)
