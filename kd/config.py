@@ -42,6 +42,8 @@ NOT_RESULT_KEYS = (
     "trainer.num_threads",
     "trainer.progress",
     "trainer.check_every",
+    "trainer.resume",
+    "trainer.checkpoint_every_s",
 )
 
 
@@ -80,6 +82,10 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "data.split_seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
     _number(cfg, "data.num_classes", lambda v: v >= 2, ">= 2", integer=True)
     _number(cfg, "trainer.check_every", lambda v: v >= 1, ">= 1", integer=True)
+    _number(cfg, "trainer.checkpoint_every_s", lambda v: v > 0, "> 0 (seconds)")
+    resume = OmegaConf.select(cfg, "trainer.resume", default="auto")
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"trainer.resume must be auto or never, got {resume!r}")
     for key in ("data.mean", "data.std"):
         values = OmegaConf.select(cfg, key, default=None)
         ok = isinstance(values, (list, ListConfig)) and len(values) == 3

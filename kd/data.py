@@ -333,8 +333,9 @@ class BatchStream:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return self.indices[torch.randperm(len(self.indices), generator=gen).to(self.indices.device)]
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch``, from batch ``skip`` on (a resumed run's position)."""
         indices = self.order(epoch)
-        for start in range(0, len(indices), self.batch_size):
+        for start in range(skip * self.batch_size, len(indices), self.batch_size):
             idx = indices[start : start + self.batch_size]
             yield idx, self.images[idx], self.labels[idx]

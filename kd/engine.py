@@ -15,6 +15,7 @@ from tqdm import tqdm
 from kd.data import BatchStream, Preprocess
 from kd.errors import Diverged
 from kd.losses import LossInputs, Progress
+from kd.resume import ResumeFile, rng_state, set_rng_state
 from kd.views import apply_views
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def fit(
     desc: str = "train",
     on_epoch: Callable[[dict], None] | None = None,
     log_every_s: float = 30.0,
+    resume: ResumeFile | None = None,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` epochs; raises :class:`Diverged` on a non-finite loss.
 
@@ -125,20 +127,55 @@ def fit(
     ``on_epoch`` sees each finished epoch's history entry (it may raise to stop early).
     Without a progress bar (output not a terminal), a plain log line every
     ``log_every_s`` seconds keeps a long epoch from being silent in a log file.
+    With ``resume``, the whole training state is saved every ``resume.every_s`` seconds
+    and at each epoch's end, and a saved state is continued from (see :mod:`kd.resume`);
+    the finished epochs of a resumed run are passed to ``on_epoch`` again.
     """
     device = next(model.parameters()).device
     wants_features = bool(getattr(loss_fn, "student_features", ()))
     result = FitResult()
-    for epoch in range(1, epochs + 1):
+    # What a resume file holds besides the epoch's running sums (``running``).
+    modules = {"model": getattr(model, "_orig_mod", model), "loss_fn": loss_fn, "optimizer": optimizer}
+    if scheduler is not None:
+        modules["scheduler"] = scheduler
+    generator = getattr(augment, "generator", None)  # the augmentation's own random draws
+
+    def snapshot(epoch: int, step: int, running: dict) -> dict:
+        state = {name: module.state_dict() for name, module in modules.items()}
+        state.update(epoch=epoch, step=step, running=running, rng=rng_state(), history=result.history)
+        state.update(train_seconds=result.train_seconds, augment_rng=generator.get_state() if generator else None)
+        return state
+
+    first_epoch, first_step, running = 1, 0, None
+    saved = resume.load() if resume is not None else None
+    if saved is not None:
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
+        set_rng_state(saved["rng"])
+        if generator is not None and saved["augment_rng"] is not None:
+            generator.set_state(saved["augment_rng"])
+        result.history, result.train_seconds = list(saved["history"]), float(saved["train_seconds"])
+        first_epoch, first_step, running = int(saved["epoch"]), int(saved["step"]), saved["running"]
+        log.info("%s: resuming from epoch %d, step %d (%s)", desc, first_epoch, first_step, resume.path)
+        for entry in result.history:
+            if on_epoch is not None:
+                on_epoch(entry)
+    last_save = time.perf_counter()
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
         _synchronize(device)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         term_sums: dict[str, torch.Tensor] = {}
-        seen_sum = 0.0
+        seen_sum, skip, done_before = 0.0, 0, 0.0
+        if running is not None and epoch == first_epoch:  # resumed mid-epoch: its sums so far
+            loss_sum += running["loss_sum"]
+            term_sums = {name: value.to(device) for name, value in running["term_sums"].items()}
+            seen_sum, skip, done_before = float(running["seen"]), first_step, float(running["seconds"])
         bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
+        bar.update(skip)
         last_line = start
-        for step, (idx, images, labels) in enumerate(batches.epoch(epoch), start=1):
+        for step, (idx, images, labels) in enumerate(batches.epoch(epoch, skip=skip), start=skip + 1):
             slots = None
             if augment is not None:
                 images, slots = augment(idx, images)
@@ -179,9 +216,15 @@ def fit(
                     )
             bar.update(1)
             seen_sum += 1
+            if resume is not None and time.perf_counter() - last_save >= resume.every_s and step < len(batches):
+                sums = {"loss_sum": loss_sum.detach().cpu(), "seen": seen_sum}
+                sums["term_sums"] = {name: value.detach().cpu() for name, value in term_sums.items()}
+                sums["seconds"] = done_before + time.perf_counter() - start
+                resume.save(snapshot(epoch, step, sums))
+                last_save = time.perf_counter()
         bar.close()
         _synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds = done_before + time.perf_counter() - start
         result.train_seconds += seconds
         entry = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen_sum, 1), "seconds": seconds}
         entry["lr"] = last_lr  # of the epoch's last step (a schedule moves it)
@@ -200,4 +243,7 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(entry)
+        if resume is not None:
+            resume.save(snapshot(epoch + 1, 0, None))
+            last_save = time.perf_counter()
     return result

@@ -35,6 +35,7 @@ from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features,
 from kd.errors import CheckpointError, Diverged, Pruned
 from kd.losses import CrossEntropy
 from kd.models import count_parameters
+from kd.resume import ResumeFile
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import file_digest, save_checked, write_json
 from kd.teacher import TeacherStore, fingerprint, load_checkpoint, make_checkpoint, model_source_digest, restore_model
@@ -157,6 +158,7 @@ def train_model(
     teacher: TeacherSource | None = None,
     desc: str = "train",
     on_epoch: Callable[[dict], None] | None = None,
+    resume: ResumeFile | None = None,
 ) -> Trained:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
     torch.manual_seed(recipe.seed)
@@ -192,11 +194,30 @@ def train_model(
         progress=show_progress(cfg.trainer.progress),
         desc=desc,
         on_epoch=on_epoch,
+        resume=resume,
     )
     # The last epoch's validation already evaluated this very model (eval mode, no dropout).
     val_acc = result.history[-1]["val_acc"] if len(data.val_idx) else float("nan")
     test_acc = accuracy(model, ctx.test_images, ctx.test_labels, ctx.preprocess)
     return Trained(model, result, val_acc, test_acc)
+
+
+def resume_file(ctx: Context, key: str) -> ResumeFile:
+    """Where the training addressed by ``key`` keeps its resumable state (trainer.resume,
+    trainer.checkpoint_every_s)."""
+    trainer = ctx.cfg.trainer
+    return ResumeFile(
+        Path(ctx.cfg.paths.store_dir) / "resume" / f"{key}.pt",
+        every_s=float(trainer.checkpoint_every_s),
+        enabled=trainer.resume != "never",
+    )
+
+
+def run_model_key(cfg: DictConfig, ctx: Context, seed: int) -> str:
+    """What a run's own model training computes: every result-deciding setting, its data
+    and its seed (the same key in any run directory)."""
+    settings = run_settings(cfg, exclude=("seed", "trial.seeds"))
+    return fingerprint({"settings": settings, "data": data_identity(ctx.data), "seed": seed})
 
 
 def _augmentation(recipe: Recipe, teacher: TeacherSource | None) -> CachedViews | RandomViews | None:
@@ -224,11 +245,14 @@ def stored_ce_model(recipe: Recipe, ctx: Context, store: TeacherStore, desc: str
     """The CE-trained model of ``recipe`` from the store, trained once if absent."""
     key = fingerprint(recipe_spec(recipe, ctx))
 
+    resume = resume_file(ctx, f"store-{key}")
+
     def train_once() -> dict:
         log.info("%s %s is not in the store: training it once", desc, key)
-        return _checkpoint(train_model(recipe, CrossEntropy(), ctx, desc=desc), recipe, ctx)
+        return _checkpoint(train_model(recipe, CrossEntropy(), ctx, desc=desc, resume=resume), recipe, ctx)
 
     checkpoint, built = store.get_or_build(key, train_once)
+    resume.remove()  # stored: nothing left to resume
     checkpoint["path"] = str(store.checkpoint_path(key))
     return checkpoint, built
 
@@ -506,6 +530,8 @@ def run(
     tracker.start(run_settings(cfg), {"run_dir": str(output_dir), **(tags or {})})
 
     per_seed: list[dict] = []
+    # One resume file per seed's training; kept until this run's results are written.
+    resumes = [resume_file(ctx, run_model_key(cfg, ctx, seed)) for seed in seeds]
     try:
         teacher = None
         if loss_fn.needs_teacher:
@@ -531,7 +557,9 @@ def run(
                 for entry in trained.fit.history:  # the population already reported to the trial
                     tracker.log_epoch(index * recipe.epochs + entry["epoch"], {**entry, "seed": seed})
             else:
-                trained = train_model(recipe, loss_fn, ctx, teacher=teacher, desc=desc, on_epoch=on_epoch)
+                trained = train_model(
+                    recipe, loss_fn, ctx, teacher=teacher, desc=desc, on_epoch=on_epoch, resume=resumes[index]
+                )
             checkpoint = _checkpoint(trained, recipe, ctx)
             path = output_dir / ("model.pt" if len(seeds) == 1 else f"model_seed{seed}.pt")
             save_checked(checkpoint, path)
@@ -571,6 +599,8 @@ def run(
             stop["epochs_trained"] = err.step  # steps are epochs, counted over the seeds
         metrics.update(stop, per_seed=per_seed, wall_seconds=time.time() - started)
         write_json(output_dir / "metrics.json", metrics)
+        for resume in resumes:  # a rerun would stop the same way
+            resume.remove()
         tracker.finish(metrics)
         if isinstance(err, Pruned):
             log.info("%s; results: %s", err, output_dir / "metrics.json")
@@ -591,6 +621,8 @@ def run(
     objective = [metrics[name] for name in objective_names(cfg)]
     metrics["objective_value"] = objective if len(objective) > 1 else objective[0]
     write_json(output_dir / "metrics.json", metrics)
+    for resume in resumes:  # the results are written: nothing left to resume
+        resume.remove()
     tracker.finish(metrics)
     n = f" ({len(seeds)} seeds, mean ± SE)" if len(seeds) > 1 else ""
     log.info(

@@ -1,0 +1,90 @@
+"""Exact resume of a killed training run.
+
+While a model trains, :func:`kd.engine.fit` hands its whole state to a
+:class:`ResumeFile` every ``trainer.checkpoint_every_s`` seconds and at each epoch's
+end: weights, optimiser, schedule, the loss's own parameters, every random state
+(python, numpy, torch, CUDA, the augmentation's generator), the epoch, the step within
+it and the epoch's running sums. The file is written atomically with a checksum
+(:func:`kd.storage.save_checked`). A rerun of the same training (same settings and
+seed, in any run directory) loads it and continues from that step, and ends with the
+same weights as a run that was never stopped (on the CPU, where kernels are
+deterministic).
+
+The file is addressed by what the training computes (the caller's key), in
+``<store_dir>/resume/``, so a sweep trial that is run again under a new trial number,
+or a job requeued on another machine sharing the store, picks it up too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd.storage import load_checked, save_checked
+
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random state a training step may draw from, in loadable types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class ResumeFile:
+    """Where one training run keeps its resumable state, and how often it writes it."""
+
+    path: Path
+    every_s: float = 60.0
+    enabled: bool = True  # trainer.resume=never: start over and keep nothing
+
+    def load(self) -> dict | None:
+        """The saved state, or None (none saved, resuming off, or the file is damaged:
+        then one warning line says so and the run starts over)."""
+        if not self.enabled or not self.path.exists():
+            return None
+        try:
+            state = load_checked(self.path)
+            if state is None:
+                raise ValueError("its checksum does not match")
+            if not isinstance(state, dict) or state.get("format") != 1:
+                raise ValueError("it is not a kd resume file")
+        except Exception as err:
+            log.warning("resume checkpoint %s is damaged (%s): starting over", self.path, str(err).splitlines()[0])
+            self.remove()
+            return None
+        return state
+
+    def save(self, state: dict) -> None:
+        if self.enabled:
+            save_checked({"format": 1, **state}, self.path)
+
+    def remove(self) -> None:
+        for path in (self.path, self.path.with_name(self.path.name + ".sha256")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

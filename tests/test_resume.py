@@ -1,0 +1,168 @@
+"""Exact resume: a killed run continues from its last checkpoint and ends with the
+weights of a run that was never stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kd.data import BatchStream, Preprocess
+from kd.engine import fit
+from kd.losses import CrossEntropy
+from kd.resume import ResumeFile, rng_state, set_rng_state
+from kd.views import RandomViews
+from tests.conftest import REPO, RUN_PY, run_py
+
+# A teacher (it has dropout, so its random state matters) on 9 batches per epoch.
+RUN = [
+    "model=teacher",
+    "data=synthetic",
+    "data.train_size=640",
+    "data.test_size=128",
+    "data.val_size=64",
+    "trainer.epochs=4",
+    "trainer.batch_size=64",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+    "trainer.num_threads=1",
+    "trainer.checkpoint_every_s=0.2",
+]
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Stop(Exception):
+    pass
+
+
+def _train(resume: ResumeFile | None, stop_after_epoch: int | None = None) -> tuple[nn.Module, list[dict]]:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 4, (96,))
+    model = Tiny()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+
+    def on_epoch(entry: dict) -> None:
+        if stop_after_epoch is not None and entry["epoch"] == stop_after_epoch:
+            raise Stop  # killed before the epoch's end was saved: the last save is mid-epoch
+
+    result = fit(
+        model, CrossEntropy(), optimizer, BatchStream(images, labels, torch.arange(96), batch_size=16, seed=3),
+        Preprocess((0.5,) * 3, (0.25,) * 3, torch.device("cpu")), 3,
+        scheduler=scheduler, augment=RandomViews(seed=5), progress=False, on_epoch=on_epoch, resume=resume,
+    )  # fmt: skip
+    return model, result.history
+
+
+def test_fit_resumed_mid_epoch_ends_as_an_uninterrupted_fit(tmp_path, caplog):
+    reference, history = _train(None)
+    resume = ResumeFile(tmp_path / "r.pt", every_s=0.0)  # a save after every step
+    with pytest.raises(Stop):
+        _train(resume, stop_after_epoch=2)
+    with caplog.at_level(logging.INFO, logger="kd.engine"):
+        resumed, resumed_history = _train(resume)
+    assert "resuming from epoch 2, step 5" in caplog.text  # 6 steps per epoch; the 6th was not saved
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in history]  # all but the wall time
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in resumed_history] == strip
+
+
+def test_a_resume_file_round_trips_every_random_state(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    state = rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand(2))
+    resume = ResumeFile(tmp_path / "s.pt")
+    resume.save({"rng": state})
+    set_rng_state(resume.load()["rng"])
+    again = (torch.rand(3), random.random(), np.random.rand(2))
+    assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and (expected[2] == again[2]).all()
+
+
+def test_a_damaged_or_foreign_resume_file_is_refused_and_removed(tmp_path, caplog):
+    resume = ResumeFile(tmp_path / "d.pt")
+    resume.save({"epoch": 2})
+    assert resume.load()["epoch"] == 2
+    data = bytearray(resume.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    resume.path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="kd.resume"):
+        assert resume.load() is None
+    assert f"resume checkpoint {resume.path} is damaged (its checksum does not match): starting over" in caplog.text
+    assert not resume.path.exists()
+    from kd.storage import save_checked
+
+    save_checked({"weights": torch.zeros(1)}, resume.path)  # a checkpoint, but not a resume file
+    assert resume.load() is None and "it is not a kd resume file" in caplog.text
+
+
+def test_resume_never_neither_reads_nor_writes(tmp_path):
+    off = ResumeFile(tmp_path / "n.pt", enabled=False)
+    off.save({"epoch": 3})
+    assert not off.path.exists()
+    ResumeFile(off.path).save({"epoch": 3})
+    assert off.load() is None and ResumeFile(off.path).load()["epoch"] == 3
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+
+
+def _kill_after_epoch(workdir: Path, epoch: int) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN_PY), *RUN, "hydra.run.dir=killed"], cwd=workdir, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    log, deadline = workdir / "killed" / "run.log", time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and f"epoch {epoch}/4: loss" in log.read_text():
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the next epoch, past a mid-epoch save
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "killed" / "metrics.json").exists(), "the run finished before it was killed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_weights(workdir, damaged):
+    reference = run_py([*RUN, "trainer.resume=never", "hydra.run.dir=full"], cwd=workdir)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    _kill_after_epoch(workdir, epoch=2)
+    (saved,) = (workdir / "cache" / "store" / "resume").glob("*.pt")
+    if damaged:
+        saved.write_bytes(saved.read_bytes()[:100])
+    again = run_py([*RUN, "hydra.run.dir=again"], cwd=workdir)  # another directory: found by what it trains
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = (workdir / "again" / "run.log").read_text()
+    if damaged:
+        warnings = [line for line in log.splitlines() if "is damaged" in line]
+        assert len(warnings) == 1 and warnings[0].endswith(": starting over") and "resuming" not in log
+    else:
+        assert "resuming from epoch" in log
+    full, resumed = _weights(workdir / "full"), _weights(workdir / "again")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert not list((workdir / "cache" / "store" / "resume").glob("*.pt"))  # done: nothing left to resume
