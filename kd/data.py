@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import DataError
-from kd.storage import build_once
+from kd.storage import build_once, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class Dataset:
         return len(self.classes)
 
 
+TRUST_MANIFESTS = True  # False: hash every pixel on every load (benchmarks/bench_job_overhead.py)
+
+
 def content_hash(*tensors: torch.Tensor) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for tensor in tensors:
@@ -89,6 +93,26 @@ class ImageData:
     def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
         raise NotImplementedError
 
+    def _source_key(self) -> str | None:
+        """What identifies the source files as read (paths, sizes, mtimes), once loaded;
+        None where there are none worth a manifest (synthetic data)."""
+        return None
+
+    def _fingerprint(self, train: ImageSet, test: ImageSet) -> str:
+        """The content hash of every pixel and label, computed once per source and kept
+        in a manifest beside the cache: a job does not hash the whole dataset again
+        while its files are unchanged (their size and mtime are in the key)."""
+        key = self._source_key()
+        manifest = self.cache_dir / "manifests" / f"{self.name}-{key}.json" if key and self.cache_dir else None
+        if manifest is not None and TRUST_MANIFESTS and manifest.exists():
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                return str(json.loads(manifest.read_text())["fingerprint"])
+        fingerprint = content_hash(train.images, train.labels, test.images, test.labels)
+        if manifest is not None:
+            with contextlib.suppress(OSError):
+                write_json(manifest, {"fingerprint": fingerprint, "train": len(train), "test": len(test)})
+        return fingerprint
+
     def load(self) -> Dataset:
         train, test, classes = self._load_sets()
         if not 0 <= self.val_size < len(train):
@@ -109,7 +133,7 @@ class ImageData:
             mean=self.mean,
             std=self.std,
             augment=self.augment,
-            fingerprint=content_hash(train.images, train.labels, test.images, test.labels),
+            fingerprint=self._fingerprint(train, test),
         )
 
 
@@ -158,6 +182,14 @@ class ImageFolderData(ImageData):
         super().__init__(**common)
         self.root = Path(root).expanduser()
         self.skip_bad_images = bool(skip_bad_images)
+        self.split_keys: dict[str, str] = {}  # split -> hash of its files' paths, sizes, mtimes
+
+    def _source_key(self) -> str | None:
+        if set(self.split_keys) != {"train", "test"}:
+            return None  # not cached: nothing to key a manifest on
+        return hashlib.blake2b(
+            f"{self.split_keys['train']}:{self.split_keys['test']}".encode(), digest_size=16
+        ).hexdigest()
 
     def _check_layout(self) -> None:
         if not self.root.is_dir():
@@ -230,6 +262,7 @@ class ImageFolderData(ImageData):
                 st = os.stat(path)
                 key.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             key.update(f"skip_bad_images={self.skip_bad_images}".encode())
+            self.split_keys[split] = key.hexdigest()
             cache_file = self.cache_dir / "decoded" / f"folder-{split}-{key.hexdigest()}.pt"
             decoded, _ = build_once(cache_file, lambda: self._decode(files))
         skipped = decoded.get("skipped") or self.skipped
@@ -256,6 +289,17 @@ class CIFAR10(ImageData):
         super().__init__(**common)
         self.root = Path(root).expanduser()
         self.download = bool(download)
+
+    def _source_key(self) -> str | None:
+        folder = self.root / "cifar-10-batches-py"
+        files = sorted(folder.glob("*_batch*")) if folder.is_dir() else []
+        if not files:
+            return None
+        key = hashlib.blake2b(digest_size=16)
+        for f in files:
+            st = f.stat()
+            key.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return key.hexdigest()
 
     def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
         from torchvision.datasets import CIFAR10 as TorchCIFAR10

@@ -85,6 +85,7 @@ class ResumeFile:
             save_checked({"format": 1, **state}, self.path)
 
     def remove(self) -> None:
-        for path in (self.path, self.path.with_name(self.path.name + ".sha256")):
+        for suffix in ("", ".sha256", ".verified"):
+            path = self.path.with_name(self.path.name + suffix)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -3,7 +3,10 @@
 Every artefact is written to a temporary file in the same directory and renamed
 into place, so a reader sees either the old file or the whole new one. Tensor files
 get a ``.sha256`` sidecar written after them; a file without a matching sidecar is
-treated as unfinished and never loaded as if whole.
+treated as unfinished and never loaded as if whole. Hashing a large file on every load
+is a fixed cost every job paid, so a file whose hash was checked once gets a
+``.verified`` stamp (its digest, size, mtime and inode): while those are unchanged it
+loads without being hashed again; any change sends it through the full check.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from filelock import FileLock
 
 T = TypeVar("T")
+TRUST_STAMPS = True  # False: hash every file on every load (benchmarks/bench_job_overhead.py)
 
 
 def _current_umask() -> int:
@@ -64,6 +68,14 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp_text(digest: str, st: os.stat_result) -> str:
+    return f"{digest} {st.st_size} {st.st_mtime_ns} {st.st_ino}\n"
+
+
 def save_checked(obj: Any, path: str | os.PathLike) -> str:
     """``torch.save`` atomically, then record its checksum; returns the checksum."""
     path = Path(path)
@@ -96,8 +108,16 @@ def load_checked(path: str | os.PathLike) -> Any | None:
     if not path.exists() or not sidecar.exists():
         return None
     expected = sidecar.read_text(errors="replace").split()
-    if len(expected) != 2 or expected[1] != str(path.stat().st_size) or expected[0] != file_digest(path):
+    st = path.stat()
+    if len(expected) != 2 or expected[1] != str(st.st_size):
         return None  # unfinished or damaged: the caller rebuilds it
+    stamp = _stamp(path)
+    trusted = TRUST_STAMPS and stamp.exists() and stamp.read_text(errors="replace") == _stamp_text(expected[0], st)
+    if not trusted:
+        if expected[0] != file_digest(path):
+            return None
+        with contextlib.suppress(OSError):  # a read-only store: hashed again next time
+            atomic_write_bytes(stamp, _stamp_text(expected[0], st).encode())
     # weights_only: a file in a shared store is never trusted to run code when loaded.
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
