@@ -55,7 +55,7 @@ def main() -> None:
 
     print(f"building caches (teacher: 1 epoch) under {cache} ...", flush=True)
     build = one_job()
-    print(f"first job (decodes, trains and stores the teacher, caches its logits): {build:.1f} s")
+    print(f"first job (decodes, trains and stores the teacher, caches its logits where missing): {build:.1f} s")
     results = {}
     for name, trusted in (("baseline: re-hash files and pixels", False), ("stamps and manifest", True)):
         storage.TRUST_STAMPS = trusted

@@ -269,9 +269,15 @@ def main() -> None:
         sync(device)
 
     ref = timed(lambda: [reference_trial(s) for s in range(n)])
-    kd_trials = [project.trial(HintonKD(2.0, 0.25), e, logits, seed=s) for s in range(n)]
+    # KD and CE trials alternate, and which of the two goes first alternates by seed, so
+    # neither arm always runs on a warmer (or more loaded) machine.
+    kd_trials, ce_trials = [], []
+    for s in range(n):
+        arms = [("kd", lambda s=s: project.trial(HintonKD(2.0, 0.25), e, logits, seed=s))]
+        arms.append(("ce", lambda s=s: project.trial(CrossEntropy(), e, seed=s)))
+        for arm, run in arms if s % 2 == 0 else arms[::-1]:
+            (kd_trials if arm == "kd" else ce_trials).append(run())
     report(f"sweep: {n} KD trials x {e} epoch(s)", ref, sum(kd_trials), "teacher already trained")
-    ce_trials = [project.trial(CrossEntropy(), e, seed=s) for s in range(n)]
     kd_over_ce = sum(kd_trials) / sum(ce_trials)
     print(
         f"KD trial / CE trial wall time (project): {kd_over_ce:.3f} "

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,18 +209,25 @@ class ImageFolderData(ImageData):
                 if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir()):
                     raise DataError(f"class folder {d} holds no images; remove it or add images")
 
-    def _listing(self, split: str) -> list[tuple[str, int]]:
+    def _listing(self, split: str) -> list[tuple[str, int, os.stat_result]]:
+        """(path, class index, stat) of every image file, in a fixed order. One scandir
+        and one stat per file: every job lists the tree (60,000 files for CIFAR-10)."""
         split_dir = self.root / split
         files = []
         for class_index, class_dir in enumerate(sorted(d for d in split_dir.iterdir() if d.is_dir())):
-            for f in sorted(class_dir.iterdir()):
-                if f.suffix.lower() not in IMAGE_EXTENSIONS:
+            with os.scandir(class_dir) as entries:
+                images = sorted((e for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS),
+                                key=lambda e: e.name)  # fmt: skip
+            for entry in images:
+                try:
+                    st = entry.stat()  # follows a link to its target
+                except OSError:  # a dangling link or a link loop
+                    st = None
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    what = "a broken symbolic link (dangling or a loop)" if entry.is_symlink() else "not a file"
+                    self._bad(entry.path, what, "fix or remove it")
                     continue
-                if not f.is_file():  # a dangling link, a link loop, or a folder named like an image
-                    what = "a broken symbolic link (dangling or a loop)" if f.is_symlink() else "not a file"
-                    self._bad(f, what, "fix or remove it")
-                    continue
-                files.append((str(f), class_index))
+                files.append((entry.path, class_index, st))
         return files
 
     def _bad(self, path: Path | str, what: str, fix: str) -> None:
@@ -233,7 +241,7 @@ class ImageFolderData(ImageData):
 
         log.info("decoding %d images under %s (once; cached afterwards)", len(files), self.root)
         arrays, labels = [], []
-        for path, label in files:
+        for path, label, _ in files:
             try:
                 with Image.open(path) as im:
                     arrays.append(np.asarray(im.convert("RGB")))
@@ -258,8 +266,7 @@ class ImageFolderData(ImageData):
         else:
             # Keyed by every file's path, size and mtime: an edited tree is decoded anew.
             key = hashlib.blake2b(digest_size=16)
-            for path, label in files:
-                st = os.stat(path)
+            for path, label, st in files:
                 key.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             key.update(f"skip_bad_images={self.skip_bad_images}".encode())
             self.split_keys[split] = key.hexdigest()
