@@ -81,11 +81,16 @@ class ResumeFile:
         return state
 
     def save(self, state: dict) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             save_checked({"format": 1, **state}, self.path)
+        except OSError as err:  # an unwritable store costs the resume, never the run
+            log.warning("cannot write resume checkpoint %s (%s): this run cannot resume if killed", self.path, err)
+            self.enabled = False
 
     def remove(self) -> None:
         for suffix in ("", ".sha256", ".verified"):
             path = self.path.with_name(self.path.name + suffix)
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or an unusable store
                 path.unlink()

@@ -117,6 +117,15 @@ def test_a_damaged_or_foreign_resume_file_is_refused_and_removed(tmp_path, caplo
     assert resume.load() is None and "it is not a kd resume file" in caplog.text
 
 
+def test_an_unwritable_resume_file_costs_the_resume_not_the_run(tmp_path, caplog):
+    (tmp_path / "ro").write_text("a file where a folder should be")
+    resume = ResumeFile(tmp_path / "ro" / "r.pt")
+    with caplog.at_level(logging.WARNING, logger="kd.resume"):
+        resume.save({"epoch": 1})
+        resume.save({"epoch": 2})
+    assert caplog.text.count("cannot write resume checkpoint") == 1 and not resume.enabled
+
+
 def test_resume_never_neither_reads_nor_writes(tmp_path):
     off = ResumeFile(tmp_path / "n.pt", enabled=False)
     off.save({"epoch": 3})
