@@ -72,3 +72,73 @@ def test_gradient_reaches_only_the_student():
 def test_kd_needs_teacher_logits():
     with pytest.raises(ValueError):
         total(HintonKD(), torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+# --- DKD and the cosine loss against their published formulas, and at the edges ------
+
+
+def _reference_dkd(student, teacher, labels, temperature):
+    """TCKD and NCKD as the method's published code computes them (megvii-research/
+    mdistiller, mdistiller/distillers/DKD.py, ``dkd_loss``): softmax, masked sums into
+    (target, others), log; NCKD with the target logit pushed down by 1000. Rewritten
+    here, to be run in float64 as the oracle."""
+    gt = F.one_hot(labels, student.shape[1]).bool()
+    p_s, p_t = F.softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1)
+    b_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], dim=1)
+    b_t = torch.stack([(p_t * gt).sum(1), (p_t * ~gt).sum(1)], dim=1)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum() * temperature**2 / len(labels)
+    p2_t = F.softmax(teacher / temperature - 1000.0 * gt, dim=1)
+    log_p2_s = F.log_softmax(student / temperature - 1000.0 * gt, dim=1)
+    nckd = (p2_t * (p2_t.clamp_min(1e-300).log() - log_p2_s)).sum() * temperature**2 / len(labels)
+    return tckd, nckd
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 8.0])
+def test_dkd_terms_match_the_published_formula_in_value_and_gradient(temperature):
+    from kd.losses.methods import dkd_terms
+
+    gen = torch.Generator().manual_seed(int(temperature))
+    student = (3 * torch.randn(8, 10, generator=gen, dtype=torch.float64)).requires_grad_()
+    teacher = 3 * torch.randn(8, 10, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 10, (8,), generator=gen)
+    ours = dkd_terms(student, teacher, labels, temperature)
+    reference = _reference_dkd(student, teacher, labels, temperature)
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert mine.item() == pytest.approx(theirs.item(), rel=1e-9, abs=1e-12)
+        (g_mine,) = torch.autograd.grad(mine, student, retain_graph=True)
+        (g_theirs,) = torch.autograd.grad(theirs, student, retain_graph=True)
+        torch.testing.assert_close(g_mine, g_theirs, rtol=1e-7, atol=1e-12)
+
+
+def test_tckd_keeps_its_gradient_past_a_logit_gap_of_27_6_t():
+    from kd.losses.methods import dkd_terms
+
+    # The student is 40 logits sure of class 0 at T=1; the teacher is not (uniform).
+    student = torch.tensor([[40.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.zeros(1, 3, dtype=torch.float64)
+    tckd, _ = dkd_terms(student, teacher, torch.tensor([0]), 1.0)
+    (grad,) = torch.autograd.grad(tckd, student)
+    ref_tckd, _ = _reference_dkd(student, teacher, torch.tensor([0]), 1.0)
+    (ref_grad,) = torch.autograd.grad(ref_tckd, student)
+    assert grad[0, 0].item() == pytest.approx(ref_grad[0, 0].item(), rel=1e-9)
+    assert abs(grad[0, 0].item()) > 0.1  # the clamped version gave exactly 0 here
+    assert tckd.item() == pytest.approx(ref_tckd.item(), rel=1e-9)
+
+
+def test_cosine_distance_matches_the_formula_and_ignores_dead_rows():
+    from kd.losses.methods import cosine_distance
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    student[2] = 0.0  # a dead feature map
+    student.requires_grad_()
+    distance = cosine_distance(student, teacher)
+    expected = 1 - (student * teacher).sum(1) / (student.norm(dim=1) * teacher.norm(dim=1))
+    torch.testing.assert_close(distance[[0, 1, 3]], expected[[0, 1, 3]])
+    assert distance[2].item() == 1.0
+    (grad,) = torch.autograd.grad(distance.sum(), student)
+    assert torch.equal(grad[2], torch.zeros(6)) and grad.abs().max() < 10
+    old = 1 - F.cosine_similarity(student, teacher, dim=1)
+    (old_grad,) = torch.autograd.grad(old.sum(), student)
+    assert old_grad[2].abs().max() > 1e4  # what the eps-clamped cosine gave a dead row

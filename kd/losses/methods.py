@@ -30,19 +30,39 @@ def standardise(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (logits - mean) / (std + eps)
 
 
+def _log_target_and_rest(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[log p(target), log (1 - p(target))]`` per row, each a logsumexp over its classes."""
+    on_target = log_probs.masked_fill(~target, float("-inf")).logsumexp(dim=1)
+    off_target = log_probs.masked_fill(target, float("-inf")).logsumexp(dim=1)
+    return torch.stack([on_target, off_target], dim=1)
+
+
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(student, teacher)`` per row. A row that is all zeros (a dead ReLU
+    feature map) has no direction: its distance is 1 and it passes no gradient, where
+    ``F.cosine_similarity``'s eps gives it a gradient of about 1/eps."""
+    live = (student.norm(dim=1) > 0) & (teacher.norm(dim=1) > 0)
+    ones = torch.ones_like(student)
+    safe_s, safe_t = torch.where(live[:, None], student, ones), torch.where(live[:, None], teacher, ones)
+    cosine = (safe_s * safe_t).sum(1) / (safe_s.norm(dim=1) * safe_t.norm(dim=1))
+    return 1.0 - torch.where(live, cosine, torch.zeros_like(cosine))
+
+
 def dkd_terms(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoupled KD (Zhao et al., 2022): target-class (TCKD) and non-target-class (NCKD)
-    KL terms, each times T^2, averaged over the batch."""
+    KL terms, each times T^2, averaged over the batch.
+
+    TCKD's binary distributions (target, all others) are formed in log space. Summing
+    probabilities and then taking the log (the published code's way) underflows to
+    log(0) once the logit gap passes about 87 T in float32, and the 1e-12 clamp this
+    replaced stopped the gradient past a gap of about 27.6 T; logsumexp stays exact."""
     target = F.one_hot(labels, student_logits.shape[1]).bool()
     t = teacher_logits.detach()
-    p_s = F.softmax(student_logits / temperature, dim=1)
-    p_t = F.softmax(t / temperature, dim=1)
-    # Binary distributions (target, all others) for TCKD.
-    b_s = torch.stack([(p_s * target).sum(1), (p_s * ~target).sum(1)], dim=1).clamp_min(1e-12)
-    b_t = torch.stack([(p_t * target).sum(1), (p_t * ~target).sum(1)], dim=1).clamp_min(1e-12)
-    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * temperature**2
+    log_b_s = _log_target_and_rest(F.log_softmax(student_logits / temperature, dim=1), target)
+    log_b_t = _log_target_and_rest(F.log_softmax(t / temperature, dim=1), target)
+    tckd = F.kl_div(log_b_s, log_b_t, reduction="batchmean", log_target=True) * temperature**2
     # Distributions over the non-target classes only, for NCKD: mask the target out.
     masked_s = F.log_softmax(student_logits / temperature - 1000.0 * target, dim=1)
     masked_t = F.log_softmax(t / temperature - 1000.0 * target, dim=1)
@@ -137,7 +157,7 @@ class CosineHidden(DistillationLoss):
         teacher = torch.flatten(inputs.teacher_features["conv"], 1).float().detach()
         if teacher.shape[1] != student.shape[1]:
             teacher = F.adaptive_avg_pool1d(teacher.unsqueeze(1), student.shape[1]).squeeze(1)
-        cosine = (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
+        cosine = cosine_distance(student, teacher).mean()
         ce = F.cross_entropy(inputs.student_logits, inputs.labels)
         return {"loss": self.weight * cosine + (1.0 - self.weight) * ce, "ce": ce, "cosine": cosine}
 
