@@ -126,6 +126,18 @@ def test_an_unwritable_resume_file_costs_the_resume_not_the_run(tmp_path, caplog
     assert caplog.text.count("cannot write resume checkpoint") == 1 and not resume.enabled
 
 
+def test_removing_a_resume_file_removes_its_checksum_and_stamp_and_never_fails(tmp_path):
+    resume = ResumeFile(tmp_path / "x.pt")
+    resume.save({"epoch": 1})
+    resume.load()  # verified: stamped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt", "x.pt.sha256", "x.pt.verified"]
+    resume.remove()
+    assert list(tmp_path.iterdir()) == []
+    resume.remove()  # nothing there: fine
+    (tmp_path / "blocker").write_text("")
+    ResumeFile(tmp_path / "blocker" / "y.pt").remove()  # an unusable store: fine too
+
+
 def test_resume_never_neither_reads_nor_writes(tmp_path):
     off = ResumeFile(tmp_path / "n.pt", enabled=False)
     off.save({"epoch": 3})

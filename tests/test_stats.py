@@ -26,7 +26,7 @@ def test_t_quantiles_between_table_rows_interpolate_in_one_over_df():
     w = (1 / 30 - 1 / 35) / (1 / 30 - 1 / 40)
     assert t975(35) == pytest.approx(2.042 + w * (2.021 - 2.042))
     assert 2.021 < t975(35) < 2.042
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one degree of freedom"):
         t975(0)
 
 
@@ -49,7 +49,7 @@ def test_paired_difference_against_hand_computed_values():
     assert d["distinguishable"] is True
     straddling = paired_difference([1.0, 0.0], [0.0, 1.0])  # differences +1, -1
     assert straddling["ci95"] == pytest.approx([-12.706, 12.706]) and straddling["distinguishable"] is False
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="paired samples must have the same length"):
         paired_difference([1.0], [1.0, 2.0])
 
 
