@@ -93,6 +93,11 @@ def test_launchers_compose(launcher):
         ("teacher.checkpoint=5", "teacher.checkpoint"),
         ("trial.baseline=maybe", "trial.baseline"),
         ("objective=train_acc", "objective"),
+        ("objective=[val_acc,val_acc]", "objective"),
+        ("objective=[val_acc,flops]", "objective"),
+        ("objective=[]", "objective"),
+        ("trainer.resume=sometimes", "trainer.resume"),
+        ("trainer.checkpoint_every_s=0", "trainer.checkpoint_every_s"),
     ],
 )
 def test_out_of_range_values_are_refused_by_name(compose_cfg, override, key):
