@@ -156,6 +156,7 @@ def test_storages_take_heartbeats_only_when_asked(tmp_path):
     assert quiet.get_heartbeat_interval() is None and quiet.get_heartbeat_stale_trial_callback() is None
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # asked by hand here
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_a_trial_whose_worker_stopped_beating_fails_and_is_queued_again(tmp_path, kind, monkeypatch):
     url = f"journal://{tmp_path}/s.log" if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
