@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -364,14 +363,6 @@ class JobShare:
     outcomes: dict[int, object]
 
 
-class _Handoff(threading.local):
-    share: JobShare | None = None
-
-
-# Set by the population launcher around each job's run_job; read by run.py's task.
-HANDOFF = _Handoff()
-
-
 def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[JobShare | None]:
     """Train the seeds of ``configs`` (one population group) as one population.
 
@@ -423,8 +414,3 @@ def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[Job
     for position, cfg in enumerate(configs):
         shares[position] = by_job.get(id(cfg))
     return shares
-
-
-def take_share() -> JobShare | None:
-    """This job's part of a population, when the population launcher runs it."""
-    return HANDOFF.share

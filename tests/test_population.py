@@ -119,6 +119,9 @@ def test_the_population_launcher_writes_what_the_basic_launcher_writes(workdir):
             assert b[key] == pytest.approx(a[key], abs=1.0)
         assert b["kd_minus_ce"]["val_acc"]["n"] == 2 and b["per_seed"][1]["baseline"]["source"] == "store"
         assert (workdir / "pop" / job / "model_seed2.pt").exists() and (workdir / "pop" / job / ".hydra").is_dir()
+        # The launcher handed each job its members: the job trained nothing itself.
+        assert "epoch 1/2: loss" in (workdir / "basic" / job / "run.log").read_text()
+        assert "epoch 1/2: loss" not in (workdir / "pop" / job / "run.log").read_text()
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ With several GPUs the groups train concurrently, one thread per GPU.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -88,7 +90,6 @@ class PopulationLauncher(Launcher):
         )
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from kd import population
 
         setup_globals()
         self._configure_log()
@@ -124,21 +125,24 @@ class PopulationLauncher(Launcher):
         results = []
         for index, (cfg, overrides) in enumerate(zip(configs, job_overrides, strict=True)):
             log.info("\t#%d : %s", initial_job_idx + index, " ".join(filter_overrides(overrides)))
-            population.HANDOFF.share = shares.get(index)
-            try:
-                results.append(
-                    run_job(
-                        hydra_context=self.hydra_context,
-                        task_function=self.task_function,
-                        config=cfg,
-                        job_dir_key="hydra.sweep.dir",
-                        job_subdir_key="hydra.sweep.subdir",
-                    )
+            results.append(
+                run_job(
+                    hydra_context=self.hydra_context,
+                    task_function=self._task_with(shares.get(index)),
+                    config=cfg,
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
                 )
-            finally:
-                population.HANDOFF.share = None
+            )
             self._configure_log()
         return results
+
+    def _task_with(self, share: Any) -> Any:
+        """The task function, handed this job's part of its population (``share=``) when
+        it takes one (kd's run.py does); any other task runs as it is."""
+        if share is None or "share" not in inspect.signature(self.task_function).parameters:
+            return self.task_function
+        return functools.partial(self.task_function, share=share)
 
     def _train_group(self, configs: list[DictConfig], number: int, gpus: int) -> list[Any]:
         """Train one group; returns per job what its run needs (see kd.population.JobShare)."""
