@@ -99,6 +99,109 @@ def accuracy(
     return 100.0 * (predictions == labels.to(predictions.device)).float().mean().item()
 
 
+@dataclass
+class Step:
+    """What one training step needs besides the batch: the same for every step."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    preprocess: Preprocess
+    teacher: TeacherSignal | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    augment: Augment | None = None
+    amp: bool = False
+
+    def __call__(self, idx: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, progress: Progress) -> dict:
+        """Forward, loss, backward and optimiser (and schedule) step; returns the loss's
+        named terms, detached, and the learning rate the step used (``lr``)."""
+        slots = None
+        if self.augment is not None:
+            images, slots = self.augment(idx, images)
+        inputs = self.preprocess(images)
+        device = inputs.device
+        wants_features = bool(getattr(self.loss_fn, "student_features", ()))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if wants_features:
+                student_logits, student_features = self.model.forward_with_features(inputs)
+            else:
+                student_logits, student_features = self.model(inputs), {}
+            teacher_logits, teacher_features = (
+                self.teacher(idx, inputs, slots) if self.teacher is not None else (None, {})
+            )
+            terms = self.loss_fn(
+                LossInputs(student_logits.float(), labels, teacher_logits, student_features, teacher_features, progress)
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {"lr": lr, **{name: value.detach() for name, value in terms.items()}}
+
+
+@dataclass
+class EpochSums:
+    """An epoch's running sums, kept across a mid-epoch resume."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    seen: float = 0.0
+    seconds_before: float = 0.0  # training time of this epoch before a resume
+    skip: int = 0  # batches already done before a resume
+
+    def add(self, terms: dict) -> None:
+        self.loss += terms["loss"]
+        for name, value in terms.items():
+            if name not in ("loss", "lr"):
+                self.terms[name] = self.terms.get(name, 0.0) + value
+        self.seen += 1
+
+    def saved(self, seconds: float) -> dict:
+        terms = {name: value.cpu() for name, value in self.terms.items()}
+        return {"loss_sum": self.loss.cpu(), "term_sums": terms, "seen": self.seen, "seconds": seconds}
+
+    @classmethod
+    def restored(cls, running: dict | None, step: int, device: torch.device) -> EpochSums:
+        sums = cls(torch.zeros((), device=device))
+        if running is not None:
+            sums.loss += running["loss_sum"].to(device)
+            sums.terms = {name: value.to(device) for name, value in running["term_sums"].items()}
+            sums.seen, sums.seconds_before, sums.skip = float(running["seen"]), float(running["seconds"]), step
+        return sums
+
+
+class TrainingState:
+    """Everything a resume file holds: the modules' states, every random state, and
+    where in the run training stands (see :mod:`kd.resume`)."""
+
+    def __init__(self, step: Step, result: FitResult) -> None:
+        self.modules = {"model": getattr(step.model, "_orig_mod", step.model), "loss_fn": step.loss_fn}
+        self.modules["optimizer"] = step.optimizer
+        if step.scheduler is not None:
+            self.modules["scheduler"] = step.scheduler
+        self.generator = getattr(step.augment, "generator", None)  # the augmentation's own draws
+        self.result = result
+
+    def snapshot(self, epoch: int, step: int, running: dict | None) -> dict:
+        state = {name: module.state_dict() for name, module in self.modules.items()}
+        state.update(epoch=epoch, step=step, running=running, rng=rng_state(), history=self.result.history)
+        state.update(train_seconds=self.result.train_seconds)
+        state["augment_rng"] = self.generator.get_state() if self.generator is not None else None
+        return state
+
+    def restore(self, saved: dict) -> tuple[int, int, dict | None]:
+        """Load a snapshot; returns (epoch, step within it, the epoch's running sums)."""
+        for name, module in self.modules.items():
+            module.load_state_dict(saved[name])
+        set_rng_state(saved["rng"])
+        if self.generator is not None and saved["augment_rng"] is not None:
+            self.generator.set_state(saved["augment_rng"])
+        self.result.history, self.result.train_seconds = list(saved["history"]), float(saved["train_seconds"])
+        return int(saved["epoch"]), int(saved["step"]), saved["running"]
+
+
 def fit(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -131,119 +234,87 @@ def fit(
     and at each epoch's end, and a saved state is continued from (see :mod:`kd.resume`);
     the finished epochs of a resumed run are passed to ``on_epoch`` again.
     """
-    device = next(model.parameters()).device
-    wants_features = bool(getattr(loss_fn, "student_features", ()))
+    step = Step(model, loss_fn, optimizer, preprocess, teacher, scheduler, augment, amp)
     result = FitResult()
-    # What a resume file holds besides the epoch's running sums (``running``).
-    modules = {"model": getattr(model, "_orig_mod", model), "loss_fn": loss_fn, "optimizer": optimizer}
-    if scheduler is not None:
-        modules["scheduler"] = scheduler
-    generator = getattr(augment, "generator", None)  # the augmentation's own random draws
-
-    def snapshot(epoch: int, step: int, running: dict) -> dict:
-        state = {name: module.state_dict() for name, module in modules.items()}
-        state.update(epoch=epoch, step=step, running=running, rng=rng_state(), history=result.history)
-        state.update(train_seconds=result.train_seconds, augment_rng=generator.get_state() if generator else None)
-        return state
-
+    state = TrainingState(step, result)
     first_epoch, first_step, running = 1, 0, None
     saved = resume.load() if resume is not None else None
     if saved is not None:
-        for name, module in modules.items():
-            module.load_state_dict(saved[name])
-        set_rng_state(saved["rng"])
-        if generator is not None and saved["augment_rng"] is not None:
-            generator.set_state(saved["augment_rng"])
-        result.history, result.train_seconds = list(saved["history"]), float(saved["train_seconds"])
-        first_epoch, first_step, running = int(saved["epoch"]), int(saved["step"]), saved["running"]
+        first_epoch, first_step, running = state.restore(saved)
         log.info("%s: resuming from epoch %d, step %d (%s)", desc, first_epoch, first_step, resume.path)
-        for entry in result.history:
-            if on_epoch is not None:
-                on_epoch(entry)
-    last_save = time.perf_counter()
+        for entry in result.history if on_epoch is not None else ():
+            on_epoch(entry)
+    device = next(model.parameters()).device
+    save = _periodic_saver(state, resume)
     for epoch in range(first_epoch, epochs + 1):
-        model.train()
-        _synchronize(device)
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        term_sums: dict[str, torch.Tensor] = {}
-        seen_sum, skip, done_before = 0.0, 0, 0.0
-        if running is not None and epoch == first_epoch:  # resumed mid-epoch: its sums so far
-            loss_sum += running["loss_sum"]
-            term_sums = {name: value.to(device) for name, value in running["term_sums"].items()}
-            seen_sum, skip, done_before = float(running["seen"]), first_step, float(running["seconds"])
-        bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
-        bar.update(skip)
-        last_line = start
-        for step, (idx, images, labels) in enumerate(batches.epoch(epoch, skip=skip), start=skip + 1):
-            slots = None
-            if augment is not None:
-                images, slots = augment(idx, images)
-            inputs = preprocess(images)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                if wants_features:
-                    student_logits, student_features = model.forward_with_features(inputs)
-                else:
-                    student_logits, student_features = model(inputs), {}
-                teacher_logits, teacher_features = teacher(idx, inputs, slots) if teacher is not None else (None, {})
-                progress_now = Progress(epoch, epochs, step, len(batches))
-                terms = loss_fn(
-                    LossInputs(
-                        student_logits.float(), labels, teacher_logits, student_features, teacher_features, progress_now
-                    )
-                )
-                loss = terms["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            last_lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += loss.detach()
-            for name, value in terms.items():
-                if name != "loss":
-                    term_sums[name] = term_sums.get(name, 0.0) + value.detach()
-            if step % check_every == 0 or step == len(batches):
-                mean_loss = loss_sum.item() / step
-                if not math.isfinite(mean_loss):
-                    bar.close()
-                    raise Diverged(epoch, step, loss.item(), phase=desc)
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                if not progress and time.perf_counter() - last_line >= log_every_s:
-                    last_line = time.perf_counter()
-                    log.info(
-                        "%s epoch %d/%d: step %d/%d, loss %.4f", desc, epoch, epochs, step, len(batches), mean_loss
-                    )
-            bar.update(1)
-            seen_sum += 1
-            if resume is not None and time.perf_counter() - last_save >= resume.every_s and step < len(batches):
-                sums = {"loss_sum": loss_sum.detach().cpu(), "seen": seen_sum}
-                sums["term_sums"] = {name: value.detach().cpu() for name, value in term_sums.items()}
-                sums["seconds"] = done_before + time.perf_counter() - start
-                resume.save(snapshot(epoch, step, sums))
-                last_save = time.perf_counter()
-        bar.close()
-        _synchronize(device)
-        seconds = done_before + time.perf_counter() - start
-        result.train_seconds += seconds
-        entry = {"epoch": epoch, "train_loss": loss_sum.item() / max(seen_sum, 1), "seconds": seconds}
-        entry["lr"] = last_lr  # of the epoch's last step (a schedule moves it)
-        entry.update({f"loss_{name}": float(total) / max(seen_sum, 1) for name, total in term_sums.items()})
+        sums = EpochSums.restored(running if epoch == first_epoch else None, first_step, device)
+        entry = _train_epoch(step, batches, sums, epoch, epochs, desc, progress, check_every, log_every_s, save)
+        result.train_seconds += entry["seconds"]
         if validate is not None:
             entry["val_acc"] = validate()
         result.history.append(entry)
-        log.info(
-            "%s epoch %d/%d: loss %.4f%s (%.1fs)",
-            desc,
-            epoch,
-            epochs,
-            entry["train_loss"],
-            f", val acc {entry['val_acc']:.2f}%" if "val_acc" in entry else "",
-            seconds,
-        )
+        val = f", val acc {entry['val_acc']:.2f}%" if "val_acc" in entry else ""
+        log.info("%s epoch %d/%d: loss %.4f%s (%.1fs)", desc, epoch, epochs, entry["train_loss"], val, entry["seconds"])
         if on_epoch is not None:
             on_epoch(entry)
-        if resume is not None:
-            resume.save(snapshot(epoch + 1, 0, None))
-            last_save = time.perf_counter()
+        save(epoch + 1, 0, None, force=True)
     return result
+
+
+def _periodic_saver(state: TrainingState, resume: ResumeFile | None) -> Callable[..., None]:
+    """``save(epoch, step, running, force=False)``: a snapshot to ``resume`` when forced
+    (an epoch's end) or when ``resume.every_s`` has passed since the last one."""
+    last = [time.perf_counter()]
+
+    def save(epoch: int, step: int, running: dict | None, force: bool = False) -> None:
+        if resume is None or not (force or time.perf_counter() - last[0] >= resume.every_s):
+            return
+        resume.save(state.snapshot(epoch, step, running))
+        last[0] = time.perf_counter()
+
+    return save
+
+
+def _train_epoch(
+    step: Step,
+    batches: BatchStream,
+    sums: EpochSums,
+    epoch: int,
+    epochs: int,
+    desc: str,
+    progress: bool,
+    check_every: int,
+    log_every_s: float,
+    save: Callable[..., None],
+) -> dict:
+    """One epoch (from ``sums.skip`` on); returns its history entry, without validation."""
+    step.model.train()
+    device = sums.loss.device
+    _synchronize(device)
+    start = last_line = time.perf_counter()
+    bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
+    bar.update(sums.skip)
+    lr = float("nan")
+    for number, (idx, images, labels) in enumerate(batches.epoch(epoch, skip=sums.skip), start=sums.skip + 1):
+        terms = step(idx, images, labels, Progress(epoch, epochs, number, len(batches)))
+        lr = terms["lr"]
+        sums.add(terms)
+        if number % check_every == 0 or number == len(batches):
+            mean_loss = sums.loss.item() / number
+            if not math.isfinite(mean_loss):
+                bar.close()
+                raise Diverged(epoch, number, terms["loss"].item(), phase=desc)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if not progress and time.perf_counter() - last_line >= log_every_s:
+                last_line = time.perf_counter()
+                log.info("%s epoch %d/%d: step %d/%d, loss %.4f", desc, epoch, epochs, number, len(batches), mean_loss)
+        bar.update(1)
+        if number < len(batches):
+            save(epoch, number, sums.saved(sums.seconds_before + time.perf_counter() - start))
+    bar.close()
+    _synchronize(device)
+    entry = {"epoch": epoch, "train_loss": sums.loss.item() / max(sums.seen, 1)}
+    entry["seconds"] = sums.seconds_before + time.perf_counter() - start
+    entry["lr"] = lr  # of the epoch's last step (a schedule moves it)
+    entry.update({f"loss_{name}": float(total) / max(sums.seen, 1) for name, total in sums.terms.items()})
+    return entry
