@@ -22,11 +22,11 @@ from kd.resume import ResumeFile, rng_state, set_rng_state
 from kd.views import RandomViews
 from tests.conftest import REPO, RUN_PY, run_py
 
-# A teacher (it has dropout, so its random state matters) on 9 batches per epoch.
+# A teacher (it has dropout, so its random state matters) on 5 batches per epoch.
 RUN = [
     "model=teacher",
     "data=synthetic",
-    "data.train_size=640",
+    "data.train_size=384",
     "data.test_size=128",
     "data.val_size=64",
     "trainer.epochs=4",
