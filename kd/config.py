@@ -58,34 +58,72 @@ def _number(cfg: DictConfig, key: str, ok: Callable[[float], bool], rule: str, i
         raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
+SEED_RULE = "in [0, 2**32 - 1]"
+
+
+def _is_seed(v: float) -> bool:
+    return 0 <= v < 2**32
+
+
+# (key, test, rule, integer): every plain numeric range, checked in this order.
+RANGES: tuple[tuple[str, Callable[[float], bool], str, bool], ...] = (
+    ("loss.temperature", lambda v: v > 0, "> 0", False),
+    ("loss.beta", lambda v: v >= 0, ">= 0", False),
+    ("loss.weight", lambda v: 0 <= v <= 1, "in [0, 1]", False),
+    ("loss.warmup_epochs", lambda v: v >= 0, ">= 0", False),
+    ("trainer.epochs", lambda v: v >= 1, ">= 1", True),
+    ("trainer.batch_size", lambda v: v >= 1, ">= 1", True),
+    ("trainer.num_threads", lambda v: v >= 1, ">= 1 (or null for automatic)", True),
+    ("optim.lr", lambda v: v > 0, "> 0", False),
+    ("data.val_size", lambda v: v >= 0, ">= 0 and smaller than the training set", True),
+    ("data.train_size", lambda v: v >= 1, ">= 1", True),
+    ("data.test_size", lambda v: v >= 1, ">= 1", True),
+    ("seed", _is_seed, SEED_RULE, True),
+    ("data.seed", _is_seed, SEED_RULE, True),
+    ("data.split_seed", _is_seed, SEED_RULE, True),
+    ("data.num_classes", lambda v: v >= 2, ">= 2", True),
+    ("trainer.check_every", lambda v: v >= 1, ">= 1", True),
+    ("trainer.checkpoint_every_s", lambda v: v > 0, "> 0 (seconds)", False),
+    ("teacher.epochs", lambda v: v >= 1, ">= 1", True),
+    ("teacher.batch_size", lambda v: v >= 1, ">= 1", True),
+    ("teacher.seed", _is_seed, SEED_RULE, True),
+    ("teacher.view_seed", _is_seed, SEED_RULE, True),
+    ("teacher.optim.lr", lambda v: v > 0, "> 0", False),
+    *(
+        (f"{prefix}{key}", test, rule, False)
+        for prefix in ("", "teacher.")
+        for key, test, rule in (
+            ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+            ("schedule.max_lr", lambda v: v > 0, "> 0"),
+            ("schedule.pct_start", lambda v: 0 < v < 1, "in (0, 1)"),
+            ("schedule.warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("schedule.final_factor", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        )
+    ),
+)
+FLAGS = ("trial.baseline", "teacher.augment", "teacher.amp", "trainer.amp", "data.augment")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first out-of-range setting in ``cfg``."""
-    _number(cfg, "loss.temperature", lambda v: v > 0, "> 0")
-    loss_target = str(OmegaConf.select(cfg, "loss._target_", default=""))
-    if loss_target.endswith(".DKD"):  # DKD's alpha and beta weight KL terms: any size >= 0
-        _number(cfg, "loss.alpha", lambda v: v >= 0, ">= 0")
+    if str(OmegaConf.select(cfg, "loss._target_", default="")).endswith(".DKD"):
+        _number(cfg, "loss.alpha", lambda v: v >= 0, ">= 0")  # DKD's alpha weights a KL term: any size
     else:
         _number(cfg, "loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1]")
-    _number(cfg, "loss.beta", lambda v: v >= 0, ">= 0")
-    _number(cfg, "loss.weight", lambda v: 0 <= v <= 1, "in [0, 1]")
-    _number(cfg, "loss.warmup_epochs", lambda v: v >= 0, ">= 0")
-    _number(cfg, "trainer.epochs", lambda v: v >= 1, ">= 1", integer=True)
-    _number(cfg, "trainer.batch_size", lambda v: v >= 1, ">= 1", integer=True)
-    _number(cfg, "trainer.num_threads", lambda v: v >= 1, ">= 1 (or null for automatic)", integer=True)
-    _number(cfg, "optim.lr", lambda v: v > 0, "> 0")
-    _number(cfg, "data.val_size", lambda v: v >= 0, ">= 0 and smaller than the training set", integer=True)
-    _number(cfg, "data.train_size", lambda v: v >= 1, ">= 1", integer=True)
-    _number(cfg, "data.test_size", lambda v: v >= 1, ">= 1", integer=True)
-    seed_rule = "in [0, 2**32 - 1]"
-    _number(cfg, "seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
-    _number(cfg, "data.seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
-    _number(cfg, "data.split_seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
-    _number(cfg, "data.num_classes", lambda v: v >= 2, ">= 2", integer=True)
-    _number(cfg, "trainer.check_every", lambda v: v >= 1, ">= 1", integer=True)
-    _number(cfg, "trainer.checkpoint_every_s", lambda v: v > 0, "> 0 (seconds)")
-    resume = OmegaConf.select(cfg, "trainer.resume", default="auto")
-    if resume not in ("auto", "never"):
-        raise ConfigError(f"trainer.resume must be auto or never, got {resume!r}")
+    for key, test, rule, integer in RANGES:
+        _number(cfg, key, test, rule, integer=integer)
+    for key in FLAGS:
+        flag = OmegaConf.select(cfg, key, default=None)
+        if flag is not None and not isinstance(flag, bool):
+            raise ConfigError(f"{key} must be true or false, got {flag!r}")
+    _check_normalisation(cfg)
+    _check_teacher(cfg)
+    _check_objective(cfg)
+    _check_trial_seeds(cfg)
+    _check_choices(cfg)
+
+
+def _check_normalisation(cfg: DictConfig) -> None:
     for key in ("data.mean", "data.std"):
         values = OmegaConf.select(cfg, key, default=None)
         ok = isinstance(values, (list, ListConfig)) and len(values) == 3
@@ -93,17 +131,12 @@ def validate(cfg: DictConfig) -> None:
         if not ok or (key == "data.std" and min(values) <= 0):
             rule = "three positive numbers" if key == "data.std" else "three numbers"
             raise ConfigError(f"{key} must be {rule} (one per RGB channel), got {values!r}")
+
+
+def _check_teacher(cfg: DictConfig) -> None:
     checkpoint = OmegaConf.select(cfg, "teacher.checkpoint", default=None)
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise ConfigError(f"teacher.checkpoint must be a file path (or null for the store), got {checkpoint!r}")
-    for key in ("trial.baseline", "teacher.augment", "teacher.amp", "trainer.amp", "data.augment"):
-        flag = OmegaConf.select(cfg, key, default=None)
-        if flag is not None and not isinstance(flag, bool):
-            raise ConfigError(f"{key} must be true or false, got {flag!r}")
-    for key in ("teacher.epochs", "teacher.batch_size"):
-        _number(cfg, key, lambda v: v >= 1, ">= 1", integer=True)
-    _number(cfg, "teacher.seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
-    _number(cfg, "teacher.view_seed", lambda v: 0 <= v < 2**32, seed_rule, integer=True)
     views = OmegaConf.select(cfg, "teacher.views", default=None)
     if views is not None and views not in ("all", "online"):
         from kd.views import view_count
@@ -112,13 +145,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"teacher.views must be a view count in [1, {view_count()}], all or online, got {views!r}"
             )
-    _number(cfg, "teacher.optim.lr", lambda v: v > 0, "> 0")
-    for prefix in ("", "teacher."):
-        _number(cfg, f"{prefix}optim.weight_decay", lambda v: v >= 0, ">= 0")
-        _number(cfg, f"{prefix}schedule.max_lr", lambda v: v > 0, "> 0")
-        _number(cfg, f"{prefix}schedule.pct_start", lambda v: 0 < v < 1, "in (0, 1)")
-        _number(cfg, f"{prefix}schedule.warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)")
-        _number(cfg, f"{prefix}schedule.final_factor", lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def _check_objective(cfg: DictConfig) -> None:
     objective = OmegaConf.select(cfg, "objective", default="val_acc")
     if isinstance(objective, (list, ListConfig)):
         allowed = (*OBJECTIVES, *COST_OBJECTIVES)
@@ -129,14 +158,24 @@ def validate(cfg: DictConfig) -> None:
             )
     elif objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+def _check_trial_seeds(cfg: DictConfig) -> None:
     seeds = OmegaConf.select(cfg, "trial.seeds", default=None)
-    if seeds is not None:
-        if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
-            raise ConfigError(f"trial.seeds must be a non-empty list such as [42,43,44] (or null), got {seeds!r}")
-        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32 for s in seeds):
-            raise ConfigError(f"trial.seeds must hold integers in [0, 2**32 - 1], got {list(seeds)!r}")
-        if len(set(seeds)) != len(seeds):
-            raise ConfigError(f"trial.seeds must not repeat a seed, got {list(seeds)!r}")
+    if seeds is None:
+        return
+    if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
+        raise ConfigError(f"trial.seeds must be a non-empty list such as [42,43,44] (or null), got {seeds!r}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32 for s in seeds):
+        raise ConfigError(f"trial.seeds must hold integers in [0, 2**32 - 1], got {list(seeds)!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"trial.seeds must not repeat a seed, got {list(seeds)!r}")
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    resume = OmegaConf.select(cfg, "trainer.resume", default="auto")
+    if resume not in ("auto", "never"):
+        raise ConfigError(f"trainer.resume must be auto or never, got {resume!r}")
     progress = OmegaConf.select(cfg, "trainer.progress", default="auto")
     if progress not in ("auto", True, False):
         raise ConfigError(f"trainer.progress must be auto, true or false, got {progress!r}")
