@@ -640,39 +640,13 @@ def _available_cores() -> int:
 
 class KDOptunaSweeper(OptunaSweeper):
     """``hydra/sweeper=kd_optuna``: the keys of ``hydra/sweeper=optuna`` plus ``pruner``,
-    ``validate``, ``heartbeat_interval`` and ``grace_period``."""
+    ``validate``, ``heartbeat_interval`` and ``grace_period`` (see KDOptunaSweeperConf),
+    checked here and handed to :class:`KDOptunaSweeperImpl` by name."""
 
-    def __init__(
-        self,
-        sampler: Any,
-        direction: Any,
-        storage: Any,
-        study_name: str | None,
-        n_trials: int,
-        n_jobs: int,
-        max_failure_rate: float,
-        custom_search_space: str | None,
-        params: DictConfig | None,
-        pruner: Any = None,
-        validate: str | None = None,
-        heartbeat_interval: int | None = 10,
-        grace_period: int | None = None,
-    ) -> None:
-        _check_sweeper_values(n_trials, n_jobs, max_failure_rate, (heartbeat_interval, grace_period))
+    def __init__(self, *, n_trials: int, n_jobs: int, max_failure_rate: float, **keys: Any) -> None:
+        heartbeat = (keys.get("heartbeat_interval", 10), keys.get("grace_period"))
+        _check_sweeper_values(n_trials, n_jobs, max_failure_rate, heartbeat)
         if n_jobs < 0:  # joblib's convention: -1 is every core, -2 all but one, ...
             n_jobs = max(1, _available_cores() + 1 + n_jobs)
-        self.sweeper = KDOptunaSweeperImpl(
-            sampler,
-            direction,
-            storage,
-            study_name,
-            n_trials,
-            n_jobs,
-            max_failure_rate,
-            custom_search_space,
-            params,
-            pruner=pruner,
-            validate=validate,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-        )
+        keys.setdefault("heartbeat_interval", 10)
+        self.sweeper = KDOptunaSweeperImpl(n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate, **keys)
