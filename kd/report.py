@@ -242,6 +242,12 @@ def _trial_metrics(sweep_dir: Path, number: int) -> dict:
     return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
 
 
+def _trial_records(sweep_dir: Path, number: int) -> tuple[dict, list[dict]]:
+    """A trial's metrics.json and its per-seed records (both empty while it is missing)."""
+    metrics = _trial_metrics(sweep_dir, number)
+    return metrics, seed_records(metrics) if metrics else []
+
+
 def sweep_table(sweep_dir: Path, study: Any) -> dict:
     """A sweep's trials from its study (completed, not voided), best objective first.
 
@@ -258,9 +264,8 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
     rows = []
     objective = "val_acc"
     for t in complete:
-        metrics = _trial_metrics(sweep_dir, t.number)
+        metrics, records = _trial_records(sweep_dir, t.number)
         objective = metrics.get("objective", objective)
-        records = seed_records(metrics) if metrics else []
         rows.append(
             {
                 "trial": t.number,
@@ -296,9 +301,8 @@ def pareto_table(sweep_dir: Path, study: Any) -> dict:
     objectives: Any = None
     rows = []
     for t in front:
-        metrics = _trial_metrics(sweep_dir, t.number)
+        metrics, records = _trial_records(sweep_dir, t.number)
         objectives = metrics.get("objective", objectives)
-        records = seed_records(metrics) if metrics else []
         rows.append(
             {
                 "trial": t.number,
