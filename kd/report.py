@@ -372,91 +372,90 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig: Any, path: Path, size: tuple[float, float], written: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.set_size_inches(*size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(str(path))
+
+
+def _objective_vs_param(study: Any, trials: list, param: str, errors: list[float]) -> Any:
+    """One parameter's scatter of the objective (± SE over seeds), the best trial starred."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
+
+    distribution = trials[-1].distributions[param]
+    title = param.split(".")[-1]
+    fig, ax = plt.subplots()
+    xs, values = [t.params[param] for t in trials], [t.value for t in trials]
+    if any(errors):
+        ax.errorbar(xs, values, yerr=errors, fmt="none", ecolor="0.6", elinewidth=0.8, zorder=0, label="± SE")
+    points = ax.scatter(xs, values, c=[t.number for t in trials], cmap="viridis", edgecolors="k", linewidths=0.4)
+    best = study.best_trial
+    ax.scatter([best.params[param]], [best.value], marker="*", s=220, c="red", label=f"best (trial {best.number})")
+    if getattr(distribution, "log", False):
+        ax.set_xscale("log")
+        ticks = [v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if distribution.low <= v <= distribution.high]
+        ax.set_xticks(ticks or [distribution.low, distribution.high])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(title)
+    ax.set_ylabel("objective (%)" + (", mean ± SE over seeds" if any(errors) else ""))
+    ax.set_title(f"{study.study_name}: objective vs {title}", fontsize=10)
+    bar = fig.colorbar(points, ax=ax, label="trial number")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None = None) -> list[str]:
     """PNG plots for an Optuna sweep directory; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
     from matplotlib.ticker import MaxNLocator
+    from optuna.visualization import matplotlib as optuna_plots
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     trials = _completed(study)
     written: list[str] = []
-
-    def save(fig: Any, name: str, size: tuple[float, float]) -> None:
-        fig.set_size_inches(*size)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(str(out / name))
-
+    notes = notes if notes is not None else []
     if not trials:
-        if notes is not None:
-            notes.append("No plots: the study has no completed trial yet.")
+        notes.append("No plots: the study has no completed trial yet.")
         return written
     if len(study.directions) > 1:
-        from optuna.visualization import matplotlib as optuna_plots
-
         if len(study.directions) <= 3:
             names = [str(n) for n in (_trial_metrics(sweep_dir, trials[0].number).get("objective") or [])]
             ax = optuna_plots.plot_pareto_front(study, target_names=names or None)
-            save(ax.figure, "pareto_front.png", (5.5, 4))
+            _save(ax.figure, out / "pareto_front.png", (5.5, 4), written)
         return written
-    values = [t.value for t in trials]
     errors = []  # the objective's standard error over each trial's seeds (0 for one seed)
     for t in trials:
         metrics = _trial_metrics(sweep_dir, t.number)
         errors.append(metrics.get(f"{metrics.get('objective', 'val_acc')}_se") or 0.0)
-    params = sorted({p for t in trials for p in t.params})
-    for param in params:
-        if not all(param in t.params for t in trials):
-            continue
-        distribution = trials[-1].distributions[param]
-        log_scale = bool(getattr(distribution, "log", False))
-        title = param.split(".")[-1]
-        fig, ax = plt.subplots()
-        xs = [t.params[param] for t in trials]
-        if any(errors):
-            ax.errorbar(xs, values, yerr=errors, fmt="none", ecolor="0.6", elinewidth=0.8, zorder=0, label="± SE")
-        points = ax.scatter(xs, values, c=[t.number for t in trials], cmap="viridis", edgecolors="k", linewidths=0.4)
-        best = study.best_trial
-        ax.scatter([best.params[param]], [best.value], marker="*", s=220, c="red", label=f"best (trial {best.number})")
-        if log_scale:
-            from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-            ax.set_xscale("log")
-            ticks = [v for v in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if distribution.low <= v <= distribution.high]
-            ax.set_xticks(ticks or [distribution.low, distribution.high])
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(title)
-        ax.set_ylabel("objective (%)" + (", mean ± SE over seeds" if any(errors) else ""))
-        ax.set_title(f"{study.study_name}: objective vs {title}", fontsize=10)
-        bar = fig.colorbar(points, ax=ax, label="trial number")
-        bar.locator = MaxNLocator(integer=True)
-        bar.update_ticks()
-        ax.legend(loc="best", fontsize=8)
-        ax.grid(alpha=0.3)
-        save(fig, f"objective_vs_{param.split('.')[-1]}.png", (5, 3.6))
-
-    from optuna.visualization import matplotlib as optuna_plots
-
+    for param in sorted({p for t in trials for p in t.params}):
+        if all(param in t.params for t in trials):
+            fig = _objective_vs_param(study, trials, param, errors)
+            _save(fig, out / f"objective_vs_{param.split('.')[-1]}.png", (5, 3.6), written)
     ax = optuna_plots.plot_optimization_history(study, target_name="validation accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    save(ax.figure, "optimization_history.png", (5.5, 3.6))
-    distinct = len({round(v, 9) for v in values})
+    _save(ax.figure, out / "optimization_history.png", (5.5, 3.6), written)
+    distinct = len({round(t.value, 9) for t in trials})
     if len(trials) < 3 or distinct < 2:
-        if notes is not None:
-            notes.append(
-                f"No parameter-importance plot: it needs at least 3 completed trials whose objectives "
-                f"differ (this sweep has {len(trials)} completed, {distinct} distinct value(s))."
-            )
+        notes.append(
+            f"No parameter-importance plot: it needs at least 3 completed trials whose objectives "
+            f"differ (this sweep has {len(trials)} completed, {distinct} distinct value(s))."
+        )
     else:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # Optuna's default, seeded
         ax = optuna_plots.plot_param_importances(study, evaluator=evaluator)
-        save(ax.figure, "param_importances.png", (5.5, 2.8))
+        _save(ax.figure, out / "param_importances.png", (5.5, 2.8), written)
     return written
 
 
