@@ -305,10 +305,10 @@ def _teacher_views(cfg: DictConfig) -> int | None:
     return view_count() if setting == "all" else int(setting)
 
 
-def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str, ...] = ()) -> TeacherSource:
-    """Load, find or train the teacher; serve its logits (and the named intermediate
-    features a loss asks for) from the cache when exact: per view with augmentation."""
-    cfg, data, device = ctx.cfg, ctx.data, ctx.device
+def _load_teacher(ctx: Context, store: TeacherStore) -> tuple[nn.Module, dict, dict]:
+    """The teacher in eval mode on the device, its checkpoint, and what metrics.json
+    records of it: from ``teacher.checkpoint``, else from the store (trained once)."""
+    cfg, data = ctx.cfg, ctx.data
     recipe = teacher_recipe(cfg)
     info: dict[str, Any] = {}
     if cfg.teacher.checkpoint:
@@ -324,7 +324,7 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
         source = "trained" if built else "store"
     teacher = build(recipe.model, cfg, num_classes=data.num_classes)
     restore_model(checkpoint, teacher, _target(recipe.model), data.num_classes)
-    teacher = teacher.to(device, memory_format=ctx.memory_format).eval()
+    teacher = teacher.to(ctx.device, memory_format=ctx.memory_format).eval()
     info.update(
         teacher_checkpoint=checkpoint["path"],
         teacher_source=source,
@@ -333,6 +333,14 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
     )
     accs = ", ".join(f"{k} {checkpoint[k]:.2f}%" for k in ("val_acc", "test_acc") if checkpoint.get(k) is not None)
     log.info("teacher: %s (%s%s)", checkpoint["path"], source, f"; {accs}" if accs else "")
+    return teacher, checkpoint, info
+
+
+def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str, ...] = ()) -> TeacherSource:
+    """Load, find or train the teacher; serve its logits (and the named intermediate
+    features a loss asks for) from the cache when exact: per view with augmentation."""
+    cfg, data, device = ctx.cfg, ctx.data, ctx.device
+    teacher, checkpoint, info = _load_teacher(ctx, store)
     data_key = f"{data.fingerprint}\0{data.mean}\0{data.std}"
 
     if data.augment:
@@ -452,42 +460,9 @@ def _summarise_seeds(per_seed: list[dict], with_baseline: bool) -> dict[str, Any
 EpochReport = Callable[[int, float], None]
 
 
-def run(
-    cfg: DictConfig,
-    output_dir: str | Path,
-    job_num: int = 0,
-    parallel_jobs: int = 1,
-    report: EpochReport | None = None,
-    tags: dict[str, Any] | None = None,
-    context: Context | None = None,
-    teacher_source: TeacherSource | None = None,
-    pretrained: dict[int, Trained | BaseException] | None = None,
-) -> dict:
-    """Train and evaluate the configured model once per seed; returns the metrics written.
-
-    With ``report``, each epoch's validation accuracy is reported as one step; with
-    several seeds the steps run on (seed i, epoch e is step ``i * epochs + e``), so
-    trials with the same seeds compare step by step. ``tags`` (a sweep's study name and
-    trial number) go to the run tracker (``logger``) with the run's settings.
-
-    A population launcher passes the ``context`` and ``teacher_source`` its jobs share,
-    and per seed the ``pretrained`` outcome of the population (a trained model, or
-    what stopped it); everything else (checkpoints, baselines, metrics.json) is done
-    here exactly as for a model trained by this run.
-    """
-    started = time.time()
-    validate(cfg)
-    output_dir = Path(output_dir)
-    device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
-    threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
-    torch.set_num_threads(int(threads))
-    store = TeacherStore(cfg.paths.store_dir)
-    seeds = trial_seeds(cfg)
-
-    ctx = context or make_context(cfg, device)
-    data = ctx.data
-    loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
-    with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
+def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[int], threads: int) -> dict:
+    """metrics.json's fields known before training: what runs, on what, where."""
+    data, device = ctx.data, ctx.device
     hparams = loss_fn.hparams()
     model_name = _target(cfg.model).rsplit(".", 1)[-1]
     metrics: dict[str, Any] = {
@@ -522,91 +497,136 @@ def run(
         len(data.test.labels),
         seeds,
     )
-    if "val_acc" in objective_names(cfg) and not len(data.val_idx):
-        log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
+    return metrics
 
-    logger_cfg = OmegaConf.select(cfg, "logger", default=None)
-    tracker = build(logger_cfg, cfg, output_dir=output_dir) if logger_cfg else NullLogger()
-    tracker.start(run_settings(cfg), {"run_dir": str(output_dir), **(tags or {})})
 
-    per_seed: list[dict] = []
-    # One resume file per seed's training; kept until this run's results are written.
-    resumes = [resume_file(ctx, run_model_key(cfg, ctx, seed)) for seed in seeds]
+def _publish(store: TeacherStore, checkpoint: dict) -> None:
+    """A CE-trained model is exactly what the store would build from its recipe (as a
+    teacher, or as a KD run's baseline): publish it, never losing the run for it."""
+    key = fingerprint(checkpoint["spec"])
     try:
-        teacher = None
-        if loss_fn.needs_teacher:
-            teacher = teacher_source or prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
-            metrics.update(teacher.info)
-        for index, seed in enumerate(seeds):
-            recipe = run_recipe(cfg, seed)
-            desc = f"{model_name} seed {seed}" if len(seeds) > 1 else model_name
+        if store.publish(key, checkpoint):
+            log.info("published to the store as %s (a later KD run reuses it)", key)
+    except OSError as err:
+        log.warning("could not publish to the store %s (%s); the run's results are kept", store.root, err)
 
-            def on_epoch(entry: dict, offset: int = index * recipe.epochs, seed: int = seed) -> None:
-                step = offset + entry["epoch"]
-                tracker.log_epoch(step, {**entry, "seed": seed})
-                if report is not None and "val_acc" in entry:
-                    report(step, entry["val_acc"])
 
-            torch.manual_seed(seed)
-            loss_fn = build(cfg.loss, cfg)
-            if pretrained is not None and seed in pretrained:
-                outcome = pretrained[seed]
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                trained = outcome
-                for entry in trained.fit.history:  # the population already reported to the trial
-                    tracker.log_epoch(index * recipe.epochs + entry["epoch"], {**entry, "seed": seed})
-            else:
-                trained = train_model(
-                    recipe, loss_fn, ctx, teacher=teacher, desc=desc, on_epoch=on_epoch, resume=resumes[index]
-                )
-            checkpoint = _checkpoint(trained, recipe, ctx)
-            path = output_dir / ("model.pt" if len(seeds) == 1 else f"model_seed{seed}.pt")
-            save_checked(checkpoint, path)
-            entry: dict[str, Any] = {
-                "seed": seed,
-                "val_acc": _finite_or_none(trained.val_acc),
-                "test_acc": trained.test_acc,
-                "train_seconds": trained.fit.train_seconds,
-                "checkpoint": str(path),
-                "history": trained.fit.history,
-            }
-            if not loss_fn.needs_teacher:
-                # A CE-trained model is exactly what the store would build from this
-                # recipe (as a teacher, or as a KD run's baseline): publish it.
-                key = fingerprint(checkpoint["spec"])
-                try:
-                    if store.publish(key, checkpoint):
-                        log.info("published to the store as %s (a later KD run reuses it)", key)
-                except OSError as err:  # a convenience only: never lose the run for it
-                    log.warning("could not publish to the store %s (%s); the run's results are kept", store.root, err)
-            elif with_baseline:
-                base, built = stored_ce_model(recipe, ctx, store, desc=f"CE baseline seed {seed}")
-                entry["baseline"] = {
-                    "val_acc": base.get("val_acc"),
-                    "test_acc": base.get("test_acc"),
-                    "checkpoint": base["path"],
-                    "source": "trained" if built else "store",
-                }
-            per_seed.append(entry)
-    except (Diverged, Pruned) as err:
-        # Stopped early: record where, keep the seeds that finished, and pass it on.
-        if isinstance(err, Diverged):
-            stop = {"status": "diverged", "diverged_phase": err.phase, "diverged_epoch": err.epoch}
-            stop["diverged_step"] = err.step
-        else:
-            stop = {"status": "pruned", "pruned_step": err.step, "pruned_val_acc": err.value}
-            stop["epochs_trained"] = err.step  # steps are epochs, counted over the seeds
-        metrics.update(stop, per_seed=per_seed, wall_seconds=time.time() - started)
-        write_json(output_dir / "metrics.json", metrics)
-        for resume in resumes:  # a rerun would stop the same way
-            resume.remove()
-        tracker.finish(metrics)
-        if isinstance(err, Pruned):
-            log.info("%s; results: %s", err, output_dir / "metrics.json")
-        raise
+def _baseline(recipe: Recipe, ctx: Context, store: TeacherStore, seed: int) -> dict:
+    """The CE student of the same seed and recipe (from the store, trained once)."""
+    base, built = stored_ce_model(recipe, ctx, store, desc=f"CE baseline seed {seed}")
+    return {
+        "val_acc": base.get("val_acc"),
+        "test_acc": base.get("test_acc"),
+        "checkpoint": base["path"],
+        "source": "trained" if built else "store",
+    }
 
-    summary = _summarise_seeds(per_seed, with_baseline)
+
+def _stop_fields(err: Diverged | Pruned) -> dict:
+    """metrics.json's record of where a run stopped early."""
+    if isinstance(err, Diverged):
+        return {
+            "status": "diverged",
+            "diverged_phase": err.phase,
+            "diverged_epoch": err.epoch,
+            "diverged_step": err.step,
+        }
+    # Steps are epochs, counted over the seeds.
+    return {"status": "pruned", "pruned_step": err.step, "pruned_val_acc": err.value, "epochs_trained": err.step}
+
+
+def _log_summary(model_name: str, n_seeds: int, summary: dict, with_baseline: bool) -> None:
+    n = f" ({n_seeds} seeds, mean ± SE)" if n_seeds > 1 else ""
+    log.info(
+        "%s%s: val acc %s, test acc %s",
+        model_name,
+        n,
+        fmt_mean_se({"mean": summary["val_acc"], "se": summary["val_acc_se"]}),
+        fmt_mean_se({"mean": summary["test_acc"], "se": summary["test_acc_se"]}),
+    )
+    if with_baseline:
+        split = "val_acc" if summary["val_acc"] is not None else "test_acc"
+        log.info("KD - CE (%s, paired over seeds, 95%% CI): %s", split, fmt_difference(summary["kd_minus_ce"][split]))
+
+
+@dataclass
+class SeedJob:
+    """What every seed of one run shares."""
+
+    ctx: Context
+    store: TeacherStore
+    tracker: Any
+    report: EpochReport | None
+    teacher: TeacherSource | None
+    output_dir: Path
+    model_name: str
+    n_seeds: int
+    with_baseline: bool
+
+
+def _run_seed(
+    cfg: DictConfig, job: SeedJob, index: int, seed: int, resume: ResumeFile, outcome: Any = None
+) -> tuple[Trained, dict]:
+    """Train seed ``seed``'s model (or take the population's ``outcome`` for it), save
+    it, and return it with its per-seed record (with its CE baseline for KD)."""
+    recipe = run_recipe(cfg, seed)
+    desc = f"{job.model_name} seed {seed}" if job.n_seeds > 1 else job.model_name
+    offset = index * recipe.epochs  # seed i's epoch e is step i * epochs + e
+
+    def on_epoch(entry: dict) -> None:
+        job.tracker.log_epoch(offset + entry["epoch"], {**entry, "seed": seed})
+        if job.report is not None and "val_acc" in entry:
+            job.report(offset + entry["epoch"], entry["val_acc"])
+
+    torch.manual_seed(seed)
+    loss_fn = build(cfg.loss, cfg)
+    if outcome is not None:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        trained = outcome
+        for entry in trained.fit.history:  # the population already reported to the trial
+            job.tracker.log_epoch(offset + entry["epoch"], {**entry, "seed": seed})
+    else:
+        trained = train_model(
+            recipe, loss_fn, job.ctx, teacher=job.teacher, desc=desc, on_epoch=on_epoch, resume=resume
+        )
+    checkpoint = _checkpoint(trained, recipe, job.ctx)
+    path = job.output_dir / ("model.pt" if job.n_seeds == 1 else f"model_seed{seed}.pt")
+    save_checked(checkpoint, path)
+    record: dict[str, Any] = {
+        "seed": seed,
+        "val_acc": _finite_or_none(trained.val_acc),
+        "test_acc": trained.test_acc,
+        "train_seconds": trained.fit.train_seconds,
+        "checkpoint": str(path),
+        "history": trained.fit.history,
+    }
+    if not loss_fn.needs_teacher:
+        _publish(job.store, checkpoint)
+    elif job.with_baseline:
+        record["baseline"] = _baseline(recipe, job.ctx, job.store, seed)
+    return trained, record
+
+
+def _write_results(metrics: dict, job: SeedJob, resumes: list[ResumeFile]) -> None:
+    """metrics.json, then the resume files go (nothing left to resume), then the tracker."""
+    write_json(job.output_dir / "metrics.json", metrics)
+    for resume in resumes:
+        resume.remove()
+    job.tracker.finish(metrics)
+
+
+def _finish(
+    cfg: DictConfig,
+    metrics: dict,
+    per_seed: list[dict],
+    trained: Trained,
+    job: SeedJob,
+    resumes: list[ResumeFile],
+    started: float,
+) -> None:
+    """Summarise the seeds into ``metrics``, write metrics.json, drop the resume files."""
+    summary = _summarise_seeds(per_seed, job.with_baseline)
     metrics.update(
         status="completed",
         params=count_parameters(trained.model),
@@ -620,20 +640,67 @@ def run(
     )
     objective = [metrics[name] for name in objective_names(cfg)]
     metrics["objective_value"] = objective if len(objective) > 1 else objective[0]
-    write_json(output_dir / "metrics.json", metrics)
-    for resume in resumes:  # the results are written: nothing left to resume
-        resume.remove()
-    tracker.finish(metrics)
-    n = f" ({len(seeds)} seeds, mean ± SE)" if len(seeds) > 1 else ""
-    log.info(
-        "%s%s: val acc %s, test acc %s",
-        model_name,
-        n,
-        fmt_mean_se({"mean": summary["val_acc"], "se": summary["val_acc_se"]}),
-        fmt_mean_se({"mean": summary["test_acc"], "se": summary["test_acc_se"]}),
-    )
-    if with_baseline:
-        split = "val_acc" if summary["val_acc"] is not None else "test_acc"
-        log.info("KD - CE (%s, paired over seeds, 95%% CI): %s", split, fmt_difference(summary["kd_minus_ce"][split]))
+    _write_results(metrics, job, resumes)
+    _log_summary(job.model_name, job.n_seeds, summary, job.with_baseline)
+
+
+def run(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    job_num: int = 0,
+    parallel_jobs: int = 1,
+    report: EpochReport | None = None,
+    tags: dict[str, Any] | None = None,
+    context: Context | None = None,
+    teacher_source: TeacherSource | None = None,
+    pretrained: dict[int, Trained | BaseException] | None = None,
+) -> dict:
+    """Train and evaluate the configured model once per seed; returns the metrics written.
+
+    ``report`` gets each epoch's validation accuracy (seed i's epoch e is step ``i * epochs
+    + e``); ``tags`` (study, trial) go to the tracker. A population launcher passes the
+    ``context`` and ``teacher_source`` its jobs share and the population's ``pretrained``
+    outcome per seed; everything else is done here as for a model trained here.
+    """
+    started = time.time()
+    validate(cfg)
+    output_dir = Path(output_dir)
+    device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
+    threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
+    torch.set_num_threads(int(threads))
+    store = TeacherStore(cfg.paths.store_dir)
+    seeds = trial_seeds(cfg)
+
+    ctx = context or make_context(cfg, device)
+    data = ctx.data
+    loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
+    with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
+    metrics = _run_header(cfg, ctx, loss_fn, seeds, int(threads))
+    if "val_acc" in objective_names(cfg) and not len(data.val_idx):
+        log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
+    logger_cfg = OmegaConf.select(cfg, "logger", default=None)
+    tracker = build(logger_cfg, cfg, output_dir=output_dir) if logger_cfg else NullLogger()
+    tracker.start(run_settings(cfg), {"run_dir": str(output_dir), **(tags or {})})
+    job = SeedJob(ctx, store, tracker, report, teacher_source, output_dir, metrics["model"], len(seeds), with_baseline)
+    per_seed: list[dict] = []
+    # One resume file per seed's training; kept until this run's results are written.
+    resumes = [resume_file(ctx, run_model_key(cfg, ctx, seed)) for seed in seeds]
+    try:
+        if loss_fn.needs_teacher:
+            job.teacher = teacher_source or prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
+            metrics.update(job.teacher.info)
+        for index, seed in enumerate(seeds):
+            outcome = pretrained.get(seed) if pretrained is not None else None
+            trained, entry = _run_seed(cfg, job, index, seed, resumes[index], outcome)
+            per_seed.append(entry)
+    except (Diverged, Pruned) as err:
+        # Stopped early: record where, keep the seeds that finished, and pass it on.
+        metrics.update(_stop_fields(err), per_seed=per_seed, wall_seconds=time.time() - started)
+        _write_results(metrics, job, resumes)  # a rerun would stop the same way: no resume either
+        if isinstance(err, Pruned):
+            log.info("%s; results: %s", err, output_dir / "metrics.json")
+        raise
+
+    _finish(cfg, metrics, per_seed, trained, job, resumes, started)
     log.info("results: %s", output_dir / "metrics.json")
     return metrics
