@@ -15,6 +15,7 @@ from tqdm import tqdm
 from kd.data import BatchStream, Preprocess
 from kd.errors import Diverged
 from kd.losses import LossInputs, Progress
+from kd.models import SeededDropout
 from kd.resume import ResumeFile, rng_state, set_rng_state
 from kd.views import apply_views
 
@@ -99,9 +100,53 @@ def accuracy(
     return 100.0 * (predictions == labels.to(predictions.device)).float().mean().item()
 
 
+# A student's forward pass: preprocessed inputs -> (logits, named features).
+StudentForward = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def student_forward(model: nn.Module, with_features: bool) -> StudentForward:
+    """``model``'s forward as a :data:`StudentForward` (features only when asked for)."""
+    if with_features:
+        return model.forward_with_features
+    return lambda inputs: (model(inputs), {})
+
+
+def train_step(
+    forward: StudentForward,
+    loss_fn: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler | None],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_outputs: tuple[torch.Tensor | None, dict[str, torch.Tensor]],
+    progress: Progress,
+    amp: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Forward, loss, backward and each optimiser's (and schedule's) step: the one
+    training step of single runs (one optimiser, scalar terms) and populations (one
+    optimiser per member, terms ``[N]``; members share no parameters, so the summed
+    loss gives each its own gradient). Returns the detached terms and the learning
+    rate each optimiser stepped with. ``amp``: forward and loss under bf16 autocast."""
+    with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=amp):
+        student_logits, student_features = forward(inputs)
+        teacher_logits, teacher_features = teacher_outputs
+        terms = loss_fn(
+            LossInputs(student_logits.float(), labels, teacher_logits, student_features, teacher_features, progress)
+        )
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    terms["loss"].sum().backward()
+    lrs = [optimizer.param_groups[0]["lr"] for optimizer in optimizers]
+    for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return {name: value.detach() for name, value in terms.items()}, lrs
+
+
 @dataclass
 class Step:
-    """What one training step needs besides the batch: the same for every step."""
+    """What one model's training step needs besides the batch: the same for every step."""
 
     model: nn.Module
     loss_fn: nn.Module
@@ -113,32 +158,20 @@ class Step:
     amp: bool = False
 
     def __call__(self, idx: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, progress: Progress) -> dict:
-        """Forward, loss, backward and optimiser (and schedule) step; returns the loss's
-        named terms, detached, and the learning rate the step used (``lr``)."""
+        """One :func:`train_step` on a batch; returns the loss's named terms and the
+        learning rate the step used (``lr``)."""
         slots = None
         if self.augment is not None:
             images, slots = self.augment(idx, images)
         inputs = self.preprocess(images)
-        device = inputs.device
-        wants_features = bool(getattr(self.loss_fn, "student_features", ()))
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if wants_features:
-                student_logits, student_features = self.model.forward_with_features(inputs)
-            else:
-                student_logits, student_features = self.model(inputs), {}
-            teacher_logits, teacher_features = (
-                self.teacher(idx, inputs, slots) if self.teacher is not None else (None, {})
-            )
-            terms = self.loss_fn(
-                LossInputs(student_logits.float(), labels, teacher_logits, student_features, teacher_features, progress)
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.optimizer.step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.scheduler is not None:
-            self.scheduler.step()
-        return {"lr": lr, **{name: value.detach() for name, value in terms.items()}}
+        forward = student_forward(self.model, bool(getattr(self.loss_fn, "student_features", ())))
+        with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            teacher_outputs = self.teacher(idx, inputs, slots) if self.teacher is not None else (None, {})
+        optimizers, schedulers = [self.optimizer], [self.scheduler]
+        terms, (lr,) = train_step(
+            forward, self.loss_fn, optimizers, schedulers, inputs, labels, teacher_outputs, progress, self.amp
+        )
+        return {"lr": lr, **terms}
 
 
 @dataclass
@@ -182,6 +215,8 @@ class TrainingState:
         if step.scheduler is not None:
             self.modules["scheduler"] = step.scheduler
         self.generator = getattr(step.augment, "generator", None)  # the augmentation's own draws
+        dropouts = [m for m in self.modules["model"].modules() if isinstance(m, SeededDropout)]
+        self.dropout = dropouts[0].generator if dropouts else None  # the dropout masks' own draws
         self.result = result
 
     def snapshot(self, epoch: int, step: int, running: dict | None) -> dict:
@@ -189,6 +224,7 @@ class TrainingState:
         state.update(epoch=epoch, step=step, running=running, rng=rng_state(), history=self.result.history)
         state.update(train_seconds=self.result.train_seconds)
         state["augment_rng"] = self.generator.get_state() if self.generator is not None else None
+        state["dropout_rng"] = self.dropout.get_state() if self.dropout is not None else None
         return state
 
     def restore(self, saved: dict) -> tuple[int, int, dict | None]:
@@ -198,6 +234,8 @@ class TrainingState:
         set_rng_state(saved["rng"])
         if self.generator is not None and saved["augment_rng"] is not None:
             self.generator.set_state(saved["augment_rng"])
+        if self.dropout is not None and saved.get("dropout_rng") is not None:
+            self.dropout.set_state(saved["dropout_rng"])
         self.result.history, self.result.train_seconds = list(saved["history"]), float(saved["train_seconds"])
         return int(saved["epoch"]), int(saved["step"]), saved["running"]
 

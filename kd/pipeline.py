@@ -34,7 +34,7 @@ from kd.devices import select_device, threads_per_job
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features, predict_logits
 from kd.errors import CheckpointError, Diverged, Pruned
 from kd.losses import CrossEntropy
-from kd.models import count_parameters
+from kd.models import count_parameters, dropout_generator, seed_dropout
 from kd.resume import ResumeFile
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import file_digest, save_checked, write_json
@@ -151,6 +151,26 @@ def show_progress(setting: Any) -> bool:
     return sys.stderr.isatty() if setting == "auto" else bool(setting)
 
 
+def new_model(recipe: Recipe, ctx: Context) -> nn.Module:
+    """``recipe``'s model as its training starts: initialised from its seed, on the
+    device, its dropout masks drawn from a generator of its own (same in a population)."""
+    torch.manual_seed(recipe.seed)
+    model = build(recipe.model, ctx.cfg, num_classes=ctx.data.num_classes)
+    model = model.to(ctx.device, memory_format=ctx.memory_format)
+    seed_dropout(model, dropout_generator(recipe.seed, ctx.device))
+    return model
+
+
+def new_optimizer(
+    recipe: Recipe, ctx: Context, params: list[torch.Tensor], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """``recipe``'s torch optimiser over ``params`` and its per-step schedule (or None)."""
+    optimizer = build(recipe.optim, ctx.cfg)(params)
+    if recipe.schedule is None:
+        return optimizer, None
+    return optimizer, build(recipe.schedule, ctx.cfg)(optimizer, total_steps=total_steps)
+
+
 def train_model(
     recipe: Recipe,
     loss_fn: nn.Module,
@@ -161,17 +181,14 @@ def train_model(
     resume: ResumeFile | None = None,
 ) -> Trained:
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
-    torch.manual_seed(recipe.seed)
-    model = build(recipe.model, cfg, num_classes=data.num_classes).to(device, memory_format=ctx.memory_format)
+    model = new_model(recipe, ctx)
     loss_fn = loss_fn.to(device)
+    batches = BatchStream(ctx.train_images, ctx.train_labels, data.train_idx, recipe.batch_size, seed=recipe.seed)
     # A loss's own trainable parts (a regressor) learn with the student, but are not
     # part of it: not counted in its parameters, not saved in its checkpoint.
-    optimizer = build(recipe.optim, cfg)([*model.parameters(), *loss_fn.parameters()])
+    params = [*model.parameters(), *loss_fn.parameters()]
+    optimizer, scheduler = new_optimizer(recipe, ctx, params, total_steps=recipe.epochs * len(batches))
     runner = torch.compile(model) if cfg.trainer.compile else model
-    batches = BatchStream(ctx.train_images, ctx.train_labels, data.train_idx, recipe.batch_size, seed=recipe.seed)
-    scheduler = None
-    if recipe.schedule is not None:
-        scheduler = build(recipe.schedule, cfg)(optimizer, total_steps=recipe.epochs * len(batches))
     val_images = ctx.train_images[data.val_idx.to(device)]
     val_labels = ctx.train_labels[data.val_idx.to(device)]
 

@@ -4,7 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import CrossEntropy, HintonKD, LossInputs, distillation_divergence
+from kd.losses import (
+    DKD,
+    CosineHidden,
+    CrossEntropy,
+    FeatureRegressor,
+    HintonKD,
+    LossInputs,
+    Progress,
+    StandardisedKD,
+    blend,
+    distillation_divergence,
+    for_members,
+)
 
 
 def total(loss, student, labels, teacher=None):
@@ -142,3 +154,62 @@ def test_cosine_distance_matches_the_formula_and_ignores_dead_rows():
     old = 1 - F.cosine_similarity(student, teacher, dim=1)
     (old_grad,) = torch.autograd.grad(old.sum(), student)
     assert old_grad[2].abs().max() > 1e4  # what the eps-clamped cosine gave a dead row
+
+
+# --- one formula for one model and for N members --------------------------------------
+
+MEMBER_LOSSES = [
+    [HintonKD(2.0, 0.25), HintonKD(4.0, 0.9), HintonKD(1.0, 0.0)],
+    [StandardisedKD(1.5, 0.5), StandardisedKD(3.0, 1.0)],
+    [DKD(1.0, 8.0, 4.0, 1.0), DKD(0.5, 2.0, 1.0, 0.0), DKD(2.0, 1.0, 2.0, 3.0)],
+    [CosineHidden(0.25), CosineHidden(0.0), CosineHidden(1.0)],
+    [CrossEntropy(), CrossEntropy()],
+]
+
+
+@pytest.mark.parametrize("losses", MEMBER_LOSSES, ids=lambda losses: type(losses[0]).__name__)
+def test_stacked_members_compute_what_each_member_computes_alone(losses):
+    """Member i of a for_members loss on [N, B, C] logits gives, in float64, the value
+    and gradient its own loss gives on its [B, C] slice."""
+    n, b, c = len(losses), 6, 10
+    gen = torch.Generator().manual_seed(3)
+    student = (torch.randn(n, b, c, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    teacher = torch.randn(n, b, c, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, c, (n, b), generator=gen)
+    s_conv = torch.randn(n, b, 4, 2, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    t_conv = torch.randn(n, b, 8, 2, 2, generator=gen, dtype=torch.float64)
+    s_conv.data[0, 1] = 0.0  # a dead feature row
+    progress = Progress(epoch=1, epochs=3, step=2, steps_per_epoch=4)
+    stacked = for_members(losses)
+    together = stacked(LossInputs(student, labels, teacher, {"conv": s_conv}, {"conv": t_conv}, progress))
+    assert together["loss"].shape == (n,)
+    together["loss"].sum().backward()
+    feature_grad = s_conv.grad if s_conv.grad is not None else torch.zeros_like(s_conv)
+    grad_together, feature_grad_together = student.grad.clone(), feature_grad.clone()
+    for i, loss in enumerate(losses):
+        student.grad, s_conv.grad = None, None
+        inputs = LossInputs(student[i], labels[i], teacher[i], {"conv": s_conv[i]}, {"conv": t_conv[i]}, progress)
+        alone = loss(inputs)
+        assert set(alone) == set(together)
+        for name, value in alone.items():
+            assert value.shape == () and torch.allclose(together[name][i], value, rtol=1e-12, atol=1e-12), name
+        alone["loss"].backward()
+        torch.testing.assert_close(grad_together[i], student.grad[i], rtol=1e-10, atol=1e-12)
+        feature_grad = s_conv.grad if s_conv.grad is not None else torch.zeros_like(s_conv)
+        torch.testing.assert_close(feature_grad_together[i], feature_grad[i], rtol=1e-10, atol=1e-12)
+
+
+def test_stacking_refuses_mixed_methods_and_trainable_losses():
+    with pytest.raises(ValueError, match="share one loss"):
+        for_members([HintonKD(), DKD()])
+    with pytest.raises(ValueError, match="trainable parameters"):
+        for_members([FeatureRegressor(), FeatureRegressor()])
+
+
+def test_a_zero_weight_is_exactly_cross_entropy_even_with_an_infinite_distillation_term():
+    ce = torch.tensor(1.25, requires_grad=True)
+    distill = torch.tensor(float("inf"))
+    assert blend(0.0, distill, ce).item() == 1.25
+    weights = torch.tensor([0.0, 0.5])
+    mixed = blend(weights, torch.tensor([3.0, 3.0]), torch.tensor([1.0, 1.0]))
+    assert mixed.tolist() == [1.0, 2.0]

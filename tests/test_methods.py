@@ -2,7 +2,6 @@
 computation, cached teacher features, and one run per method."""
 
 import math
-import textwrap
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from kd.models import DeepNN, LightNN
 from kd.pipeline import make_context, prepare_teacher
 from kd.storage import save_checked
 from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint
-from tests.conftest import FAST, read_metrics, run_py
+from tests.conftest import FAST, REPO, read_metrics, run_py
 
 STUDENT = [[1.0, -0.5, 0.25], [0.3, 2.0, -1.0]]
 TEACHER = [[2.0, 0.0, -1.0], [-0.5, 1.5, 0.5]]
@@ -146,42 +145,33 @@ def test_every_method_runs_end_to_end(workdir, method):
     assert m["kd_minus_ce"]["val_acc"]["n"] == 1
 
 
-TOY = '''
-import torch.nn.functional as F
-from kd.losses import DistillationLoss
-
-
-class LogitMatch(DistillationLoss):
-    """A toy method known only to this test: CE + weight * MSE(student, teacher logits)."""
-
-    name = "logit_match"
-    needs_teacher = True
-    hparam_names = ("weight",)
-
-    def __init__(self, weight: float = 0.5):
-        super().__init__()
-        self.weight = weight
-
-    def terms(self, inputs):
-        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
-        mse = F.mse_loss(inputs.student_logits, inputs.teacher_logits)
-        return {"loss": ce + self.weight * mse, "ce": ce, "mse": mse}
-'''
+def _docs_example() -> tuple[str, str]:
+    """The worked example of docs/methods.md: its Python module and its YAML file."""
+    text = (REPO / "docs" / "methods.md").read_text()
+    python = text.split("```python\n", 1)[1].split("```", 1)[0]
+    yaml = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    return python, yaml
 
 
 @pytest.mark.slow
-def test_a_new_method_is_one_class_and_one_yaml_file(workdir):
-    (workdir / "toy_losses.py").write_text(textwrap.dedent(TOY))
+def test_the_documented_new_method_trains_alone_and_in_a_population(workdir):
+    python, yaml = _docs_example()
+    (workdir / "mymethods.py").write_text(python)
     (workdir / "myconf" / "loss").mkdir(parents=True)
-    (workdir / "myconf" / "loss" / "logit_match.yaml").write_text("_target_: toy_losses.LogitMatch\nweight: 0.7\n")
-    args = [*FAST, "loss=logit_match", f"hydra.searchpath=[file://{workdir}/myconf]", "extra_targets=[toy_losses.*]"]
-    from tests.conftest import REPO
-
-    proc = run_py([*args, "hydra.run.dir=out"], cwd=workdir, env={"PYTHONPATH": f"{REPO}:{workdir}"})
+    (workdir / "myconf" / "loss" / "topclass.yaml").write_text(yaml)
+    args = [*FAST, "loss=topclass", f"hydra.searchpath=[file://{workdir}/myconf]", "extra_targets=[mymethods.*]"]
+    env = {"PYTHONPATH": f"{REPO}:{workdir}"}
+    proc = run_py([*args, "hydra.run.dir=out"], cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = read_metrics(workdir / "out")
-    assert m["loss"] == "logit_match" and m["loss_hparams"] == {"weight": 0.7}
-    assert {"loss_ce", "loss_mse"} <= set(m["history"][0]) and m["teacher_source"] == "trained"
+    assert m["loss"] == "topclass" and m["loss_hparams"] == {"temperature": 2.0, "weight": 0.5}
+    assert {"loss_ce", "loss_kl"} <= set(m["history"][0]) and m["teacher_source"] == "trained"
     from kd.report import label
 
-    assert label(m) == "Student + logit_match (w=0.7)"
+    assert label(m) == "Student + topclass (T=2, w=0.5)"
+    sweep = ["-m", *args, "loss.temperature=1,4", "hydra/launcher=population", "hydra.sweep.dir=pop"]
+    proc = run_py(sweep, cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "in 1 population(s) of sizes [2]" in proc.stdout + proc.stderr
+    temperatures = [read_metrics(workdir / "pop" / job)["loss_hparams"]["temperature"] for job in ("0", "1")]
+    assert temperatures == [1.0, 4.0]

@@ -4,7 +4,7 @@ A new method is one class (here, or in a module of your own listed in
 ``extra_targets``) plus one ``conf/loss/<name>.yaml`` naming it in ``_target_``.
 """
 
-from kd.losses.base import DistillationLoss, LossInputs, Progress
+from kd.losses.base import DistillationLoss, LossInputs, Progress, for_members
 from kd.losses.methods import (
     DKD,
     CosineHidden,
@@ -12,8 +12,12 @@ from kd.losses.methods import (
     FeatureRegressor,
     HintonKD,
     StandardisedKD,
+    blend,
+    cross_entropy,
     distillation_divergence,
     dkd_terms,
+    kl_batchmean,
+    per_member,
     standardise,
 )
 
@@ -27,7 +31,12 @@ __all__ = [
     "LossInputs",
     "Progress",
     "StandardisedKD",
+    "blend",
+    "cross_entropy",
     "distillation_divergence",
     "dkd_terms",
+    "for_members",
+    "kl_batchmean",
+    "per_member",
     "standardise",
 ]

@@ -8,10 +8,14 @@ It may read the training progress (``DKD``'s warm-up does) and may own trainable
 parts (a regressor): those are optimised with the student but are not part of it.
 Where the teacher's outputs come from (an online teacher, or the cache) is the
 caller's concern.
+
+Terms are computed for logits ``[..., B, C]``: one model (scalar terms) or a
+population's N members at once (terms ``[N]``, see :func:`for_members`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -66,3 +70,22 @@ class DistillationLoss(nn.Module):
         if "loss" not in out:
             raise KeyError(f"{type(self).__name__}.terms must return a 'loss' entry")
         return out
+
+
+def for_members(losses: list[DistillationLoss], device: torch.device | str = "cpu") -> DistillationLoss:
+    """One loss for N population members: a copy of ``losses[0]`` whose hyperparameters
+    are ``[N]`` tensors, member ``i``'s from ``losses[i]``; its terms are ``[N]``.
+
+    The members must share the method; a method with trainable parts of its own (a
+    regressor) cannot be shared, as each member would need its own copy of them."""
+    first = losses[0]
+    kinds = {type(loss).__name__ for loss in losses}
+    if len(kinds) > 1:
+        raise ValueError(f"population members must share one loss, got {sorted(kinds)}")
+    if any(True for _ in first.parameters()):
+        raise ValueError(f"{type(first).__name__} has trainable parameters: it trains only in single runs")
+    stacked = copy.copy(first)
+    for name in first.hparam_names:
+        values = [float(getattr(loss, name)) for loss in losses]  # float64: cast to the logits' dtype in use
+        setattr(stacked, name, torch.tensor(values, dtype=torch.float64, device=device))
+    return stacked

@@ -1,4 +1,9 @@
-"""The methods: each a pure function of tensors plus a thin class that declares it."""
+"""The methods: each a pure function of tensors plus a thin class that declares it.
+
+Every function takes logits shaped ``[..., B, C]`` (labels ``[..., B]``): one model's
+batch, or N members' batches stacked in a leading dimension (a population, see
+:mod:`kd.population`). Each returns one value per leading index, averaged over the
+batch, and every hyperparameter may be a float or a tensor with one value per member."""
 
 from __future__ import annotations
 
@@ -9,47 +14,76 @@ from torch import nn
 from kd.losses.base import DistillationLoss, LossInputs
 
 
-def distillation_divergence(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch.
+def per_member(value: float | torch.Tensor, like: torch.Tensor, trailing: int = 0) -> float | torch.Tensor:
+    """A hyperparameter ready to combine with ``like``: a float as it is, a per-member
+    tensor ``[N]`` in ``like``'s dtype, shaped ``[N, 1, ...]`` with ``trailing`` ones."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).view(*value.shape, *([1] * trailing))
+    return value
 
-    ``batchmean`` is the mathematically correct reduction; the default ``mean`` would
-    also divide by the number of classes.
-    """
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=1)
-    teacher_log_probs = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the batch: logits ``[..., B, C]``, labels ``[..., B]``,
+    one value per leading index (a scalar for one model, ``[N]`` for N members)."""
+    per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return per_example.view(labels.shape).mean(-1)
+
+
+def kl_batchmean(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) summed over the last dimension, averaged over the batch
+    (``batchmean``: the default ``mean`` would also divide by the number of classes)."""
+    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    return kl.sum(-1).mean(-1)
+
+
+def blend(weight: float | torch.Tensor, distill: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+    """``weight * distill + (1 - weight) * ce``, exactly ``ce`` (value and gradient)
+    where the weight is 0, so a weight-0 run is a CE run."""
+    mixed = weight * distill + (1.0 - weight) * ce
+    return torch.where(torch.as_tensor(weight, device=ce.device) == 0, ce, mixed)
+
+
+def distillation_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float | torch.Tensor
+) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over the batch."""
+    t = per_member(temperature, student_logits, 2)
+    student_log_probs = F.log_softmax(student_logits / t, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    return kl_batchmean(student_log_probs, teacher_log_probs) * per_member(temperature, student_logits) ** 2
 
 
 def standardise(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Z-score each sample's logits (Sun et al., 2024, logit standardisation)."""
-    mean = logits.mean(dim=1, keepdim=True)
-    std = logits.std(dim=1, keepdim=True)
+    mean = logits.mean(dim=-1, keepdim=True)
+    std = logits.std(dim=-1, keepdim=True)
     return (logits - mean) / (std + eps)
 
 
 def _log_target_and_rest(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[log p(target), log (1 - p(target))]`` per row, each a logsumexp over its classes."""
-    on_target = log_probs.masked_fill(~target, float("-inf")).logsumexp(dim=1)
-    off_target = log_probs.masked_fill(target, float("-inf")).logsumexp(dim=1)
-    return torch.stack([on_target, off_target], dim=1)
+    on_target = log_probs.masked_fill(~target, float("-inf")).logsumexp(dim=-1)
+    off_target = log_probs.masked_fill(target, float("-inf")).logsumexp(dim=-1)
+    return torch.stack([on_target, off_target], dim=-1)
 
 
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``1 - cos(student, teacher)`` per row. A row that is all zeros (a dead ReLU
-    feature map) has no direction: its distance is 1 and it passes no gradient, where
-    ``F.cosine_similarity``'s eps gives it a gradient of about 1/eps."""
-    live = (student.norm(dim=1) > 0) & (teacher.norm(dim=1) > 0)
+    """``1 - cos(student, teacher)`` along the last dimension. A row that is all zeros (a
+    dead ReLU feature map) has no direction: its distance is 1 and it passes no gradient,
+    where ``F.cosine_similarity``'s eps gives it a gradient of about 1/eps."""
+    live = (student.norm(dim=-1) > 0) & (teacher.norm(dim=-1) > 0)
     ones = torch.ones_like(student)
-    safe_s, safe_t = torch.where(live[:, None], student, ones), torch.where(live[:, None], teacher, ones)
-    cosine = (safe_s * safe_t).sum(1) / (safe_s.norm(dim=1) * safe_t.norm(dim=1))
+    safe_s = torch.where(live[..., None], student, ones)
+    safe_t = torch.where(live[..., None], teacher, ones)
+    cosine = (safe_s * safe_t).sum(-1) / (safe_s.norm(dim=-1) * safe_t.norm(dim=-1))
     return 1.0 - torch.where(live, cosine, torch.zeros_like(cosine))
 
 
 def dkd_terms(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoupled KD (Zhao et al., 2022): target-class (TCKD) and non-target-class (NCKD)
     KL terms, each times T^2, averaged over the batch.
@@ -58,16 +92,21 @@ def dkd_terms(
     probabilities and then taking the log (the published code's way) underflows to
     log(0) once the logit gap passes about 87 T in float32, and the 1e-12 clamp this
     replaced stopped the gradient past a gap of about 27.6 T; logsumexp stays exact."""
-    target = F.one_hot(labels, student_logits.shape[1]).bool()
-    t = teacher_logits.detach()
-    log_b_s = _log_target_and_rest(F.log_softmax(student_logits / temperature, dim=1), target)
-    log_b_t = _log_target_and_rest(F.log_softmax(t / temperature, dim=1), target)
-    tckd = F.kl_div(log_b_s, log_b_t, reduction="batchmean", log_target=True) * temperature**2
+    target = F.one_hot(labels, student_logits.shape[-1]).bool()
+    t, scale = per_member(temperature, student_logits, 2), per_member(temperature, student_logits) ** 2
+    s_scaled, t_scaled = student_logits / t, teacher_logits.detach() / t
+    log_b_s = _log_target_and_rest(F.log_softmax(s_scaled, dim=-1), target)
+    log_b_t = _log_target_and_rest(F.log_softmax(t_scaled, dim=-1), target)
+    tckd = kl_batchmean(log_b_s, log_b_t) * scale
     # Distributions over the non-target classes only, for NCKD: mask the target out.
-    masked_s = F.log_softmax(student_logits / temperature - 1000.0 * target, dim=1)
-    masked_t = F.log_softmax(t / temperature - 1000.0 * target, dim=1)
-    nckd = F.kl_div(masked_s, masked_t, reduction="batchmean", log_target=True) * temperature**2
-    return tckd, nckd
+    masked_s = F.log_softmax(s_scaled - 1000.0 * target, dim=-1)
+    masked_t = F.log_softmax(t_scaled - 1000.0 * target, dim=-1)
+    return tckd, kl_batchmean(masked_s, masked_t) * scale
+
+
+def _flat_features(features: torch.Tensor, lead: int) -> torch.Tensor:
+    """A feature map ``[..., B, *shape]`` as ``[..., B, F]`` (``lead`` member dimensions)."""
+    return features.flatten(lead + 1).float()
 
 
 class CrossEntropy(DistillationLoss):
@@ -76,7 +115,7 @@ class CrossEntropy(DistillationLoss):
     name = "ce"
 
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
+        ce = cross_entropy(inputs.student_logits, inputs.labels)
         return {"loss": ce, "ce": ce}
 
 
@@ -96,11 +135,9 @@ class HintonKD(DistillationLoss):
         return distillation_divergence(inputs.student_logits, inputs.teacher_logits, self.temperature)
 
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
-        if self.alpha == 0.0:  # skip the KL term entirely: alpha=0 is exactly CE
-            return {"loss": ce, "ce": ce}
+        ce = cross_entropy(inputs.student_logits, inputs.labels)
         kl = self.soft_target(inputs)
-        return {"loss": self.alpha * kl + (1.0 - self.alpha) * ce, "ce": ce, "kl": kl}
+        return {"loss": blend(per_member(self.alpha, ce), kl, ce), "ce": ce, "kl": kl}
 
 
 class StandardisedKD(HintonKD):
@@ -128,12 +165,13 @@ class DKD(DistillationLoss):
         self.temperature, self.warmup_epochs = float(temperature), float(warmup_epochs)
 
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
+        ce = cross_entropy(inputs.student_logits, inputs.labels)
         tckd, nckd = dkd_terms(inputs.student_logits, inputs.teacher_logits, inputs.labels, self.temperature)
         p = inputs.progress
         done = (p.epoch - 1) + p.step / p.steps_per_epoch  # epochs trained, fractional
-        warmup = min(done / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
-        loss = ce + warmup * (self.alpha * tckd + self.beta * nckd)
+        warmup_epochs = torch.as_tensor(per_member(self.warmup_epochs, ce), dtype=ce.dtype, device=ce.device)
+        warmup = torch.where(warmup_epochs > 0, (done / warmup_epochs).clamp(max=1.0), 1.0)
+        loss = ce + warmup * (per_member(self.alpha, ce) * tckd + per_member(self.beta, ce) * nckd)
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd}
 
 
@@ -153,13 +191,15 @@ class CosineHidden(DistillationLoss):
         self.weight = float(weight)
 
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        student = torch.flatten(inputs.student_features["conv"], 1).float()
-        teacher = torch.flatten(inputs.teacher_features["conv"], 1).float().detach()
-        if teacher.shape[1] != student.shape[1]:
-            teacher = F.adaptive_avg_pool1d(teacher.unsqueeze(1), student.shape[1]).squeeze(1)
-        cosine = cosine_distance(student, teacher).mean()
-        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
-        return {"loss": self.weight * cosine + (1.0 - self.weight) * ce, "ce": ce, "cosine": cosine}
+        lead = inputs.student_logits.dim() - 2  # member dimensions
+        student = _flat_features(inputs.student_features["conv"], lead)
+        teacher = _flat_features(inputs.teacher_features["conv"], lead).detach()
+        if teacher.shape[-1] != student.shape[-1]:
+            pooled = F.adaptive_avg_pool1d(teacher.reshape(-1, 1, teacher.shape[-1]), student.shape[-1])
+            teacher = pooled.view(*teacher.shape[:-1], student.shape[-1])
+        cosine = cosine_distance(student, teacher).mean(-1)
+        ce = cross_entropy(inputs.student_logits, inputs.labels)
+        return {"loss": blend(per_member(self.weight, ce), cosine, ce), "ce": ce, "cosine": cosine}
 
 
 class FeatureRegressor(DistillationLoss):
@@ -181,5 +221,5 @@ class FeatureRegressor(DistillationLoss):
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         mapped = self.regressor(inputs.student_features["conv"])
         mse = F.mse_loss(mapped.float(), inputs.teacher_features["conv"].float().detach())
-        ce = F.cross_entropy(inputs.student_logits, inputs.labels)
-        return {"loss": self.weight * mse + (1.0 - self.weight) * ce, "ce": ce, "mse": mse}
+        ce = cross_entropy(inputs.student_logits, inputs.labels)
+        return {"loss": blend(self.weight, mse, ce), "ce": ce, "mse": mse}
