@@ -7,8 +7,6 @@ before any data is read or any model trained.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kd import identity
 from kd.errors import ConfigError
 
 OBJECTIVES = ("val_acc", "test_acc")
@@ -244,16 +243,12 @@ def experiment_settings(root: DictConfig) -> dict[str, Any]:
     return run_settings(root, exclude=swept_keys(root))
 
 
-def settings_fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
 def default_study_name(*, _root_: DictConfig) -> str:
     """``${kd_study_name:}``: the experiment's name plus its settings' fingerprint, so two
     different experiments never share a study by accident."""
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) or {}
     name = choices.get("experiment") or choices.get("hparams_search") or "kd"
-    return f"{str(name).replace('/', '-')}-{settings_fingerprint(experiment_settings(_root_))}"
+    return f"{str(name).replace('/', '-')}-{identity.key('study', settings=experiment_settings(_root_))}"
 
 
 if not OmegaConf.has_resolver("kd_study_name"):

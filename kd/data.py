@@ -10,7 +10,6 @@ and no DataLoader workers. Decoded arrays of on-disk datasets are cached in
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import DataError
+from kd.identity import content_digest, files_digest
 from kd.storage import build_once, write_json
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,6 @@ class Dataset:
 
 
 TRUST_MANIFESTS = True  # False: hash every pixel on every load (benchmarks/bench_job_overhead.py)
-
-
-def content_hash(*tensors: torch.Tensor) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for tensor in tensors:
-        digest.update(memoryview(tensor.contiguous().cpu().numpy()).cast("B"))
-    return digest.hexdigest()
 
 
 class ImageData:
@@ -108,7 +101,7 @@ class ImageData:
         if manifest is not None and TRUST_MANIFESTS and manifest.exists():
             with contextlib.suppress(OSError, ValueError, KeyError):
                 return str(json.loads(manifest.read_text())["fingerprint"])
-        fingerprint = content_hash(train.images, train.labels, test.images, test.labels)
+        fingerprint = content_digest((train.images, train.labels, test.images, test.labels))
         if manifest is not None:
             with contextlib.suppress(OSError):
                 write_json(manifest, {"fingerprint": fingerprint, "train": len(train), "test": len(test)})
@@ -188,9 +181,7 @@ class ImageFolderData(ImageData):
     def _source_key(self) -> str | None:
         if set(self.split_keys) != {"train", "test"}:
             return None  # not cached: nothing to key a manifest on
-        return hashlib.blake2b(
-            f"{self.split_keys['train']}:{self.split_keys['test']}".encode(), digest_size=16
-        ).hexdigest()
+        return files_digest([f"{self.split_keys['train']}:{self.split_keys['test']}"])
 
     def _check_layout(self) -> None:
         if not self.root.is_dir():
@@ -265,12 +256,10 @@ class ImageFolderData(ImageData):
             decoded = self._decode(files)
         else:
             # Keyed by every file's path, size and mtime: an edited tree is decoded anew.
-            key = hashlib.blake2b(digest_size=16)
-            for path, label, st in files:
-                key.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            key.update(f"skip_bad_images={self.skip_bad_images}".encode())
-            self.split_keys[split] = key.hexdigest()
-            cache_file = self.cache_dir / "decoded" / f"folder-{split}-{key.hexdigest()}.pt"
+            lines = [f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, label, st in files]
+            key = files_digest([*lines, f"skip_bad_images={self.skip_bad_images}"])
+            self.split_keys[split] = key
+            cache_file = self.cache_dir / "decoded" / f"folder-{split}-{key}.pt"
             decoded, _ = build_once(cache_file, lambda: self._decode(files))
         skipped = decoded.get("skipped") or self.skipped
         if skipped:
@@ -302,11 +291,7 @@ class CIFAR10(ImageData):
         files = sorted(folder.glob("*_batch*")) if folder.is_dir() else []
         if not files:
             return None
-        key = hashlib.blake2b(digest_size=16)
-        for f in files:
-            st = f.stat()
-            key.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return key.hexdigest()
+        return files_digest(f"{f.resolve()}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}\n" for f in files)
 
     def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
         from torchvision.datasets import CIFAR10 as TorchCIFAR10

@@ -6,10 +6,10 @@ pipeline fills in from the dataset, so configs never state it twice.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import nn
+
+from kd.identity import derived_seed
 
 
 class FeatureNet(nn.Module):
@@ -104,8 +104,7 @@ class SeededDropout(nn.Dropout):
 def dropout_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """The dropout masks' generator of the run with ``seed``: seeded apart from the
     global generator (initialisation) and the augmentation's (which uses ``seed``)."""
-    derived = int.from_bytes(hashlib.sha256(f"dropout:{seed}".encode()).digest()[:8], "big") >> 1
-    return torch.Generator(device=device).manual_seed(derived)
+    return torch.Generator(device=device).manual_seed(derived_seed("dropout", seed))
 
 
 def seed_dropout(model: nn.Module, generator: torch.Generator) -> list[SeededDropout]:

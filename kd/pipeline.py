@@ -12,7 +12,6 @@ the store, addressed by :func:`recipe_spec`, and are trained at most once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import platform
@@ -28,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from kd import identity
 from kd.config import build, objective_names, run_settings, trial_seeds, validate
 from kd.data import BatchStream, Dataset, Preprocess
 from kd.devices import select_device, threads_per_job
@@ -38,7 +38,7 @@ from kd.models import count_parameters, dropout_generator, seed_dropout
 from kd.resume import ResumeFile
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import file_digest, save_checked, write_json
-from kd.teacher import TeacherStore, fingerprint, load_checkpoint, make_checkpoint, model_source_digest, restore_model
+from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint, restore_model
 from kd.tracking import NullLogger
 from kd.views import CachedViews, RandomViews, view_count, view_orders
 
@@ -111,15 +111,10 @@ def run_recipe(cfg: DictConfig, seed: int) -> Recipe:
     )
 
 
-def held_out_digest(data: Dataset) -> str:
-    """Which training images a model must not see: a hash of the validation indices."""
-    return hashlib.sha256(data.val_idx.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-
-
 def data_identity(data: Dataset) -> dict:
     return {
         "contents": data.fingerprint,
-        "held_out": held_out_digest(data),
+        "held_out": identity.held_out_digest(data.val_idx),
         "val_size": len(data.val_idx),
         "mean": list(data.mean),
         "std": list(data.std),
@@ -132,7 +127,7 @@ def recipe_spec(recipe: Recipe, ctx: Context) -> dict:
     check_every (speed and logging only), and every key of the student or its loss."""
     spec = {
         "model": OmegaConf.to_container(recipe.model, resolve=True),
-        "model_source": model_source_digest(_target(recipe.model)),
+        "model_source": identity.source_digest(_target(recipe.model)),
         "data": data_identity(ctx.data),
         "optim": OmegaConf.to_container(recipe.optim, resolve=True),
         "epochs": recipe.epochs,
@@ -234,7 +229,7 @@ def run_model_key(cfg: DictConfig, ctx: Context, seed: int) -> str:
     """What a run's own model training computes: every result-deciding setting, its data
     and its seed (the same key in any run directory)."""
     settings = run_settings(cfg, exclude=("seed", "trial.seeds"))
-    return fingerprint({"settings": settings, "data": data_identity(ctx.data), "seed": seed})
+    return identity.key("run", settings=settings, data=data_identity(ctx.data), seed=seed)
 
 
 def _augmentation(recipe: Recipe, teacher: TeacherSource | None) -> CachedViews | RandomViews | None:
@@ -260,7 +255,7 @@ def _checkpoint(trained: Trained, recipe: Recipe, ctx: Context) -> dict:
 
 def stored_ce_model(recipe: Recipe, ctx: Context, store: TeacherStore, desc: str) -> tuple[dict, bool]:
     """The CE-trained model of ``recipe`` from the store, trained once if absent."""
-    key = fingerprint(recipe_spec(recipe, ctx))
+    key = identity.key("model", **recipe_spec(recipe, ctx))
 
     resume = resume_file(ctx, f"store-{key}")
 
@@ -520,7 +515,7 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
 def _publish(store: TeacherStore, checkpoint: dict) -> None:
     """A CE-trained model is exactly what the store would build from its recipe (as a
     teacher, or as a KD run's baseline): publish it, never losing the run for it."""
-    key = fingerprint(checkpoint["spec"])
+    key = identity.key("model", **checkpoint["spec"])
     try:
         if store.publish(key, checkpoint):
             log.info("published to the store as %s (a later KD run reuses it)", key)

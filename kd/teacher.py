@@ -12,10 +12,7 @@ contents, so a changed teacher or dataset can never be served stale logits.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import io
-import json
 import logging
 import os
 import pickle
@@ -25,45 +22,38 @@ from typing import Any
 
 import torch
 
+from kd import identity
 from kd.errors import CheckpointError
+from kd.identity import check_store
 from kd.storage import build_once, file_digest, load_checked, locked, save_checked
 
 log = logging.getLogger(__name__)
 
 
-def fingerprint(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def model_source_digest(target: str) -> str:
-    """SHA-256 of the source of the model class and its own base classes (not torch's):
-    editing the network's code gives its teachers a new address."""
-    from hydra.utils import get_class
-
-    parts = []
-    for cls in get_class(target).__mro__:
-        if cls.__module__.split(".")[0] in ("torch", "builtins"):
-            continue
-        try:
-            parts.append(inspect.getsource(cls))
-        except (OSError, TypeError):  # defined interactively: fall back to its name
-            parts.append(f"{cls.__module__}.{cls.__qualname__}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
 class TeacherStore:
+    """Models, logits and view logits under ``root``, each at its :mod:`kd.identity` key."""
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._checked = False
+
+    def _check(self) -> None:
+        """Refuse a store of another identity version (once, before the first access)."""
+        if not self._checked:
+            check_store(self.root)
+            self._checked = True
 
     def checkpoint_path(self, key: str) -> Path:
         return self.root / "models" / key / "model.pt"  # teachers and CE baselines
 
     def get_or_build(self, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
         """The checkpoint stored under ``key``, built (once) if absent; and whether built."""
+        self._check()
         return build_once(self.checkpoint_path(key), build)
 
     def publish(self, key: str, checkpoint: dict) -> bool:
         """Store a checkpoint trained elsewhere, unless one is already there."""
+        self._check()
         path = self.checkpoint_path(key)
         with locked(path.with_name(path.name + ".lock")):
             if load_checked(path) is not None:
@@ -75,7 +65,8 @@ class TeacherStore:
         self, checkpoint_digest: str, data_key: str, compute: Callable[[], torch.Tensor]
     ) -> tuple[torch.Tensor, bool]:
         """Teacher logits for every training example, computed once per (teacher, data)."""
-        key = hashlib.sha256(f"{checkpoint_digest}\0{data_key}".encode()).hexdigest()[:24]
+        self._check()
+        key = identity.key("logits", checkpoint=checkpoint_digest, data=data_key)
         return build_once(self.root / "logits" / f"{key}.pt", compute)
 
     def view_logits(
@@ -96,7 +87,8 @@ class TeacherStore:
         resumes at the first missing column, and a smaller ``k`` reuses a larger one's.
         Returns logits ``[N, k, classes]`` (float16) and the view ids ``[N, k]``.
         """
-        key = hashlib.sha256(f"{checkpoint_digest}\0{data_key}\0views:{view_seed}".encode()).hexdigest()[:24]
+        self._check()
+        key = identity.key("views", checkpoint=checkpoint_digest, data=data_key, view_seed=view_seed)
         folder = self.root / "views" / key
         order, _ = build_once(folder / "orders.pt", orders)
         if not 1 <= k <= order.shape[1]:

@@ -51,7 +51,7 @@ def test_a_dataset_fingerprint_comes_from_its_manifest_until_a_file_changes(tmp_
     first = ImageFolderData(str(root), cache_dir=str(tmp_path / "cache")).load()
     assert list((tmp_path / "cache" / "manifests").glob("folder-*.json"))
     with monkeypatch.context() as m:
-        m.setattr(data_module, "content_hash", _no_hashing)
+        m.setattr(data_module, "content_digest", _no_hashing)
         again = ImageFolderData(str(root), cache_dir=str(tmp_path / "cache")).load()
     assert again.fingerprint == first.fingerprint
     Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "train" / "class0" / "0.jpg")  # new pixels, new mtime

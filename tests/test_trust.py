@@ -13,11 +13,12 @@ from hydra import compose, initialize_config_dir
 
 from kd.config import default_study_name, experiment_settings
 from kd.errors import CheckpointError
+from kd.identity import key, source_digest
 from kd.models import DeepNN
 from kd.pipeline import make_context, prepare_teacher, recipe_spec, run_recipe, teacher_recipe
 from kd.report import report
 from kd.storage import save_checked
-from kd.teacher import TeacherStore, fingerprint, make_checkpoint, model_source_digest
+from kd.teacher import TeacherStore, make_checkpoint
 from tests.conftest import CONF, FAST, read_metrics, run_py
 
 SMALL = ["data=synthetic", "data.train_size=96", "data.test_size=32", "data.val_size=16", "trainer.device=cpu"]
@@ -27,7 +28,7 @@ def teacher_address(compose_cfg, *overrides: str, device: str = "cpu") -> str:
     cfg = compose_cfg("loss=kd", *SMALL, *overrides)
     ctx = make_context(cfg, torch.device("cpu"))
     ctx = dataclasses.replace(ctx, device=torch.device(device))  # recipe_spec reads only its type
-    return fingerprint(recipe_spec(teacher_recipe(cfg), ctx))
+    return key("model", **recipe_spec(teacher_recipe(cfg), ctx))
 
 
 @pytest.mark.parametrize(
@@ -85,9 +86,9 @@ def test_editing_the_model_class_changes_its_source_digest(tmp_path, monkeypatch
         )
         sys.modules.pop("toy_net", None)
         importlib.invalidate_caches()
-        digests.append(model_source_digest("toy_net.Net"))
+        digests.append(source_digest("toy_net.Net"))
     assert digests[0] != digests[1]
-    assert model_source_digest("kd.models.DeepNN") == model_source_digest("kd.models.DeepNN")
+    assert source_digest("kd.models.DeepNN") == source_digest("kd.models.DeepNN")
 
 
 def test_the_seed_teacher_run_publishes_the_address_seed_kd_looks_up(compose_cfg):
@@ -95,7 +96,7 @@ def test_the_seed_teacher_run_publishes_the_address_seed_kd_looks_up(compose_cfg
     kd_run = compose_cfg("experiment=seed_kd", *SMALL, "data.val_size=0")
     ctx = make_context(teacher_run, torch.device("cpu"))
     published = recipe_spec(run_recipe(teacher_run, int(teacher_run.seed)), ctx)
-    assert fingerprint(published) == fingerprint(recipe_spec(teacher_recipe(kd_run), ctx))
+    assert key("model", **published) == key("model", **recipe_spec(teacher_recipe(kd_run), ctx))
 
 
 def _checkpoint_trained_without_validation(compose_cfg, path):
