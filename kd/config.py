@@ -7,15 +7,21 @@ before any data is read or any model trained.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kd import identity
 from kd.errors import ConfigError
+from kd.views import view_count
 
 OBJECTIVES = ("val_acc", "test_acc")
 # Metrics a multi-objective sweep may trade accuracy against (objective=[val_acc,params]).
@@ -137,13 +143,12 @@ def _check_teacher(cfg: DictConfig) -> None:
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise ConfigError(f"teacher.checkpoint must be a file path (or null for the store), got {checkpoint!r}")
     views = OmegaConf.select(cfg, "teacher.views", default=None)
-    if views is not None and views not in ("all", "online"):
-        from kd.views import view_count
-
-        if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= view_count():
-            raise ConfigError(
-                f"teacher.views must be a view count in [1, {view_count()}], all or online, got {views!r}"
-            )
+    if (
+        views is not None
+        and views not in ("all", "online")
+        and (isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= view_count())
+    ):
+        raise ConfigError(f"teacher.views must be a view count in [1, {view_count()}], all or online, got {views!r}")
 
 
 def _check_objective(cfg: DictConfig) -> None:
@@ -228,7 +233,6 @@ def run_settings(cfg: DictConfig, exclude: Iterable[str] = ()) -> dict[str, Any]
 
 def swept_keys(root: DictConfig) -> list[str]:
     """Keys a sweep varies: ``hydra.sweeper.params`` and sweep overrides on the command line."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     keys = [str(k) for k in (OmegaConf.select(root, "hydra.sweeper.params", default=None) or {})]
     task = [str(t) for t in (OmegaConf.select(root, "hydra.overrides.task", default=None) or [])]
@@ -264,8 +268,6 @@ TRUSTED_TARGETS = ("kd.*", "torch.optim.*")
 
 def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` limited to :data:`TRUSTED_TARGETS` plus ``extra_targets``."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     extra = list(OmegaConf.select(root, "extra_targets", default=None) or []) if root is not None else []
     try:
@@ -277,7 +279,6 @@ def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:
 
 
 def _option_keys(path: Path) -> set[str]:
-    import yaml
 
     try:
         node = yaml.safe_load(path.read_text()) or {}
@@ -289,9 +290,6 @@ def _option_keys(path: Path) -> set[str]:
 def override_hints(args: list[str], conf_dir: Path) -> list[str]:
     """Hints for overrides Hydra refused: a key that belongs to another option of its
     group (``loss.alpha`` needs ``loss=kd``), or a near miss (``loss.temprature``)."""
-    import difflib
-
-    import yaml
 
     chosen: dict[str, str] = {}
     try:  # the primary config's defaults: model=student, trainer=default, ...

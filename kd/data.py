@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from kd.errors import DataError
 from kd.identity import content_digest, files_digest
@@ -228,7 +229,6 @@ class ImageFolderData(ImageData):
         self.skipped.append(f"{path}: {what}")
 
     def _decode(self, files: list[tuple[str, int]]) -> dict:
-        from PIL import Image
 
         log.info("decoding %d images under %s (once; cached afterwards)", len(files), self.root)
         arrays, labels = [], []
@@ -294,6 +294,8 @@ class CIFAR10(ImageData):
         return files_digest(f"{f.resolve()}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}\n" for f in files)
 
     def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
+        # Imported here: torchvision adds about a second to every job's start, and
+        # only this source needs it.
         from torchvision.datasets import CIFAR10 as TorchCIFAR10
 
         sets = []

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.visualization import matplotlib as optuna_plots
+
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 
 MODEL_NAMES = {"DeepNN": "Teacher", "LightNN": "Student"}
@@ -211,7 +214,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _load_study(sweep_dir: Path) -> Any:
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -231,7 +233,6 @@ def _load_study(sweep_dir: Path) -> Any:
 
 def _completed(study: Any) -> list:
     """The study's completed trials (failed, pruned and running ones are never results)."""
-    import optuna
 
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
@@ -253,7 +254,6 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
 
     Test accuracy is given for the selected trial only: it is reported, never ranked on.
     """
-    import optuna
 
     if len(study.directions) > 1:
         return pareto_table(sweep_dir, study)
@@ -372,6 +372,10 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+# matplotlib is imported in the functions that draw: sweep_plots selects the Agg
+# backend (files only) before pyplot is first imported.
+
+
 def _save(fig: Any, path: Path, size: tuple[float, float], written: list[str]) -> None:
     import matplotlib.pyplot as plt
 
@@ -418,9 +422,7 @@ def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None 
     import matplotlib
 
     matplotlib.use("Agg")
-    import optuna
     from matplotlib.ticker import MaxNLocator
-    from optuna.visualization import matplotlib as optuna_plots
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     trials = _completed(study)

@@ -47,6 +47,8 @@ def plan_groups(configs: Sequence[DictConfig], max_members: int) -> list[list[in
     """Job indices grouped by :func:`kd.population.population_key`, each group holding
     at most ``max_members`` members (a job with ``trial.seeds`` brings one per seed);
     jobs that cannot share come back as groups of one."""
+    # kd is imported when the launcher is used: Hydra imports every plugin module at
+    # the start of every app, kd's or not.
     from kd.config import trial_seeds
     from kd.population import population_key
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import optuna
+from hydra.core.hydra_config import HydraConfig
 
 from hydra_plugins.kd_sweeper._compat import live_trial
 from hydra_plugins.kd_sweeper.study import open_storage
@@ -48,9 +49,7 @@ def study_name(env: Mapping[str, str] | None = None) -> str | None:
 
 def _pruner() -> optuna.pruners.BasePruner:
     """The sweep's pruner, as configured in ``hydra.sweeper.pruner`` of this job's config."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from hydra_plugins.kd_sweeper.kd_sweeper import build_pruner
+    from hydra_plugins.kd_sweeper.kd_sweeper import build_pruner  # here: kd_sweeper imports this module
 
     pruner_cfg = HydraConfig.get().sweeper.get("pruner") if HydraConfig.initialized() else None
     return build_pruner(pruner_cfg) or optuna.pruners.NopPruner()

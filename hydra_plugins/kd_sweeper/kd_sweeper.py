@@ -35,7 +35,11 @@ samplers (grid included) and one or several objectives. What it adds:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import math
+import os
 import random
 import sys
 import threading
@@ -153,7 +157,6 @@ def failure_allowance(max_failure_rate: float, n_trials: int) -> int:
 
 
 def trial_seed(base_seed: int, trial_number: int) -> int:
-    import hashlib
 
     digest = hashlib.sha256(f"{base_seed}:{trial_number}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
@@ -165,7 +168,6 @@ def _quoted(value: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
-    import json
 
     return json.loads(json.dumps(value, default=str))
 
@@ -190,7 +192,6 @@ def describe_differences(recorded: dict, current: dict, what: str) -> list[str]:
 
 
 def _short(value: Any) -> str:
-    import json
 
     if isinstance(value, str) and value.startswith("{"):
         try:  # a distribution's JSON: show its attributes, not its escaping
@@ -608,7 +609,6 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
 
 
 def _log() -> Any:
-    import logging
 
     return logging.getLogger(__name__)
 
@@ -633,7 +633,6 @@ def _check_sweeper_values(n_trials: Any, n_jobs: Any, max_failure_rate: Any, hea
 
 
 def _available_cores() -> int:
-    import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
