@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.stats import fmt_difference, fmt_mean_se  # noqa: E402
+from kd.report import table  # noqa: E402
+from kd.stats import describe, fmt_difference, fmt_mean_se  # noqa: E402
 
 SEEDS = "[42,43,44]"
 # The student recipe every arm shares (KD and its CE baseline alike).
@@ -126,27 +127,31 @@ def summarise(out: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    from kd.stats import describe
-
-    lines = [
-        "| arm | teacher val / test | student epochs | augmentation | T, α | KD val | CE val | KD − CE val "
-        "[95 % CI] | KD test | CE test | KD − CE test [95 % CI] | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["arm", "teacher val / test", "student epochs", "augmentation", "T, α", "KD val", "CE val"]
+    head += ["KD − CE val [95 % CI]", "KD test", "CE test", "KD − CE test [95 % CI]", "wall (s)"]
+    cells = []
     for r in rows:
         aug = (
             f"views K={r['teacher_views']}" if r["teacher_signal"] == "views" else ("online" if r["augment"] else "off")
         )
         ce = {s: describe(r["ce"][s]) for s in ("val_acc", "test_acc")}
-        lines.append(
-            f"| {r['arm']} | {r['teacher_val_acc']:.2f} / {r['teacher_test_acc']:.2f} | {r['epochs']} | {aug} | "
-            f"{r['temperature']:g}, {r['alpha']:g} | {fmt_mean_se(r['kd']['val_acc'])} | "
-            f"{fmt_mean_se(ce['val_acc'])} | "
-            f"{fmt_difference(r['kd_minus_ce']['val_acc'])} | {fmt_mean_se(r['kd']['test_acc'])} | "
-            f"{fmt_mean_se(ce['test_acc'])} | {fmt_difference(r['kd_minus_ce']['test_acc'])} | "
-            f"{r['wall_seconds']:.0f} |"
+        cells.append(
+            [
+                r["arm"],
+                f"{r['teacher_val_acc']:.2f} / {r['teacher_test_acc']:.2f}",
+                str(r["epochs"]),
+                aug,
+                f"{r['temperature']:g}, {r['alpha']:g}",
+                fmt_mean_se(r["kd"]["val_acc"]),
+                fmt_mean_se(ce["val_acc"]),
+                fmt_difference(r["kd_minus_ce"]["val_acc"]),
+                fmt_mean_se(r["kd"]["test_acc"]),
+                fmt_mean_se(ce["test_acc"]),
+                fmt_difference(r["kd_minus_ce"]["test_acc"]),
+                f"{r['wall_seconds']:.0f}",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return table(head, cells, align="lrrlrrrlrrlr") + "\n"
 
 
 def main() -> None:

@@ -189,28 +189,44 @@ def _time(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| Model | Setting | Parameters | Seeds | Val acc | Test acc | KD − CE, val [95% CI] "
-        "| KD − CE, test [95% CI] | Training time |",
-        "| ----- | ------- | ---------: | ----- | ------: | -------: | ----- | ----- | ------------: |",
-    ]
+def table(head: list[str], rows: list[list[str]], align: str = "") -> str:
+    """A Markdown table: the one writer behind every table of the report, the README
+    and docs. ``align`` has one letter per column (l, r, c; default: all right)."""
+    align = align or "r" * len(head)
+    if len(align) != len(head) or any(len(row) != len(head) for row in rows):
+        raise ValueError(f"a table of {len(head)} columns got align {align!r} and rows of {[len(r) for r in rows]}")
+    rule = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(rule[a] for a in align) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def runs_markdown(rows: list[dict]) -> str:
+    """The runs table: one row per setting, accuracies over seeds, KD − CE paired."""
+    head = ["Model", "Setting", "Parameters", "Seeds", "Val acc", "Test acc", "KD − CE, val [95% CI]"]
+    head += ["KD − CE, test [95% CI]", "Training time"]
+    cells = []
     for r in rows:
         # The label already names the method and its hyperparameters.
         setting = ", ".join(f"{k}={_short(v)}" for k, v in r["differs"].items() if not k.startswith("loss."))
-        params = f"{r['params']:,}" if r["params"] is not None else "n/a"
-        seeds = ", ".join(str(s) for s in r["seeds"])
-        lines.append(
-            f"| {r['label']} | {setting or '—'} | {params} | {seeds} | {fmt_mean_se(r['val_acc'])} | "
-            f"{fmt_mean_se(r['test_acc'])} | {fmt_difference(r['kd_minus_ce']['val_acc'])} | "
-            f"{fmt_difference(r['kd_minus_ce']['test_acc'])} | {_time(r['train_seconds_mean'])} |"
+        cells.append(
+            [
+                r["label"],
+                setting or "—",
+                f"{r['params']:,}" if r["params"] is not None else "n/a",
+                ", ".join(str(s) for s in r["seeds"]),
+                fmt_mean_se(r["val_acc"]),
+                fmt_mean_se(r["test_acc"]),
+                fmt_difference(r["kd_minus_ce"]["val_acc"]),
+                fmt_difference(r["kd_minus_ce"]["test_acc"]),
+                _time(r["train_seconds_mean"]),
+            ]
         )
-    lines += [
-        "",
+    note = (
         "Accuracies: mean ± standard error over seeds. KD − CE: the paired difference to the CE "
-        "student trained with the same seeds and recipe, with its 95 % t interval.",
-    ]
-    return "\n".join(lines)
+        "student trained with the same seeds and recipe, with its 95 % t interval."
+    )
+    return table(head, cells, align="llrlrrllr") + "\n\n" + note
 
 
 def _load_study(sweep_dir: Path) -> Any:
@@ -327,18 +343,15 @@ def pareto_markdown(sweep: dict) -> str:
     params = sorted({p for r in sweep["pareto_front"] for p in r["params"]})
     goals = [f"{n} ({d[:3]})" for n, d in zip(sweep["objective"], sweep["directions"], strict=False)]
     head = ["Trial", *params, *goals, "Val acc", "Test acc"]
-    lines = [
-        f"Study `{sweep['study_name']}`: the Pareto front, {len(sweep['pareto_front'])} of {sweep['complete']} "
-        "completed trials (none of the others is at least as good on every objective and better on one).",
-        "",
-        "| " + " | ".join(head) + " |",
-        "| " + " | ".join("---:" for _ in head) + " |",
-    ]
+    rows = []
     for r in sweep["pareto_front"]:
         cells = [str(r["trial"]), *(_short(r["params"].get(p)) for p in params)]
-        cells += [f"{v:.4g}" for v in r["values"]] + [fmt_mean_se(r["val_acc"]), fmt_mean_se(r["test_acc"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells + [f"{v:.4g}" for v in r["values"]] + [fmt_mean_se(r["val_acc"]), fmt_mean_se(r["test_acc"])])
+    intro = (
+        f"Study `{sweep['study_name']}`: the Pareto front, {len(sweep['pareto_front'])} of {sweep['complete']} "
+        "completed trials (none of the others is at least as good on every objective and better on one)."
+    )
+    return intro + "\n\n" + table(head, rows)
 
 
 def sweep_markdown(sweep: dict) -> str:
@@ -346,30 +359,27 @@ def sweep_markdown(sweep: dict) -> str:
         return pareto_markdown(sweep)
     params = sorted({p for r in sweep["rows"] for p in r["params"]})
     head = ["Trial", *params, f"Objective ({sweep['objective']})", "Val acc", "KD − CE, val [95% CI]", "Test acc"]
-    lines = [
-        f"Study `{sweep['study_name']}`: {len(sweep['rows'])} completed trials ordered by the objective "
-        f"({sweep['direction']}); {sweep['failed']} failed and "
-        f"{sweep.get('pruned', 0)} pruned trial(s) left out. "
-        "Test accuracy is shown for the selected trial (★) only.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "| " + " | ".join("---:" for _ in head) + " |",
-    ]
+    rows = []
     for r in sweep["rows"]:
-        mark = " ★" if r["selected"] else ""
         test = "—"
         if r["selected"]:
             test = fmt_mean_se(r["test_acc"]) + f"; KD − CE {fmt_difference(r['kd_minus_ce_test'])}"
-        cells = [
-            f"{r['trial']}{mark}",
-            *(_short(r["params"].get(p)) for p in params),
-            f"{r['objective_value']:.2f}",
-            fmt_mean_se(r["val_acc"]),
-            fmt_difference(r["kd_minus_ce_val"]),
-            test,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(
+            [
+                f"{r['trial']}{' ★' if r['selected'] else ''}",
+                *(_short(r["params"].get(p)) for p in params),
+                f"{r['objective_value']:.2f}",
+                fmt_mean_se(r["val_acc"]),
+                fmt_difference(r["kd_minus_ce_val"]),
+                test,
+            ]
+        )
+    intro = (
+        f"Study `{sweep['study_name']}`: {len(sweep['rows'])} completed trials ordered by the objective "
+        f"({sweep['direction']}); {sweep['failed']} failed and {sweep.get('pruned', 0)} pruned trial(s) left out. "
+        "Test accuracy is shown for the selected trial (★) only."
+    )
+    return intro + "\n\n" + table(head, rows)
 
 
 # matplotlib is imported in the functions that draw: sweep_plots selects the Agg
@@ -476,7 +486,7 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
             plots += sweep_plots(d, study, out, notes)
     lines = [f"# {title}", ""]
     if rows:
-        lines += [markdown_table(rows), ""]
+        lines += [runs_markdown(rows), ""]
     for sweep in sweeps:
         lines += [sweep_markdown(sweep), ""]
     duplicates = [(r["label"], d) for r in rows for d in r["duplicates"]]
@@ -520,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd.report: error: {err}", file=sys.stderr)
         return 2
     if summary["rows"]:
-        print(markdown_table(summary["rows"]))
+        print(runs_markdown(summary["rows"]))
     for sweep in summary["sweeps"]:
         print(sweep_markdown(sweep))
     for item in summary["skipped"]:

@@ -1,0 +1,132 @@
+"""Write README.md's result tables from the result JSON files they report.
+
+    python docs/readme_tables.py           # rewrite the tables in README.md
+    python docs/readme_tables.py --check   # exit 1 if README.md and the JSON disagree
+
+Each table sits between ``<!-- table: NAME -->`` and ``<!-- end table -->`` in the
+README; everything between the markers is generated, so a figure is never copied by
+hand. ``tests/test_readme.py`` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kd.report import table  # noqa: E402
+from kd.stats import describe, fmt_difference, fmt_mean_se  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results"
+
+# The study arms the README shows (every arm is in docs/study.md), each described.
+STUDY_ARMS = {
+    "seed-30-off": "30 epochs, no augmentation, seed-recipe teacher",
+    "strong-10-off": "10 epochs, no augmentation",
+    "strong-30-off": "30 epochs, no augmentation",
+    "strong-30-off-T1.2942552502947942-a0.9118705903520428": (
+        "30 epochs, no augmentation (`kd_strong_long`, T, α swept on seeds 42–44)"
+    ),
+    "strong-30-views16": "30 epochs, crop + flip, KD on 16 cached views",
+}
+
+
+def _load(path: Path):
+    return json.loads(path.read_text())
+
+
+def results_h200() -> str:
+    """The original study's recipe on the H200: teacher, student, KD as published and as swept."""
+    rows = _load(RESULTS / "h200" / "seed" / "summary.json")["rows"]
+    order = {"Teacher": 0, "Student": 1}
+    rows = sorted(rows, key=lambda r: (order.get(r["label"], 2), -(r["temperature"] or 0)))
+    cells = [
+        [r["label"], f"{r['params']:,}", fmt_mean_se(r["test_acc"]), _difference(r["kd_minus_ce"]["test_acc"])]
+        for r in rows
+    ]
+    return table(["Model", "Parameters", "Test accuracy", "KD − CE, test [95 % CI]"], cells, align="lrrl")
+
+
+def _difference(diff: dict | None) -> str:
+    return fmt_difference(diff) if diff else "—"  # a model trained alone has no KD − CE
+
+
+def _seeds(seeds: list[int]) -> str:
+    return f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
+
+
+def study_cpu() -> str:
+    """Where distillation pays: the CPU study's arms, KD and its CE twin paired per seed."""
+    study = RESULTS / "study_cpu"
+    arms = {r["arm"]: r for r in [*_load(study / "study.json"), *_load(study / "retrain.json")]}
+    cells = []
+    for name, description in STUDY_ARMS.items():
+        r = arms[name]
+        cells.append(
+            [
+                description,
+                f"{r['teacher_val_acc']:.2f} %",
+                f"{r['temperature']:.3g}, {r['alpha']:.2g}",
+                _seeds(r["seeds"]),
+                fmt_mean_se(r["kd"]["val_acc"]),
+                fmt_mean_se(describe(r["ce"]["val_acc"])),
+                fmt_difference(r["kd_minus_ce"]["val_acc"]),
+                fmt_difference(r["kd_minus_ce"]["test_acc"]),
+            ]
+        )
+    head = ["student", "teacher val", "T, α", "seeds", "KD val", "CE val", "KD − CE val [95 % CI]"]
+    return table([*head, "KD − CE test [95 % CI]"], cells, align="lrrlrrll")
+
+
+def performance_cpu() -> str:
+    """The CPU benchmark: this project against the tutorial-style loop, phase by phase."""
+    bench = _load(ROOT / "docs" / "bench_cpu.json")
+    cells = []
+    for r in bench["rows"]:
+        reference = f"{r['reference_s']:.1f}" if r["reference_s"] is not None else "—"
+        ratio = f"{r['ratio']:.1f}x" if r["ratio"] is not None else "—"
+        cells.append([r["phase"], reference, f"{r['project_s']:.1f}", ratio, r["note"] or ""])
+    trial_ratio = f"{bench['kd_trial_over_ce_trial']:.2f}x"
+    cells.append(["KD trial / CE trial, wall time", "", "", trial_ratio, "one trial each"])
+    return table(["phase", "tutorial loop (s)", "kd (s)", "speed-up", "note"], cells, align="lrrrl")
+
+
+TABLES = {"results-h200": results_h200, "study-cpu": study_cpu, "performance-cpu": performance_cpu}
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
+
+
+def render(readme: str) -> str:
+    """``readme`` with every marked table regenerated; unknown names are an error."""
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise KeyError(f"README.md marks a table {name!r}; docs/readme_tables.py knows {sorted(TABLES)}")
+        return f"{match.group(1)}{TABLES[name]()}\n{match.group(4)}"
+
+    return BLOCK.sub(fill, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the JSON")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args(argv)
+    current = args.readme.read_text()
+    wanted = render(current)
+    if args.check:
+        if wanted != current:
+            print(f"{args.readme} disagrees with the result JSON: run python docs/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

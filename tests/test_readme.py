@@ -1,0 +1,50 @@
+"""README.md is a short manual whose result tables are generated from result JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("readme_tables", REPO / "docs" / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_tables_are_what_the_result_json_says():
+    tables = _tables()
+    text = README.read_text()
+    assert set(re.findall(r"<!-- table: ([\w-]+) -->", text)) == set(tables.TABLES)
+    assert tables.render(text) == text, "README.md disagrees with the result JSON: run python docs/readme_tables.py"
+
+
+def test_a_changed_figure_is_caught(tmp_path):
+    tables = _tables()
+    text = README.read_text()
+    tampered = text.replace("| Teacher | 1,186,986 |", "| Teacher | 1,186,987 |", 1)
+    assert tampered != text and tables.render(tampered) != tampered
+    copy = tmp_path / "README.md"
+    copy.write_text(tampered)
+    assert tables.main(["--check", "--readme", str(copy)]) == 1
+    assert tables.main(["--readme", str(copy)]) == 0 and copy.read_text() == text
+
+
+def test_an_unknown_table_is_an_error():
+    with pytest.raises(KeyError, match="nonsense"):
+        _tables().render("<!-- table: nonsense -->\n<!-- end table -->\n")
+
+
+def test_the_readme_is_a_manual_of_at_most_300_lines_whose_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if not target.startswith("http"):
+            assert (REPO / target).exists(), target
