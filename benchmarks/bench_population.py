@@ -1,21 +1,21 @@
-"""Trials per minute of a KD sweep on one GPU: one trial at a time vs populations.
+"""Trials per hour of a KD sweep: one trial at a time vs populations, on CPU or GPU.
 
-    python benchmarks/bench_population.py --json out.json                  # synthetic 50k images
-    python benchmarks/bench_population.py --data-root /tmp/cifar --json out.json
-    python benchmarks/bench_population.py --smoke                          # tiny, on CPU: checks the script
+    python benchmarks/bench_population.py --json out.json                     # GPU: synthetic 50k images
+    python benchmarks/bench_population.py --data-root DIR --json out.json     # an ImageFolder tree
+    python benchmarks/bench_population.py --device cpu --sizes 8 --epochs 1   # CPU
+    python benchmarks/bench_population.py --smoke                             # tiny: checks the script
 
-GPU only (on CPU it prints why and exits 0, unless --smoke): grouped convolutions
-make a population slower than sequential trials on CPU. Everything runs in this one
-process on the same data, device and teacher logits:
+Everything runs in this one process on the same data, device and teacher logits:
 
-1. one-at-a-time: ``--single`` KD trials (T x alpha grid points) through
+1. one at a time: ``--single`` KD trials (T x alpha grid points) through
    :func:`kd.pipeline.train_model`, plus one CE trial (the KD/CE step-time ratio);
-2. populations of N = 8, 32, 64, 128 (``--sizes``) KD trials through
-   :func:`kd.population.train_population`, with peak GPU memory;
-3. trials per minute of each and the ratio to one-at-a-time.
+2. populations of N = ``--sizes`` KD trials through :func:`kd.population.train_population`
+   (peak GPU memory on a GPU);
+3. trials per hour of each and the ratio to one at a time.
 
-``--pipeline`` also times, in subprocesses, the seed's three steps (teacher, CE
-student, KD student) plus a 64-trial T x alpha grid launched with
+``--repeats R`` measures both arms R times, alternating which goes first, and prints
+each ratio and their mean ± SD (n = R). ``--pipeline`` also times, in subprocesses,
+the seed's three steps plus a 64-trial T x alpha grid launched with
 ``hydra/launcher=population``: the wall time a user waits.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -87,32 +86,77 @@ def time_pipeline(data: list[str], store: Path, out: Path) -> dict:
     return seconds
 
 
+def time_single(args, kd_cfg, ctx, teacher, device) -> list[float]:
+    """Seconds of each of ``args.single`` KD trials trained one at a time."""
+    seconds = []
+    for i, (t, a) in enumerate(grid(args.single)):
+        c = kd_cfg(t, a, i)
+        synchronize(device)
+        begin = time.perf_counter()
+        train_model(run_recipe(c, i), build(c.loss, c), ctx, teacher=teacher)
+        synchronize(device)
+        seconds.append(time.perf_counter() - begin)
+    return seconds
+
+
+def time_population(n: int, kd_cfg, ctx, teacher, device) -> dict:
+    """One population of ``n`` KD trials: seconds, peak GPU memory, finished members."""
+    members = []
+    for i, (t, a) in enumerate(grid(n)):
+        c = kd_cfg(t, a, 1000 + i)
+        members.append(Member(run_recipe(c, 1000 + i), build(c.loss, c)))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    begin = time.perf_counter()
+    outcomes = train_population(members, ctx, teacher)
+    synchronize(device)
+    seconds = time.perf_counter() - begin
+    finished = [o for o in outcomes if hasattr(o, "val_acc")]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "members": n,
+        "seconds": seconds,
+        "trials_per_hour": 3600.0 * n / seconds,
+        "peak_gpu_memory_gib": peak,
+        "finished": len(finished),
+    }
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", help="ImageFolder tree (default: synthetic 50,000 CIFAR-shaped images)")
+    parser.add_argument("--data-root", help="ImageFolder tree (default: synthetic CIFAR-shaped images)")
+    parser.add_argument("--train-size", type=int, default=50000, help="synthetic training images")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--single", type=int, default=4, help="KD trials timed one at a time")
+    parser.add_argument("--single", type=int, default=4, help="KD trials timed one at a time, per repeat")
     parser.add_argument("--sizes", default="8,32,64,128")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--store", default="/tmp/kd_bench_store")
     parser.add_argument("--pipeline", action="store_true", help="also time the seed pipeline + a 64-trial grid")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device: checks the script runs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.smoke:
-        print("bench_population: no CUDA GPU here; populations pay off on GPUs only (on CPU vmap-ed grouped")
-        print("convolutions run slower than one trial at a time). Nothing measured.")
-        return
     if args.data_root:
         data = ["data=folder", f"data.root={Path(args.data_root).resolve()}", "data.val_size=5000"]
     else:
-        data = ["data=synthetic", "data.train_size=50000", "data.test_size=10000", "data.val_size=5000"]
+        data = ["data=synthetic", f"data.train_size={args.train_size}", "data.test_size=10000", "data.val_size=5000"]
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.smoke:
         data = ["data=synthetic", "data.train_size=512", "data.test_size=128", "data.val_size=64", "teacher.epochs=1"]
-        args.epochs, args.single, sizes = 1, 2, [2, 4]
+        args.epochs, args.single, sizes, args.repeats = 1, 2, [2, 4], 2
     common = [*data, f"trainer.epochs={args.epochs}", f"paths.store_dir={args.store}", "trainer.progress=false"]
     cfg = compose_cfg(["loss=kd", *common])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
     ctx = make_context(cfg, device)
     started = time.perf_counter()
     teacher = prepare_teacher(ctx, TeacherStore(args.store))
@@ -121,76 +165,56 @@ def main() -> None:
     def kd_cfg(t: float, a: float, seed: int):
         return compose_cfg(["loss=kd", *common, f"loss.temperature={t}", f"loss.alpha={a}", f"seed={seed}"])
 
-    # Warm-up (cuDNN autotuning, allocator) outside every timing.
+    # Warm-up (cuDNN autotuning, allocator, first-call costs) outside every timing.
     warm = kd_cfg(2.0, 0.5, 0)
     train_model(run_recipe(warm, 0), build(warm.loss, warm), ctx, teacher=teacher)
-
-    single_seconds = []
-    for i, (t, a) in enumerate(grid(args.single)):
-        c = kd_cfg(t, a, i)
-        synchronize(device)
-        begin = time.perf_counter()
-        train_model(run_recipe(c, i), build(c.loss, c), ctx, teacher=teacher)
-        synchronize(device)
-        single_seconds.append(time.perf_counter() - begin)
     ce = compose_cfg(["loss=ce", *common])
     synchronize(device)
     begin = time.perf_counter()
-    ce_trained = train_model(run_recipe(ce, 0), build(ce.loss, ce), ctx)
+    train_model(run_recipe(ce, 0), build(ce.loss, ce), ctx)
     synchronize(device)
     ce_seconds = time.perf_counter() - begin
-    single = sum(single_seconds) / len(single_seconds)
+    repeats = []
+    for repeat in range(args.repeats):
+        row: dict = {"repeat": repeat, "populations": []}
+        arms = ["single", "population"] if repeat % 2 == 0 else ["population", "single"]
+        for arm in arms:
+            if arm == "single":
+                row["single_seconds"] = time_single(args, kd_cfg, ctx, teacher, device)
+            else:
+                row["populations"] = [time_population(n, kd_cfg, ctx, teacher, device) for n in sizes]
+        single = sum(row["single_seconds"]) / len(row["single_seconds"])
+        row["single_trials_per_hour"] = 3600.0 / single
+        for pop in row["populations"]:
+            pop["speedup"] = pop["trials_per_hour"] / row["single_trials_per_hour"]
+            print(
+                f"repeat {repeat}: one at a time {row['single_trials_per_hour']:.0f} trials/h; population "
+                f"N={pop['members']} {pop['trials_per_hour']:.0f} trials/h ({pop['speedup']:.2f}x)"
+                + (f", peak {pop['peak_gpu_memory_gib']:.2f} GiB" if pop["peak_gpu_memory_gib"] is not None else ""),
+                flush=True,
+            )
+        repeats.append(row)
+    summary = {}
+    for index, n in enumerate(sizes):
+        mean, sd = mean_sd([r["populations"][index]["speedup"] for r in repeats])
+        summary[str(n)] = {"speedup_mean": mean, "speedup_sd": sd, "n": len(repeats)}
+        spread = f" ± {sd:.2f} (SD)" if sd is not None else ""
+        print(f"population N={n}: {mean:.2f}x{spread} the trials/hour of one at a time, n={len(repeats)}")
+    single_all = [s for r in repeats for s in r["single_seconds"]]
     results = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "data": "folder " + args.data_root if args.data_root else "synthetic",
+        "data": "folder " + args.data_root if args.data_root else f"synthetic {args.train_size}",
         "epochs": args.epochs,
-        "single": {
-            "kd_seconds_per_trial": single,
-            "kd_trials_per_minute": 60.0 / single,
-            "ce_seconds_per_trial": ce_seconds,
-            "kd_over_ce": single / ce_seconds,
-            "ce_train_seconds": ce_trained.fit.train_seconds,
-        },
-        "populations": [],
+        "kd_over_ce_one_trial": (sum(single_all) / len(single_all)) / ce_seconds,
+        "repeats": repeats,
+        "speedup": summary,
     }
-    print(f"one at a time: {single:.1f} s per KD trial ({60 / single:.2f}/min); KD/CE {single / ce_seconds:.2f}x")
-    for n in sizes:
-        members = []
-        for i, (t, a) in enumerate(grid(n)):
-            c = kd_cfg(t, a, 1000 + i)
-            members.append(Member(run_recipe(c, 1000 + i), build(c.loss, c)))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        synchronize(device)
-        begin = time.perf_counter()
-        outcomes = train_population(members, ctx, teacher)
-        synchronize(device)
-        seconds = time.perf_counter() - begin
-        finished = [o for o in outcomes if hasattr(o, "val_acc")]
-        row = {
-            "members": n,
-            "seconds": seconds,
-            "trials_per_minute": 60.0 * n / seconds,
-            "speedup_vs_one_at_a_time": (60.0 * n / seconds) / (60.0 / single),
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "finished": len(finished),
-            "best_val_acc": max(o.val_acc for o in finished) if finished else None,
-        }
-        results["populations"].append(row)
-        print(
-            f"population N={n}: {seconds:.1f} s, {row['trials_per_minute']:.1f} trials/min "
-            f"({row['speedup_vs_one_at_a_time']:.1f}x one at a time)"
-            + (f", peak {row['peak_gpu_memory_gib']:.2f} GiB" if row["peak_gpu_memory_gib"] is not None else ""),
-            flush=True,
-        )
     if args.pipeline:
         out = Path(args.store).parent / "kd_bench_pipeline"
         results["pipeline_seconds"] = time_pipeline(data, Path(args.store) / "pipeline", out)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -82,9 +82,9 @@ def check_store(root: str | Path) -> None:
     mark = Path(root) / "identity.json"
     try:
         found = int(json.loads(mark.read_text())["version"])
-    except FileNotFoundError:
+    except OSError:  # no mark yet, or a store that cannot be read: its own errors come later
         found = None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         fix = f'write {{"version": {VERSION}}} into it if the store is kd\'s'
         raise StoreVersionError(f"{mark} is damaged; {fix}") from None
     if found is None:

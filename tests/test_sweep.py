@@ -99,11 +99,14 @@ def _popen_sweep(args: list[str], cwd: Path, env_extra: dict | None = None) -> s
     )
 
 
-def _complete_count(study: str, storage: str) -> int:
+def _killable(study: str, storage: str) -> bool:
+    """At least two trials complete and one running."""
     try:
-        return sum(t.state == TrialState.COMPLETE for t in load(study, storage).get_trials())
+        trials = load(study, storage).get_trials()
     except Exception:  # study not created yet, or the database is busy
-        return 0
+        return False
+    done = sum(t.state == TrialState.COMPLETE for t in trials)
+    return done >= 2 and any(t.state == TrialState.RUNNING for t in trials)
 
 
 def test_killed_sweep_resumes_to_exactly_n_trials(workdir):
@@ -113,9 +116,10 @@ def test_killed_sweep_resumes_to_exactly_n_trials(workdir):
     storage = f"sqlite:///{workdir}/multirun/resume/optuna.db"
     proc = _popen_sweep(args, workdir)
     deadline = time.time() + 240
-    while _complete_count("resume", storage) < 2 and proc.poll() is None and time.time() < deadline:
+    # Kill while a trial runs, after at least two finished (under load, polling by time
+    # alone once caught the sweep between two trials).
+    while not _killable("resume", storage) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(0.5)  # let the next trial start, so the kill interrupts it
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     trials = load("resume", storage).get_trials()
