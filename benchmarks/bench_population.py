@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=50000, help="synthetic training images")
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--teacher-epochs", type=int, help="default: the teacher recipe's (10)")
     parser.add_argument("--single", type=int, default=4, help="KD trials timed one at a time, per repeat")
     parser.add_argument("--sizes", default="8,32,64,128")
     parser.add_argument("--repeats", type=int, default=1)
@@ -154,6 +155,8 @@ def main() -> None:
         data = ["data=synthetic", "data.train_size=512", "data.test_size=128", "data.val_size=64", "teacher.epochs=1"]
         args.epochs, args.single, sizes, args.repeats = 1, 2, [2, 4], 2
     common = [*data, f"trainer.epochs={args.epochs}", f"paths.store_dir={args.store}", "trainer.progress=false"]
+    if args.teacher_epochs:
+        common.append(f"teacher.epochs={args.teacher_epochs}")
     cfg = compose_cfg(["loss=kd", *common])
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
