@@ -15,8 +15,10 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +27,7 @@ import torch
 from filelock import FileLock
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 TRUST_STAMPS = True  # False: hash every file on every load (benchmarks/bench_job_overhead.py)
 
 
@@ -119,7 +122,27 @@ def load_checked(path: str | os.PathLike) -> Any | None:
         with contextlib.suppress(OSError):  # a read-only store: hashed again next time
             atomic_write_bytes(stamp, _stamp_text(expected[0], st).encode())
     # weights_only: a file in a shared store is never trusted to run code when loaded.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a checksum that matches unloadable bytes: never trusted, never blocking
+        move_aside(path, f"it cannot be loaded ({type(err).__name__})")
+        return None
+
+
+def move_aside(path: str | os.PathLike, why: str) -> Path | None:
+    """Rename a damaged store file (and drop its sidecar and stamp) so that it is rebuilt;
+    the bytes are kept beside it for inspection. Returns where they went."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return None  # gone already (another process moved it) or read-only: rebuilt beside it
+    for extra in (_sidecar(path), _stamp(path)):
+        with contextlib.suppress(OSError):
+            extra.unlink()
+    log.warning("%s is damaged (%s): moved aside to %s and rebuilt", path, why, aside.name)
+    return aside
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Faults: bad inputs get one line, no process death loses a finished result, nothing
 needs hand repair."""
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -241,3 +242,16 @@ def test_job_errors_pickle_with_their_fields():
 
     again = pickle.loads(pickle.dumps(Diverged(1, 2, 3.0, "x")))
     assert (again.epoch, again.step, again.value, again.phase) == (1, 2, 3.0, "x")
+
+
+def test_a_store_entry_whose_forged_checksum_matches_unloadable_bytes_is_moved_aside_and_rebuilt(tmp_path):
+    path = tmp_path / "entry.pt"
+    build_once(path, lambda: {"v": torch.ones(2)})
+    garbage = b"not a torch file at all"
+    path.write_bytes(garbage)
+    (tmp_path / "entry.pt.sha256").write_text(f"{hashlib.sha256(garbage).hexdigest()} {len(garbage)}\n")
+    value, built = build_once(path, lambda: {"v": torch.zeros(2)})  # never blocks
+    assert built and torch.equal(value["v"], torch.zeros(2))
+    aside = list(tmp_path.glob("entry.pt.bad-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == garbage  # kept for inspection
+    assert torch.equal(build_once(path, lambda: None)[0]["v"], torch.zeros(2))  # the rebuilt entry is found

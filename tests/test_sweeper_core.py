@@ -23,7 +23,14 @@ from hydra_plugins.kd_sweeper.kd_sweeper import (
     space_identity,
     trial_seed,
 )
-from hydra_plugins.kd_sweeper.study import FAIL_REASON, HeartbeatJournalStorage, counts, fail_stale_trials, open_storage
+from hydra_plugins.kd_sweeper.study import (
+    FAIL_REASON,
+    HeartbeatJournalStorage,
+    counts,
+    fail_stale_trials,
+    heal_journal,
+    open_storage,
+)
 from kd.errors import Pruned
 
 outcome = KDOptunaSweeperImpl.outcome
@@ -183,3 +190,22 @@ def test_a_trial_whose_worker_stopped_beating_fails_and_is_queued_again(tmp_path
     fail_stale_trials(study)
     states = [t.state for t in study.get_trials()]
     assert states[3] == TrialState.FAIL and len(states) == 4  # retried once only
+
+
+def test_a_journal_torn_by_a_kill_is_cut_back_and_the_study_resumes(tmp_path, caplog):
+    url = f"journal://{tmp_path}/study.log"
+    study = optuna.create_study(study_name="torn", storage=open_storage(url))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    log_file = tmp_path / "study.log"
+    whole = log_file.read_bytes()
+    log_file.write_bytes(whole + b'{"op_code": 5, "worker_id": "w", "trial_id": 2, "sta')  # a kill mid-record
+    assert heal_journal(str(log_file)) == len(b'{"op_code": 5, "worker_id": "w", "trial_id": 2, "sta')
+    assert log_file.read_bytes() == whole
+    # The torn record glued to a newer one (what the next append would have made) is cut too.
+    log_file.write_bytes(whole + b'{"op_code": 5, "wor{"op_code": 1}\n')
+    with caplog.at_level("WARNING"):
+        again = optuna.load_study(study_name="torn", storage=open_storage(url))
+    assert "torn last record" in caplog.text and log_file.read_bytes() == whole
+    again.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(study_name="torn", storage=open_storage(url)).trials) == 3
+    assert heal_journal(str(tmp_path / "absent.log")) == 0

@@ -9,13 +9,16 @@ queued again with the same parameters.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.kd_sweeper._compat import BaseHeartbeat, quiet_experimental, trial_id
@@ -30,11 +33,47 @@ SURPLUS = "kd:surplus"  # asked past n_trials in a race between workers
 HEARTBEAT = "kd_optuna:heartbeat"  # journal storage: trial system attribute, unix time
 
 
+def heal_journal(path: str) -> int:
+    """Cut a journal file's torn tail (a record a kill left half-written, which the next
+    append would glue to a new record and make unreadable) back to its last complete
+    record, under the journal's own lock. Returns the bytes removed."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return 0
+    lock = JournalFileSymlinkLock(path)
+    while not lock.acquire():  # pragma: no cover - another worker holds it for a moment
+        time.sleep(0.05)
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            while keep > 0 and not _json_line(data[data.rfind(b"\n", 0, keep - 1) + 1 : keep]):
+                keep = data.rfind(b"\n", 0, keep - 1) + 1  # a complete but unreadable last line
+            if keep < len(data):
+                f.truncate(keep)
+    finally:
+        lock.release()
+    removed = len(data) - keep
+    if removed:
+        logging.getLogger(__name__).warning(
+            "%s: removed a torn last record (%d bytes) left by a killed worker; the study resumes", path, removed
+        )
+    return removed
+
+
+def _json_line(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """A journal storage with Optuna's heartbeat protocol (Optuna gives it to RDB storages
     only): heartbeats are trial system attributes, stamped with the writer's clock."""
 
     def __init__(self, path: str, heartbeat_interval: int | None, grace_period: int | None, callback: Any) -> None:
+        heal_journal(path)
         super().__init__(JournalFileBackend(path))
         self._interval = heartbeat_interval
         self._grace = grace_period if grace_period is not None else 2 * (heartbeat_interval or 0)
