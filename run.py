@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,11 +30,11 @@ from hydra_plugins.kd_sweeper import job
 from kd import pipeline, population
 from kd.config import override_hints
 from kd.devices import available_cores
-from kd.errors import ConfigError, KDError, Pruned
+from kd.errors import ConfigError, Diverged, KDError, Pruned, StorageError
 from kd.tuning import epoch_reporter
 
 log = logging.getLogger("kd")
-STARTED = False  # set once Hydra has composed a config and called main
+DIVERGED_JOBS: list[int] = []  # jobs of a plain multirun (all in this process) that diverged
 
 
 def parallel_jobs(hydra_cfg: DictConfig) -> int:
@@ -42,13 +45,29 @@ def parallel_jobs(hydra_cfg: DictConfig) -> int:
     return n_jobs if n_jobs > 0 else max(1, available_cores() + 1 + n_jobs)
 
 
-def stops_like_a_single_run(err: KDError, hydra_cfg: DictConfig) -> bool:
-    """A bad value in a plain multirun run one job after another (Hydra's basic sweeper and
-    launcher): end it with the same one line as a single run. Optuna sweeps record the
-    trial as failed instead, and jobs in other processes report back to their sweeper."""
+def plain_multirun(hydra_cfg: DictConfig) -> bool:
+    """A multirun of Hydra's basic sweeper and launcher: jobs one after another, here."""
     sweeper = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default=""))
     launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
-    return isinstance(err, ConfigError) and sweeper.endswith("BasicSweeper") and launcher.endswith("BasicLauncher")
+    return (
+        hydra_cfg.mode == RunMode.MULTIRUN and sweeper.endswith("BasicSweeper") and launcher.endswith("BasicLauncher")
+    )
+
+
+def stops_like_a_single_run(err: KDError, hydra_cfg: DictConfig) -> bool:
+    """A bad value in a plain multirun: end it with the same one line as a single run.
+    Optuna sweeps record the trial as failed instead, and jobs in other processes report
+    back to their sweeper."""
+    return isinstance(err, ConfigError) and plain_multirun(hydra_cfg)
+
+
+def unwritable(err: OSError) -> str:
+    """An OS error on a destination as one line: what failed, where, and the fix."""
+    where = err.filename or "a destination"
+    return (
+        f"cannot write {where} ({err.strerror or type(err).__name__}); choose a writable directory "
+        "(hydra.run.dir, hydra.sweep.dir, paths.store_dir or KD_CACHE_DIR) with free space"
+    )
 
 
 def remove_if_empty(run_dir: Path) -> None:
@@ -83,8 +102,6 @@ def run_tags(hydra_cfg: DictConfig) -> dict:
 def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | list[float]:
     """One run; ``share`` is this job's part of a population when hydra/launcher=population
     trained it (the launcher passes it), else None."""
-    global STARTED
-    STARTED = True
     hydra_cfg = HydraConfig.get()
     try:
         metrics = pipeline.run(
@@ -99,6 +116,14 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
             pretrained=share.outcomes if share else None,
         )
     except KDError as err:
+        if os.environ.get("KD_DEBUG"):
+            traceback.print_exc()
+        if isinstance(err, Diverged) and plain_multirun(hydra_cfg):
+            # One job of a grid diverged: say so in one line and let the others run
+            # (its metrics.json records where); Hydra would end the grid with a traceback.
+            print(f"kd: job {hydra_cfg.job.num}: {err}", file=sys.stderr)
+            DIVERGED_JOBS.append(int(hydra_cfg.job.num))
+            return float("nan")
         if hydra_cfg.mode == RunMode.MULTIRUN and not stops_like_a_single_run(err, hydra_cfg):
             (log.info if isinstance(err, Pruned) else log.error)("%s", err)  # in the job's own log too
             raise  # the sweeper records this trial as failed (or pruned) and goes on
@@ -106,6 +131,11 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
         if isinstance(err, ConfigError):
             remove_if_empty(Path(hydra_cfg.runtime.output_dir))  # a refused run leaves nothing
         sys.exit(err.exit_code)
+    except OSError as err:  # a destination that cannot be written: what and where, in one line
+        if os.environ.get("KD_DEBUG"):
+            traceback.print_exc()
+        print(f"kd: error: {unwritable(err)}", file=sys.stderr)
+        sys.exit(StorageError.exit_code)
     except KeyboardInterrupt:
         print("kd: interrupted; rerun the same command to resume (finished work is kept)", file=sys.stderr)
         sys.exit(130)
@@ -118,11 +148,29 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
     return float("nan") if value is None else float(value)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """``python run.py``: Hydra's errors re-raised here (``HYDRA_FULL_ERROR``) so that an
+    expected stop is one line with its exit code, and only a bug shows a traceback."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
-    except SystemExit as stop:
-        if stop.code == 1 and not STARTED:  # Hydra refused the command line (kd's refusals exit 2)
-            for hint in override_hints(sys.argv[1:], Path(__file__).parent / "conf"):
-                print(f"kd: hint: {hint}", file=sys.stderr)
-        raise
+    except CompactHydraException as err:  # Hydra refused the command line: bad input
+        if os.environ.get("KD_DEBUG"):
+            traceback.print_exc()
+        print(f"kd: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        for hint in override_hints(sys.argv[1:], Path(__file__).parent / "conf"):
+            print(f"kd: hint: {hint}", file=sys.stderr)
+        sys.exit(ConfigError.exit_code)
+    except OSError as err:  # Hydra could not create the run or sweep directory
+        if os.environ.get("KD_DEBUG"):
+            traceback.print_exc()
+        print(f"kd: error: {unwritable(err)}", file=sys.stderr)
+        sys.exit(StorageError.exit_code)
+    if DIVERGED_JOBS:
+        jobs = ", ".join(map(str, DIVERGED_JOBS))
+        print(f"kd: error: job(s) {jobs} diverged (each metrics.json says where); the others finished", file=sys.stderr)
+        sys.exit(Diverged.exit_code)
+
+
+if __name__ == "__main__":
+    entry()

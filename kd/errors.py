@@ -2,6 +2,12 @@
 
 Each survives pickling (``__reduce__``): a launcher running jobs in other processes
 (joblib, SLURM) sends a job's exception back to the sweeper that way.
+
+Exit codes of ``run.py`` (also in docs/errors.md): 0 done; 1 any other expected stop;
+2 bad input (a config value, a command line Hydra refuses, a dataset or checkpoint);
+3 training diverged; 4 storage (a destination that cannot be written, a store of
+another identity version); 130 interrupted. A traceback means a bug; ``KD_DEBUG=1``
+shows one for the expected stops too.
 """
 
 import optuna
@@ -27,8 +33,16 @@ class CheckpointError(ConfigError):
     """A checkpoint is missing, truncated or does not fit the configured model."""
 
 
+class StorageError(KDError):
+    """A destination cannot be written, or a store cannot be used."""
+
+    exit_code = 4
+
+
 class Diverged(KDError):
     """The training loss became NaN or infinite."""
+
+    exit_code = 3
 
     def __init__(self, epoch: int, step: int, value: float, phase: str = "train") -> None:
         self.epoch, self.step, self.value, self.phase = epoch, step, value, phase

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from hydra.utils import get_class
 
-from kd.errors import KDError
+from kd.errors import StorageError
 
 VERSION = 1
 
@@ -48,7 +48,7 @@ KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], int]] = {
 }
 
 
-class StoreVersionError(KDError):
+class StoreVersionError(StorageError):
     """A store written under another identity version."""
 
 

@@ -123,6 +123,28 @@ def test_a_plain_multirun_with_a_bad_value_fails_like_a_single_run(workdir):
     assert _one_line_error(multi) == _one_line_error(single, "trainer.epochs must be")
 
 
+@pytest.mark.slow
+def test_a_job_that_diverges_in_a_plain_multirun_is_one_line_and_the_others_finish(workdir):
+    proc = run_py(["-m", *FAST, "trainer.check_every=1", "optim.lr=1e30,1e-3", "hydra.sweep.dir=sw"], cwd=workdir)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "kd: job 0: training diverged" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("kd: error: job(s) 0 diverged")
+    assert read_metrics(workdir / "sw" / "0")["status"] == "diverged"
+    assert read_metrics(workdir / "sw" / "1")["status"] == "completed"
+
+
+def test_an_unwritable_run_directory_is_one_line_with_exit_code_4(workdir):
+    (workdir / "afile").write_text("a file where a directory should be")
+    proc = run_py([*FAST, "hydra.run.dir=afile/out"], cwd=workdir)
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "kd: error: cannot write afile/out (Not a directory); choose a writable directory "
+        "(hydra.run.dir, hydra.sweep.dir, paths.store_dir or KD_CACHE_DIR) with free space"
+    ]
+    debug = run_py([*FAST, "hydra.run.dir=afile/out"], cwd=workdir, env={"KD_DEBUG": "1"})
+    assert debug.returncode == 4 and "Traceback" in debug.stderr  # KD_DEBUG=1 shows where
+
+
 # --- the sweeper -----------------------------------------------------------------
 
 

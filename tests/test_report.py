@@ -15,7 +15,7 @@ def test_multirun_table_pools_seeds_and_lists_skipped_runs(workdir):
     proc = run_py(["-m", *FAST, "loss=ce,kd", "seed=1,2", "hydra.sweep.dir=sweep"], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     diverged = run_py([*FAST, "optim.lr=1e30", "trainer.check_every=1", "hydra.run.dir=sweep/nan"], cwd=workdir)
-    assert diverged.returncode == 1
+    assert diverged.returncode == 3
     shutil.copytree(workdir / "sweep" / "0" / ".hydra", workdir / "sweep" / "unfinished" / ".hydra")
 
     summary = report([workdir / "sweep"], workdir / "report")

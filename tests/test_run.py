@@ -69,7 +69,7 @@ def test_diverging_run_stops_with_one_line_and_records_where(workdir):
     proc = run_py(
         [*FAST, "trainer.epochs=2", "optim.lr=1e30", "trainer.check_every=1", "hydra.run.dir=out/nan"], cwd=workdir
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert proc.stderr.strip().splitlines()[-1].startswith("kd: error: training diverged")
     metrics = read_metrics(workdir / "out/nan")
     assert metrics["status"] == "diverged" and metrics["diverged_epoch"] == 1 and metrics["diverged_step"] >= 1
