@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -148,6 +149,21 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
     return float("nan") if value is None else float(value)
 
 
+def _notes(err: BaseException) -> str:
+    return "\n".join(getattr(err, "__notes__", ()))
+
+
+def plugin_refusal(err: Exception) -> str:
+    """One line for a sweeper or launcher that refused its keys: the innermost cause,
+    and the config node it came from (Hydra's ``full_key``)."""
+    root: BaseException = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    keys = re.findall(r"full_key: (\S+)", f"{err}\n{_notes(err)}")
+    where = f"{keys[0]}: " if keys else ""
+    return f"{where}{str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__}"
+
+
 def entry() -> None:
     """``python run.py``: Hydra's errors re-raised here (``HYDRA_FULL_ERROR``) so that an
     expected stop is one line with its exit code, and only a bug shows a traceback."""
@@ -166,6 +182,15 @@ def entry() -> None:
             traceback.print_exc()
         print(f"kd: error: {unwritable(err)}", file=sys.stderr)
         sys.exit(StorageError.exit_code)
+    except Exception as err:
+        # A sweeper or launcher that refused its keys (Hydra re-raises the plugin's own
+        # error with the node's full_key as a note): bad input. Anything else is a bug.
+        if not isinstance(err, HydraException) and "full_key: hydra." not in _notes(err):
+            raise
+        if os.environ.get("KD_DEBUG"):
+            traceback.print_exc()
+        print(f"kd: error: {plugin_refusal(err)}", file=sys.stderr)
+        sys.exit(ConfigError.exit_code)
     if DIVERGED_JOBS:
         jobs = ", ".join(map(str, DIVERGED_JOBS))
         print(f"kd: error: job(s) {jobs} diverged (each metrics.json says where); the others finished", file=sys.stderr)

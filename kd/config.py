@@ -72,7 +72,8 @@ def _is_seed(v: float) -> bool:
 
 # (key, test, rule, integer): every plain numeric range, checked in this order.
 RANGES: tuple[tuple[str, Callable[[float], bool], str, bool], ...] = (
-    ("loss.temperature", lambda v: v > 0, "> 0", False),
+    # Past 1e3 the softened distributions are uniform to float precision; 1e300 overflows.
+    ("loss.temperature", lambda v: 0 < v <= 1e3, "in (0, 1000]", False),
     ("loss.beta", lambda v: v >= 0, ">= 0", False),
     ("loss.weight", lambda v: 0 <= v <= 1, "in [0, 1]", False),
     ("loss.warmup_epochs", lambda v: v >= 0, ">= 0", False),
@@ -99,6 +100,11 @@ RANGES: tuple[tuple[str, Callable[[float], bool], str, bool], ...] = (
         for prefix in ("", "teacher.")
         for key, test, rule in (
             ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+            ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("optim.dampening", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("optim.eps", lambda v: v > 0, "> 0"),
+            ("schedule.div_factor", lambda v: v > 0, "> 0"),
+            ("schedule.final_div_factor", lambda v: v > 0, "> 0"),
             ("schedule.max_lr", lambda v: v > 0, "> 0"),
             ("schedule.pct_start", lambda v: 0 < v < 1, "in (0, 1)"),
             ("schedule.warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -121,11 +127,43 @@ def validate(cfg: DictConfig) -> None:
         flag = OmegaConf.select(cfg, key, default=None)
         if flag is not None and not isinstance(flag, bool):
             raise ConfigError(f"{key} must be true or false, got {flag!r}")
+    for prefix in ("", "teacher."):
+        _check_betas(cfg, f"{prefix}optim.betas")
     _check_normalisation(cfg)
     _check_teacher(cfg)
     _check_objective(cfg)
     _check_trial_seeds(cfg)
     _check_choices(cfg)
+
+
+def _check_betas(cfg: DictConfig, key: str) -> None:
+    betas = OmegaConf.select(cfg, key, default=None)
+    if betas is None:
+        return
+    ok = isinstance(betas, (list, ListConfig)) and len(betas) == 2
+    ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    if not ok:
+        raise ConfigError(f"{key} must be two numbers in [0, 1) (Adam's averaging rates), got {betas!r}")
+
+
+# Legal settings that cannot mean what their user wants: (key, test, why). Warned
+# about at the start of a run, never refused.
+DEGENERATE: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("loss.temperature", lambda v: v < 0.05, "below 0.05 the soft targets are one-hot (the teacher's argmax)"),
+    ("loss.temperature", lambda v: v > 100, "above 100 the soft targets are nearly uniform: KD carries little"),
+    ("optim.lr", lambda v: v > 1, "above 1 training almost always diverges"),
+    ("optim.lr", lambda v: v < 1e-7, "below 1e-7 the weights barely move"),
+)
+
+
+def degenerate_settings(cfg: DictConfig) -> list[str]:
+    """One line per legal but degenerate setting of ``cfg`` (see :data:`DEGENERATE`)."""
+    found = []
+    for key, test, why in DEGENERATE:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and test(value):
+            found.append(f"{key}={value!r}: {why}")
+    return found
 
 
 def _check_normalisation(cfg: DictConfig) -> None:

@@ -28,11 +28,11 @@ from torch import nn
 from tqdm import tqdm
 
 from kd import identity
-from kd.config import build, objective_names, run_settings, trial_seeds, validate
+from kd.config import build, degenerate_settings, objective_names, run_settings, trial_seeds, validate
 from kd.data import BatchStream, Dataset, Preprocess
 from kd.devices import select_device, threads_per_job
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features, predict_logits
-from kd.errors import CheckpointError, Diverged, Pruned
+from kd.errors import CheckpointError, ConfigError, Diverged, Pruned
 from kd.losses import CrossEntropy
 from kd.models import count_parameters, dropout_generator, seed_dropout
 from kd.resume import ResumeFile
@@ -163,7 +163,21 @@ def new_optimizer(
     optimizer = build(recipe.optim, ctx.cfg)(params)
     if recipe.schedule is None:
         return optimizer, None
+    check_phases(recipe.schedule, total_steps)
     return optimizer, build(recipe.schedule, ctx.cfg)(optimizer, total_steps=total_steps)
+
+
+def check_phases(schedule: DictConfig, total_steps: int) -> None:
+    """A one-cycle schedule whose warm-up ends exactly at step 0 (``pct_start x steps =
+    1``) divides by zero on its first steps in torch: refuse it in one line."""
+    pct_start = OmegaConf.select(schedule, "pct_start", default=None)
+    if pct_start is None or not str(schedule._target_).endswith("OneCycleLR"):
+        return
+    if float(pct_start) * total_steps - 1 == 0:
+        raise ConfigError(
+            f"schedule=onecycle over {total_steps} optimiser steps with pct_start={pct_start} leaves its warm-up "
+            "no step; train more steps (trainer.epochs, a smaller trainer.batch_size) or change schedule.pct_start"
+        )
 
 
 def train_model(
@@ -688,6 +702,8 @@ def run(
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
     metrics = _run_header(cfg, ctx, loss_fn, seeds, int(threads))
+    for warning in degenerate_settings(cfg):
+        log.warning("%s", warning)
     if "val_acc" in objective_names(cfg) and not len(data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
     logger_cfg = OmegaConf.select(cfg, "logger", default=None)

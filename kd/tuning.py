@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -63,4 +64,5 @@ class ReportHint(Callback):
     """Ends every multirun's log with the command that tables and plots it."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        log.info("next: python -m kd.report %s", config.hydra.sweep.dir)
+        if Path(str(config.hydra.sweep.dir)).is_dir():  # not for a sweep refused before its first job
+            log.info("next: python -m kd.report %s", config.hydra.sweep.dir)

@@ -32,7 +32,7 @@ def _checkpoints(tmp: Path) -> dict[str, Path]:
 
 
 CASES = [
-    (["loss=kd", "loss.temperature=0"], "loss.temperature must be > 0"),
+    (["loss=kd", "loss.temperature=0"], "loss.temperature must be in (0, 1000]"),
     (["loss=kd", "loss.alpha=1.5"], r"loss.alpha must be in [0, 1]"),
     (["trainer.epochs=0"], "trainer.epochs must be >= 1"),
     (["trainer.batch_size=0"], "trainer.batch_size must be >= 1"),

@@ -2,8 +2,9 @@ import itertools
 
 import pytest
 
-from kd.config import build, validate
+from kd.config import build, degenerate_settings, validate
 from kd.errors import ConfigError
+from kd.pipeline import check_phases
 
 MODELS, LOSSES, DATA = ["teacher", "student"], ["ce", "kd"], ["cifar10", "folder", "synthetic"]
 
@@ -104,3 +105,39 @@ def test_out_of_range_values_are_refused_by_name(compose_cfg, override, key):
     cfg = compose_cfg("loss=kd", "data=synthetic", override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim=sgd", "optim.momentum=-1"], r"optim.momentum must be in [0, 1), got -1"),
+        (["optim=sgd", "+optim.dampening=2"], r"optim.dampening must be in [0, 1]"),
+        (["+optim.betas=[0.9,1.5]"], r"optim.betas must be two numbers in [0, 1)"),
+        (["+optim.eps=0"], "optim.eps must be > 0"),
+        (["schedule=onecycle", "schedule.div_factor=0"], "schedule.div_factor must be > 0"),
+        (["schedule=onecycle", "schedule.final_div_factor=-1"], "schedule.final_div_factor must be > 0"),
+        (["loss=dkd", "loss.temperature=1e300"], r"loss.temperature must be in (0, 1000], got 1e+300"),
+        (["+teacher.optim.betas=[1,0.9]"], "teacher.optim.betas must be two numbers"),
+    ],
+)
+def test_optimiser_and_schedule_ranges_are_refused_in_one_line(compose_cfg, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg("data=synthetic", *overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_degenerate_but_legal_settings_are_named_and_sensible_ones_are_not(compose_cfg):
+    assert degenerate_settings(compose_cfg("loss=kd")) == []
+    found = degenerate_settings(compose_cfg("loss=kd", "loss.temperature=1e-30", "optim.lr=5"))
+    assert [line.split(":")[0] for line in found] == ["loss.temperature=1e-30", "optim.lr=5"]
+    assert "one-hot" in found[0] and "diverges" in found[1]
+    assert degenerate_settings(compose_cfg("loss=kd", "loss.temperature=500"))[0].startswith("loss.temperature=500")
+    validate(compose_cfg("loss=kd", "data=synthetic", "loss.temperature=1e-30"))  # warned about, not refused
+
+
+def test_a_one_cycle_schedule_with_a_zero_step_warm_up_is_refused(compose_cfg):
+    schedule = compose_cfg("schedule=onecycle").schedule
+    with pytest.raises(ConfigError, match="schedule=onecycle over 4 optimiser steps with pct_start=0.25"):
+        check_phases(schedule, 4)
+    for steps in (1, 2, 3, 5, 100):
+        check_phases(schedule, steps)  # torch steps these without dividing by zero

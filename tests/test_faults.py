@@ -277,3 +277,24 @@ def test_a_store_entry_whose_forged_checksum_matches_unloadable_bytes_is_moved_a
     aside = list(tmp_path.glob("entry.pt.bad-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == garbage  # kept for inspection
     assert torch.equal(build_once(path, lambda: None)[0]["v"], torch.zeros(2))  # the rebuilt entry is found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["hydra/launcher=population", "hydra.launcher.max_members=0"],
+            "kd: error: hydra.launcher: hydra.launcher.max_members must be >= 1, got 0",
+        ),
+        (
+            ["hparams_search=kd_optuna", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_warmup_steps=-3"],
+            "kd: error: hydra.sweeper.pruner: Number of warmup steps cannot be negative, but got n_warmup_steps=-3.",
+        ),
+    ],
+    ids=["max_members", "pruner"],
+)
+def test_a_plugin_that_refuses_its_keys_is_one_line_with_exit_code_2(workdir, args, line):
+    proc = run_py(["-m", *FAST, *args, "hydra.sweep.dir=sw"], cwd=workdir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [line] and not (workdir / "sw").exists()
