@@ -229,20 +229,35 @@ def runs_markdown(rows: list[dict]) -> str:
     return table(head, cells, align="llrlrrllr") + "\n\n" + note
 
 
-def _load_study(sweep_dir: Path) -> Any:
+SQLITE_HEADER = b"SQLite format 3\x00"
 
+
+def _load_study(sweep_dir: Path, notes: list[str]) -> Any:
+    """The sweep's study, opened read-only (the report never writes into what it reads);
+    None, with a note naming the file, when its ``optuna.db`` is empty or damaged."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    db = sweep_dir / "optuna.db"
+    with open(db, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        what = "is empty (0 bytes)" if not header else "is not an SQLite database"
+        notes.append(f"{db} {what}: its sweep table and plots are left out (its runs are reported as runs).")
+        return None
+    storage = f"sqlite:///file:{db.resolve()}?mode=ro&uri=true"
     try:
         names = optuna.get_all_study_summaries(storage)
     except RuntimeError as err:  # a study written by an older Optuna (e.g. 2.10)
         if "storage upgrade" not in str(err):
             raise
         raise ReportError(
-            f"{sweep_dir / 'optuna.db'} was written by an older Optuna; upgrade it once with "
-            f"`optuna storage upgrade --storage {storage}` (back it up first)"
+            f"{db} was written by an older Optuna; upgrade it once with "
+            f"`optuna storage upgrade --storage sqlite:///{db}` (back it up first)"
         ) from None
+    except Exception as err:  # sqlalchemy's errors: a damaged or foreign database
+        notes.append(f"{db} cannot be read ({type(err).__name__}): its sweep table and plots are left out.")
+        return None
     if not names:
+        notes.append(f"{db} holds no study yet: its sweep table and plots are left out.")
         return None
     return optuna.load_study(study_name=names[0].study_name, storage=storage)
 
@@ -480,7 +495,7 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
     notes: list[str] = []
     sweeps = []
     for d in sweep_dirs:
-        study = _load_study(d)  # once per sweep, for its table and its plots
+        study = _load_study(d, notes)  # once per sweep, for its table and its plots
         if study is not None:
             sweeps.append(sweep_table(d, study))
             plots += sweep_plots(d, study, out, notes)
@@ -517,7 +532,9 @@ def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd.report", description="Tables and plots from run directories.")
     parser.add_argument("dirs", nargs="+", type=Path, help="run, multirun or sweep directories")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the first DIR)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: DIR.report beside the first DIR)"
+    )
     parser.add_argument("--title", default="Results")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
@@ -525,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd.report: error: not a directory: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        summary = report(args.dirs, args.out or args.dirs[0], args.title)
+        first = args.dirs[0].resolve()
+        out = args.out or first.with_name(first.name + ".report")
+        summary = report(args.dirs, out, args.title)
     except ReportError as err:
         print(f"kd.report: error: {err}", file=sys.stderr)
         return 2
@@ -535,8 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         print(sweep_markdown(sweep))
     for item in summary["skipped"]:
         print(f"skipped {item['run_dir']}: {item['reason']}")
+    for note in summary["notes"]:
+        print(note)
     for plot in summary["plots"]:
         print(f"wrote {plot}")
+    print(f"wrote {out / 'report.md'} and {out / 'summary.json'}")
     return 0
 
 

@@ -93,7 +93,7 @@ def test_two_objectives_give_a_pareto_front_and_a_report(tmp_path):
         [sys.executable, "-m", "kd.report", str(tmp_path / "s")], capture_output=True, text=True, timeout=120
     )
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "Pareto front" in report.stdout and (tmp_path / "s" / "pareto_front.png").exists()
+    assert "Pareto front" in report.stdout and (tmp_path / "s.report" / "pareto_front.png").exists()
 
 
 def test_pruning_with_two_objectives_is_refused_in_one_line(tmp_path):

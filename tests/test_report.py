@@ -54,3 +54,16 @@ def test_sweep_report_writes_every_plot(workdir, capsys):
 def test_missing_directory_is_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().startswith("kd.report: error: not a directory")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database at all"], ids=["empty", "garbage"])
+def test_a_damaged_study_file_is_named_and_never_written_into(tmp_path, capsys, content):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "optuna.db").write_bytes(content)
+    before = sorted(p.name for p in sweep.iterdir())
+    assert main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{sweep / 'optuna.db'} is " in printed and "left out" in printed
+    assert (sweep / "optuna.db").read_bytes() == content and sorted(p.name for p in sweep.iterdir()) == before
+    assert (tmp_path / "sweep.report" / "report.md").exists()
