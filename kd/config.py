@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -293,9 +294,19 @@ def default_study_name(*, _root_: DictConfig) -> str:
     return f"{str(name).replace('/', '-')}-{identity.key('study', settings=experiment_settings(_root_))}"
 
 
-if not OmegaConf.has_resolver("kd_study_name"):
-    _register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver  # omegaconf < 2.4
-    _register("kd_study_name", default_study_name)
+def default_cache_dir() -> str:
+    """``${kd_cache_dir:}``: ``$KD_CACHE_DIR``, else ``$XDG_CACHE_HOME/kd``, else
+    ``~/.cache/kd``; always absolute, so runs started from any directory share one store."""
+    chosen = os.environ.get("KD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kd"
+    )
+    return str(Path(chosen).expanduser().resolve())
+
+
+_register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver  # omegaconf < 2.4
+for _name, _resolver in (("kd_study_name", default_study_name), ("kd_cache_dir", default_cache_dir)):
+    if not OmegaConf.has_resolver(_name):
+        _register(_name, _resolver)
 
 
 # What a config may instantiate: Hydra 1.4 asks every call site for an allow-list, since

@@ -56,6 +56,13 @@ def teacher_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test its own cache and store (the default, ~/.cache/kd, is shared by design)."""
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / ".kd_cache"))
+    monkeypatch.delenv("KD_STORE_DIR", raising=False)
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh directory to run in, with its own cache and teacher store."""

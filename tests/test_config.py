@@ -141,3 +141,18 @@ def test_a_one_cycle_schedule_with_a_zero_step_warm_up_is_refused(compose_cfg):
         check_phases(schedule, 4)
     for steps in (1, 2, 3, 5, 100):
         check_phases(schedule, steps)  # torch steps these without dividing by zero
+
+
+def test_the_cache_is_absolute_and_follows_kd_cache_dir_then_xdg(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KD_CACHE_DIR", "relative/cache")
+    assert compose_cfg().paths.cache_dir == str(tmp_path / "relative" / "cache")  # made absolute
+    monkeypatch.delenv("KD_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = compose_cfg()
+    assert cfg.paths.cache_dir == str(tmp_path / "xdg" / "kd") and cfg.paths.store_dir == str(tmp_path / "xdg/kd/store")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compose_cfg().paths.cache_dir == str(tmp_path / "home" / ".cache" / "kd")
+    monkeypatch.setenv("KD_STORE_DIR", str(tmp_path / "elsewhere"))
+    assert compose_cfg().paths.store_dir == str(tmp_path / "elsewhere")
