@@ -296,7 +296,15 @@ class CIFAR10(ImageData):
     def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
         # Imported here: torchvision adds about a second to every job's start, and
         # only this source needs it.
-        from torchvision.datasets import CIFAR10 as TorchCIFAR10
+        try:
+            from torchvision.datasets import CIFAR10 as TorchCIFAR10
+        except Exception as err:  # a torchvision built for another torch fails as it loads its operators
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(
+                f"torchvision cannot be imported with torch {torch.__version__} ({first}); install the matching "
+                "pair (pip install torch==X torchvision==Y, see pytorch.org/get-started/previous-versions) "
+                "or use data=folder"
+            ) from None
 
         sets = []
         for train in (True, False):

@@ -107,3 +107,14 @@ def test_batch_stream_covers_its_indices_once_per_epoch_in_seeded_order():
         assert torch.equal(y, idx) and torch.equal(x[:, 0, 0, 0].long(), idx)
     assert seen == torch.cat([idx for idx, _, _ in stream.epoch(1)]).tolist()
     assert seen != torch.cat([idx for idx, _, _ in stream.epoch(2)]).tolist()
+
+
+def test_a_torchvision_that_does_not_load_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)  # import fails, as a mismatched build does
+    with pytest.raises(DataError) as err:
+        CIFAR10(root=str(tmp_path), download=False).load()
+    message = str(err.value)
+    assert "\n" not in message and "torchvision cannot be imported with torch" in message
+    assert "install the matching pair" in message
