@@ -144,6 +144,7 @@ class SyntheticData(ImageData):
         num_classes: int = 10,
         image_size: int = 32,
         noise: float = 48.0,
+        contrast: float = 1.0,
         seed: int = 0,
         **common,
     ) -> None:
@@ -152,11 +153,12 @@ class SyntheticData(ImageData):
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         self.noise = float(noise)
+        self.contrast = float(contrast)  # how far the class patterns lie from plain grey
         self.seed = int(seed)
 
     def _load_sets(self) -> tuple[ImageSet, ImageSet, list[str]]:
         gen = torch.Generator().manual_seed(self.seed)
-        coarse = torch.rand(self.num_classes, 3, 4, 4, generator=gen) * 255
+        coarse = 127.5 + (torch.rand(self.num_classes, 3, 4, 4, generator=gen) - 0.5) * 255 * self.contrast
         prototypes = F.interpolate(coarse, size=self.image_size, mode="bilinear", align_corners=False)
         sets = []
         for size in self.sizes:

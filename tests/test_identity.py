@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,20 @@ def test_an_unmarked_store_from_before_the_mark_is_found_and_marked(tmp_path):
     again, built = TeacherStore(tmp_path).logits("d" * 64, "data", lambda: calls.append(1) or torch.zeros(2))
     assert not built and calls == [1] and torch.equal(again, torch.ones(2))
     assert (tmp_path / "identity.json").exists()
+
+
+def test_a_study_key_ignores_key_order_and_accepts_any_value():
+    forward = key("study", settings={"a": 1, "b": Path("/x")})
+    assert forward == key("study", settings={"b": Path("/x"), "a": 1}) == key("study", settings={"a": 1, "b": "/x"})
+
+
+def test_marking_creates_missing_parents_and_a_store_that_cannot_be_marked_is_read_as_it_is(tmp_path):
+    check_store(tmp_path / "deep" / "er" / "store")
+    assert (tmp_path / "deep" / "er" / "store" / "identity.json").exists()
+    (tmp_path / "a_file").write_text("x")
+    check_store(tmp_path / "a_file" / "store")  # no mark can be written: no error here
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "identity.json").write_text("[]")
+    with pytest.raises(StoreVersionError) as err:
+        check_store(tmp_path / "store")
+    assert str(err.value).endswith('write {"version": 1} into it if the store is kd\'s')

@@ -213,3 +213,40 @@ def test_a_zero_weight_is_exactly_cross_entropy_even_with_an_infinite_distillati
     weights = torch.tensor([0.0, 0.5])
     mixed = blend(weights, torch.tensor([3.0, 3.0]), torch.tensor([1.0, 1.0]))
     assert mixed.tolist() == [1.0, 2.0]
+
+
+def test_each_method_names_its_terms():
+    logits, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    labels = torch.tensor([0, 1, 2, 3])
+    conv = {"conv": torch.randn(4, 16, 2, 2)}
+    inputs = LossInputs(logits, labels, teacher, conv, {"conv": torch.randn(4, 32, 2, 2)})
+    expected = {
+        CrossEntropy(): {"loss", "ce"},
+        HintonKD(): {"loss", "ce", "kl"},
+        StandardisedKD(): {"loss", "ce", "kl"},
+        DKD(): {"loss", "ce", "tckd", "nckd"},
+        CosineHidden(): {"loss", "ce", "cosine"},
+        FeatureRegressor(): {"loss", "ce", "mse"},
+    }
+    for loss, names in expected.items():
+        assert set(loss(inputs)) == names, type(loss).__name__
+
+
+def test_the_protocol_names_the_method_that_broke_it():
+    with pytest.raises(ValueError, match="HintonKD needs the teacher's outputs"):
+        HintonKD()(LossInputs(torch.randn(2, 3), torch.tensor([0, 1])))
+
+    class NoLoss(CrossEntropy):
+        def terms(self, inputs):
+            return {"ce": torch.zeros(())}
+
+    with pytest.raises(KeyError, match="NoLoss.terms must return a 'loss' entry"):
+        NoLoss()(LossInputs(torch.randn(2, 3), torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="FeatureRegressor has trainable parameters"):
+        for_members([FeatureRegressor(), FeatureRegressor()])
+
+
+def test_stacked_hyperparameters_live_on_the_asked_device_in_float64():
+    stacked = for_members([HintonKD(2.0, 0.1), HintonKD(3.0, 0.2)], device="meta")
+    assert stacked.temperature.device.type == "meta" and stacked.alpha.dtype == torch.float64
+    assert HintonKD(2.0, 0.1).temperature == 2.0  # the members are untouched
