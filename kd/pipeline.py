@@ -37,7 +37,7 @@ from kd.losses import CrossEntropy
 from kd.models import count_parameters, dropout_generator, seed_dropout
 from kd.resume import ResumeFile
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
-from kd.storage import file_digest, save_checked, write_json
+from kd.storage import check_writable, file_digest, save_checked, write_json
 from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint, restore_model
 from kd.tracking import NullLogger
 from kd.views import CachedViews, RandomViews, view_count, view_orders
@@ -691,6 +691,8 @@ def run(
     started = time.time()
     validate(cfg)
     output_dir = Path(output_dir)
+    check_writable(output_dir, "hydra.run.dir (hydra.sweep.dir in a multirun)")
+    check_writable(cfg.paths.store_dir, "paths.store_dir (or KD_STORE_DIR, KD_CACHE_DIR)")
     device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
     threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
     torch.set_num_threads(int(threads))

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import torch
 from filelock import FileLock
 
+from kd.errors import StorageError
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 TRUST_STAMPS = True  # False: hash every file on every load (benchmarks/bench_job_overhead.py)
@@ -172,3 +174,21 @@ def build_once(path: str | os.PathLike, build: Callable[[], Any]) -> tuple[Any, 
         obj = build()
         save_checked(obj, path)
         return obj, True
+
+
+def check_writable(folder: str | os.PathLike, key: str) -> None:
+    """Create ``folder`` and write a probe file into it, so that a destination that cannot
+    be written (under a file, read-only, full) stops a run before its first step, in
+    one line, instead of after training."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".kd-probe-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"kd")
+        os.unlink(probe)
+    except OSError as err:
+        raise StorageError(
+            f"{folder} cannot be written ({err.strerror or type(err).__name__}); "
+            f"point {key} at a writable folder with free space"
+        ) from None

@@ -13,9 +13,9 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from kd.data import ImageFolderData
-from kd.errors import CheckpointError, DataError
+from kd.errors import CheckpointError, DataError, StorageError
 from kd.models import DeepNN
-from kd.storage import build_once, save_checked
+from kd.storage import build_once, check_writable, save_checked
 from kd.teacher import load_checkpoint, make_checkpoint
 from tests.conftest import FAST, read_metrics, run_py
 
@@ -80,13 +80,24 @@ def test_a_store_entry_with_a_garbage_checksum_is_rebuilt(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_store_that_cannot_be_written_keeps_the_run(workdir):
+def test_a_store_that_cannot_be_written_stops_the_run_before_its_first_step(workdir):
     blocker = workdir / "not_a_dir"
     blocker.write_text("a file where the store should be")
     proc = run_py([*FAST, "hydra.run.dir=out"], cwd=workdir, env={"KD_STORE_DIR": str(blocker / "store")})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert read_metrics(workdir / "out")["status"] == "completed"
-    assert "could not publish to the store" in proc.stdout + proc.stderr
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"kd: error: {blocker / 'store'} cannot be written (Not a directory); "
+        "point paths.store_dir (or KD_STORE_DIR, KD_CACHE_DIR) at a writable folder with free space"
+    ]
+    assert not (workdir / "out" / "metrics.json").exists()  # nothing trained, nothing half-written
+
+
+def test_a_destination_is_probed_by_writing_into_it(tmp_path):
+    check_writable(tmp_path / "new" / "folder", "paths.store_dir")
+    assert (tmp_path / "new" / "folder").is_dir() and not list((tmp_path / "new" / "folder").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match=r"file/sub cannot be written \(Not a directory\); point key at"):
+        check_writable(tmp_path / "file" / "sub", "key")
 
 
 # --- datasets --------------------------------------------------------------------
