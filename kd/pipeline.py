@@ -670,6 +670,16 @@ def _finish(
     _log_summary(job.model_name, job.n_seeds, summary, job.with_baseline)
 
 
+def _preflight(cfg: DictConfig, output_dir: Path) -> None:
+    """Before any work: refuse bad values and unwritable destinations in one line, and
+    warn about legal settings that cannot mean what they say."""
+    validate(cfg)
+    check_writable(output_dir, "hydra.run.dir (hydra.sweep.dir in a multirun)")
+    check_writable(cfg.paths.store_dir, "paths.store_dir (or KD_STORE_DIR, KD_CACHE_DIR)")
+    for warning in degenerate_settings(cfg):
+        log.warning("%s", warning)
+
+
 def run(
     cfg: DictConfig,
     output_dir: str | Path,
@@ -689,10 +699,8 @@ def run(
     outcome per seed; everything else is done here as for a model trained here.
     """
     started = time.time()
-    validate(cfg)
     output_dir = Path(output_dir)
-    check_writable(output_dir, "hydra.run.dir (hydra.sweep.dir in a multirun)")
-    check_writable(cfg.paths.store_dir, "paths.store_dir (or KD_STORE_DIR, KD_CACHE_DIR)")
+    _preflight(cfg, output_dir)
     device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
     threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
     torch.set_num_threads(int(threads))
@@ -704,8 +712,6 @@ def run(
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
     metrics = _run_header(cfg, ctx, loss_fn, seeds, int(threads))
-    for warning in degenerate_settings(cfg):
-        log.warning("%s", warning)
     if "val_acc" in objective_names(cfg) and not len(data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
     logger_cfg = OmegaConf.select(cfg, "logger", default=None)

@@ -84,6 +84,7 @@ class Member:
     loss: DistillationLoss
     on_epoch: Callable[[dict], None] | None = None
     desc: str = "member"
+    job: object = None  # members of one job (its seeds) stop together when one is stopped
 
 
 class _Features(nn.Module):
@@ -303,6 +304,24 @@ def _epoch_entries(pop: Population, epoch: int, sums: _EpochSums, seconds: float
     return entries
 
 
+def _see_epoch(members: list[Member], number: int, entry: dict, stopped: dict[int, BaseException]) -> None:
+    """Hand member ``number`` its epoch. What its ``on_epoch`` raises (a pruned trial, a
+    failing reporter) stops it and the other members of its job, which are not asked."""
+    member = members[number]
+    peers = [n for n, peer in enumerate(members) if member.job is not None and peer.job == member.job]
+    job_stop = next((stopped[n] for n in peers if n in stopped), None)
+    if job_stop is not None:
+        stopped[number] = job_stop
+        return
+    try:
+        if member.on_epoch is not None:
+            member.on_epoch(entry)
+    except Exception as err:
+        stopped[number] = err
+        for other in peers:
+            stopped.setdefault(other, err)
+
+
 def train_population(
     members: list[Member],
     ctx: Context,
@@ -320,22 +339,20 @@ def train_population(
     val_idx = ctx.data.val_idx.to(ctx.device)
     train_seconds = 0.0
     for epoch in range(1, pop.epochs + 1):
+        if not pop.alive:  # every member stopped (pruned, diverged) before the last epoch
+            break
         sums, stopped, seconds = _train_epoch(pop, epoch, progress, int(ctx.cfg.trainer.check_every), log_every_s)
         train_seconds += seconds
         if not pop.alive:
-            outcomes = [stopped.get(n, outcome) for n, outcome in enumerate(outcomes)]
+            outcomes = [outcome if outcome is not None else stopped.get(n) for n, outcome in enumerate(outcomes)]
             break
         val = pop.accuracies(ctx.train_images[val_idx], ctx.train_labels[val_idx]) if len(val_idx) else None
         for number, entry in zip(pop.alive, _epoch_entries(pop, epoch, sums, seconds, val), strict=True):
             histories[number].append(entry)
-            try:
-                if members[number].on_epoch is not None:
-                    members[number].on_epoch(entry)
-            except Exception as err:  # a pruned trial (or a failing reporter) stops this member only
-                stopped[number] = err
+            _see_epoch(members, number, entry, stopped)
         log.info("population epoch %d/%d: %d members, %.1fs", epoch, pop.epochs, len(pop.alive), seconds)
         pop.drop({n: err for n, err in stopped.items() if n in pop.alive})
-        outcomes = [stopped.get(n, outcome) for n, outcome in enumerate(outcomes)]
+        outcomes = [outcome if outcome is not None else stopped.get(n) for n, outcome in enumerate(outcomes)]
     if pop.alive:
         test = pop.accuracies(ctx.test_images, ctx.test_labels)
         for row, number in enumerate(pop.alive):
@@ -360,13 +377,30 @@ def _job_members(cfg: DictConfig) -> list[Member]:
     members = []
     for index, seed in enumerate(trial_seeds(cfg)):
         recipe = run_recipe(cfg, seed)
-
-        def on_epoch(entry: dict, offset: int = index * recipe.epochs) -> None:
-            if reporter is not None and "val_acc" in entry:
-                reporter(offset + entry["epoch"], entry["val_acc"])
-
-        members.append(Member(recipe, build(cfg.loss, cfg), on_epoch, desc=f"job {cfg.hydra.job.num} seed {seed}"))
+        desc = f"job {cfg.hydra.job.num} seed {seed}"
+        members.append(
+            Member(recipe, build(cfg.loss, cfg), _seed_reporter(reporter, index, recipe.epochs), desc, id(cfg))
+        )
     return members
+
+
+def _seed_reporter(reporter: Callable | None, index: int, epochs: int) -> Callable[[dict], None]:
+    """Report seed ``index``'s epochs as a single run does: step ``index x epochs +
+    epoch``, in step order. The seeds of a population train side by side, so a later
+    seed's epochs are held back until the seeds before it have reported all theirs (at
+    its last epoch, which the population hands over after theirs)."""
+    held: list[dict] = []
+
+    def on_epoch(entry: dict) -> None:
+        if reporter is None or "val_acc" not in entry:
+            return
+        held.append(entry)
+        if index == 0 or entry["epoch"] == epochs:
+            for seen in held:
+                reporter(index * epochs + seen["epoch"], seen["val_acc"])
+            held.clear()
+
+    return on_epoch
 
 
 def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[JobShare | None]:

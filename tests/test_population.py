@@ -11,9 +11,9 @@ from conftest import FAST, read_metrics, run_py
 from optuna.trial import TrialState
 
 from kd.config import build
-from kd.errors import Diverged
+from kd.errors import Diverged, Pruned
 from kd.pipeline import make_context, prepare_teacher, run_recipe, train_model
-from kd.population import Member, population_key, train_population
+from kd.population import Member, _seed_reporter, population_key, train_population
 from kd.teacher import TeacherStore
 
 SMALL = [
@@ -176,3 +176,35 @@ def test_an_optuna_sweep_on_the_population_launcher_prunes_and_completes(workdir
         assert sorted(t.intermediate_values) == list(range(1, metrics["epochs_trained"] + 1))
         if t.state == TrialState.COMPLETE:
             assert metrics["status"] == "completed" and t.value == pytest.approx(metrics["objective_value"])
+
+
+def test_a_population_whose_members_all_stop_early_ends_there(compose_cfg, tmp_path):
+    cfgs, ctx, teacher, members = _members(compose_cfg, tmp_path, [["seed=1"], ["seed=2"]])
+    calls = []
+
+    def prune(entry):
+        calls.append(entry["epoch"])
+        raise Pruned(entry["epoch"], entry["val_acc"])
+
+    for member in members:
+        member.on_epoch = prune
+    outcomes = train_population(members, ctx, teacher)
+    assert all(isinstance(o, Pruned) and o.step == 1 for o in outcomes) and calls == [1, 1]
+
+
+def test_the_seeds_of_one_job_stop_together_and_report_in_single_run_order(compose_cfg, tmp_path):
+    cfgs, ctx, teacher, members = _members(compose_cfg, tmp_path, [["seed=1"], ["seed=2"], ["seed=3"]])
+    reported = []
+
+    def reporter(step, value):
+        reported.append(step)
+        if step == 3:  # the second seed's first epoch (2 epochs per seed)
+            raise Pruned(step, value)
+
+    for index, member in enumerate(members[:2]):  # one job of two seeds; the third member is another job
+        member.job, member.on_epoch = "job", _seed_reporter(reporter, index, 2)
+    outcomes = train_population(members, ctx, teacher)
+    # Seed 0 reports steps 1, 2 as it goes; seed 1's steps 3, 4 wait until seed 0 is done.
+    assert reported == [1, 2, 3]
+    assert isinstance(outcomes[0], Pruned) and outcomes[0] is outcomes[1] and outcomes[1].step == 3
+    assert not isinstance(outcomes[2], BaseException)  # the other job finished
