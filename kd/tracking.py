@@ -7,9 +7,12 @@ trial number and study name arrive as tags, so a sweep shows up as one experimen
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
+
+from kd.errors import ConfigError
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float]:
@@ -29,12 +32,21 @@ class NullLogger:
         pass
 
 
+def _optional(module: str, extra: str) -> Any:
+    """Import an optional dependency, or refuse the logger in one line naming the extra
+    (imported here, not at the top: kd runs without the trackers installed)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"logger={extra} needs {err.name or module}: pip install 'kd[{extra}]'") from None
+
+
 class TensorBoardLogger(NullLogger):
     """Event files in ``<run dir>/tensorboard``: ``tensorboard --logdir`` a sweep's
     directory shows every trial as one run."""
 
     def __init__(self, output_dir: str | Path, subdir: str = "tensorboard") -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        SummaryWriter = _optional("torch.utils.tensorboard", "tensorboard").SummaryWriter  # noqa: N806
 
         self.writer = SummaryWriter(log_dir=str(Path(output_dir) / subdir))
 
@@ -59,8 +71,7 @@ class MLflowLogger(NullLogger):
     def __init__(
         self, output_dir: str | Path, tracking_uri: str | None = None, experiment_name: str | None = None
     ) -> None:
-        import mlflow
-
+        mlflow = _optional("mlflow", "mlflow")
         self.mlflow = mlflow
         # MLflow 3 refuses its old file store by default; a local SQLite file is its successor.
         mlflow.set_tracking_uri(tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}")

@@ -156,3 +156,16 @@ def test_the_cache_is_absolute_and_follows_kd_cache_dir_then_xdg(compose_cfg, mo
     assert compose_cfg().paths.cache_dir == str(tmp_path / "home" / ".cache" / "kd")
     monkeypatch.setenv("KD_STORE_DIR", str(tmp_path / "elsewhere"))
     assert compose_cfg().paths.store_dir == str(tmp_path / "elsewhere")
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from kd.tracking import MLflowLogger, TensorBoardLogger
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ConfigError, match=r"logger=mlflow needs mlflow: pip install 'kd\[mlflow\]'"):
+        MLflowLogger(tmp_path)
+    with pytest.raises(ConfigError, match=r"logger=tensorboard needs .*: pip install 'kd\[tensorboard\]'"):
+        TensorBoardLogger(tmp_path)
