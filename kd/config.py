@@ -113,7 +113,22 @@ RANGES: tuple[tuple[str, Callable[[float], bool], str, bool], ...] = (
         )
     ),
 )
-FLAGS = ("trial.baseline", "teacher.augment", "teacher.amp", "trainer.amp", "data.augment")
+FLAGS = (
+    "trial.baseline",
+    "teacher.augment",
+    "teacher.amp",
+    "trainer.amp",
+    "trainer.compile",
+    "trainer.channels_last",
+    "data.augment",
+    "data.download",
+    "data.skip_bad_images",
+)
+# Keys that take one of a few words: (key, allowed values, as said in the error).
+CHOICES: tuple[tuple[str, tuple[Any, ...], str], ...] = (
+    ("trainer.resume", ("auto", "never"), "auto or never"),
+    ("trainer.progress", ("auto", True, False), "auto, true or false"),
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -216,12 +231,11 @@ def _check_trial_seeds(cfg: DictConfig) -> None:
 
 
 def _check_choices(cfg: DictConfig) -> None:
-    resume = OmegaConf.select(cfg, "trainer.resume", default="auto")
-    if resume not in ("auto", "never"):
-        raise ConfigError(f"trainer.resume must be auto or never, got {resume!r}")
-    progress = OmegaConf.select(cfg, "trainer.progress", default="auto")
-    if progress not in ("auto", True, False):
-        raise ConfigError(f"trainer.progress must be auto, true or false, got {progress!r}")
+    for key, allowed, said in CHOICES:
+        value = OmegaConf.select(cfg, key, default=allowed[0])
+        # bool is an int: 1 == True, so compare types as well as values.
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(f"{key} must be {said}, got {value!r}")
     device = str(cfg.trainer.device)
     if device != "auto" and device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from hydra_plugins.kd_sweeper.study import heal_journal, open_storage
-from kd.config import RANGES, validate
+from kd.config import CHOICES, FLAGS, RANGES, validate
 from kd.errors import ConfigError
 from kd.resume import ResumeFile
 from kd.storage import build_once
@@ -105,3 +105,23 @@ def test_a_journal_torn_anywhere_in_its_last_record_resumes(tmp_path_factory, ta
     resumed = optuna.load_study(study_name="s", storage=open_storage(url))
     resumed.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     assert len(resumed.trials) == 3
+
+
+@pytest.mark.parametrize("key", [*FLAGS, *(key for key, *_ in CHOICES)])
+def test_every_flag_and_choice_refuses_other_values_in_one_line(base, key):
+    allowed = dict((k, a) for k, a, _ in CHOICES).get(key, (True, False))
+
+    @PER_KEY
+    @given(value=HOSTILE)
+    def check(value):
+        cfg = OmegaConf.create(base)
+        OmegaConf.update(cfg, key, value, force_add=True)
+        fine = any(value == a and type(value) is type(a) for a in allowed)
+        try:
+            validate(cfg)
+        except ConfigError as err:
+            assert not fine and str(err).startswith(key) and "\n" not in str(err), str(err)
+            return
+        assert fine, f"{key}={value!r} was accepted"
+
+    check()
