@@ -1,0 +1,18 @@
+"""The networks: the tutorial's pair (:mod:`kd.models.tutorial`), CIFAR ResNets
+(:mod:`kd.models.resnet`), and the seeded dropout every model trains with
+(:mod:`kd.models.dropout`). A new model is one class plus one ``conf/model/*.yaml``."""
+
+from kd.models.dropout import SeededDropout, dropout_generator, seed_dropout
+from kd.models.resnet import CifarResNet
+from kd.models.tutorial import DeepNN, FeatureNet, LightNN, count_parameters
+
+__all__ = [
+    "CifarResNet",
+    "DeepNN",
+    "FeatureNet",
+    "LightNN",
+    "SeededDropout",
+    "count_parameters",
+    "dropout_generator",
+    "seed_dropout",
+]
