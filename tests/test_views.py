@@ -160,6 +160,9 @@ def test_schedule_and_weight_decay_are_part_of_a_recipe(compose_cfg):
     assert strong.teacher.schedule.max_lr == strong.teacher.optim.lr == 2e-3
     # Run alone, the experiment trains exactly the teacher its KD runs look up.
     assert recipe_spec(run_recipe(strong, int(strong.seed)), ctx) == recipe_spec(teacher_recipe(strong), ctx)
+    resnet = compose_cfg("experiment=teacher_resnet", "data=synthetic", "trainer.device=cpu")
+    assert recipe_spec(run_recipe(resnet, int(resnet.seed)), ctx) == recipe_spec(teacher_recipe(resnet), ctx)
+    assert resnet.teacher.model.depth == 20 and resnet.teacher.optim.lr == 0.1 and resnet.teacher.augment
     with pytest.raises(ConfigError, match="optim.weight_decay must be >= 0"):
         validate(compose_cfg(*SMALL, "optim=adamw", "optim.weight_decay=-1"))
     with pytest.raises(ConfigError, match="teacher.schedule.pct_start must be in"):
