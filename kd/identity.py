@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_object
 
 from kd.errors import StorageError
 
@@ -124,9 +125,15 @@ def held_out_digest(val_idx: torch.Tensor) -> str:
 
 def source_digest(target: str) -> str:
     """SHA-256 of the source of a model class and its own base classes (not torch's):
-    editing the network's code gives its teachers a new address."""
+    editing the network's code gives its teachers a new address. For a factory function
+    (``kd.models.torchvision_model``), its own source and the versions of torch and
+    torchvision, whose classes it builds."""
+    built = get_object(target)
+    if not inspect.isclass(built):
+        parts = [_source(built), f"torch {torch.__version__}", f"torchvision {_version('torchvision')}"]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     parts = []
-    for cls in get_class(target).__mro__:
+    for cls in built.__mro__:
         if cls.__module__.split(".")[0] in ("torch", "builtins"):
             continue
         try:
@@ -134,6 +141,20 @@ def source_digest(target: str) -> str:
         except (OSError, TypeError):  # defined interactively: fall back to its name
             parts.append(f"{cls.__module__}.{cls.__qualname__}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _source(obj: object) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):  # defined interactively: its name stands in
+        return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def derived_seed(purpose: str, seed: int) -> int:

@@ -1,0 +1,67 @@
+"""Any torchvision classification model, by name (``model=torchvision model.name=...``)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+import torch
+from torch import nn
+
+from kd.errors import CheckpointError, ConfigError
+
+
+def torchvision_model(
+    name: str, num_classes: int = 10, small_input: bool = False, weights: str | os.PathLike | None = None
+) -> nn.Module:
+    """torchvision's ``name`` with ``num_classes`` outputs. ``small_input`` adapts a
+    ResNet-style stem to 32-px images (3x3 stride-1 first conv, no max-pool), as CIFAR
+    ResNet-18s do. ``weights``: a local file (a state_dict, or a dict holding one under
+    ``state_dict`` or ``model``), loaded with ``weights_only=True``; nothing is downloaded."""
+    # Imported here: torchvision adds about a second to every job's start.
+    from torchvision.models import get_model, list_models
+
+    names = list_models()
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(near)}?" if near else f"one of {len(names)} names in torchvision.models"
+        raise ConfigError(f"model.name={name!r} is not a torchvision model; {hint}")
+    model = get_model(name, num_classes=num_classes)
+    if small_input:
+        if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")):
+            raise ConfigError(f"model.small_input=true adapts ResNet-style stems (conv1 + maxpool); {name} has none")
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    if weights is not None:
+        _load_weights(model, weights, name)
+    return model
+
+
+def _load_weights(model: nn.Module, path: str | os.PathLike, name: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"model.weights={path} does not exist") from None
+    except Exception as err:
+        raise CheckpointError(f"model.weights={path} cannot be read ({type(err).__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    missing, unexpected = _key_differences(model, state)
+    if missing or unexpected:
+        differences = f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}"
+        raise CheckpointError(f"model.weights={path} does not fit {name}: {differences}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # the same keys with other shapes (another stem, another class count)
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise CheckpointError(f"model.weights={path} does not fit {name}: {first}") from None
+
+
+def _key_differences(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    expected = set(model.state_dict())
+    return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def _few(keys: list[str]) -> str:
+    return "[" + ", ".join(keys[:3]) + (f", ... {len(keys) - 3} more" if len(keys) > 3 else "") + "]"
