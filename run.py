@@ -46,6 +46,12 @@ def parallel_jobs(hydra_cfg: DictConfig) -> int:
     return n_jobs if n_jobs > 0 else max(1, available_cores() + 1 + n_jobs)
 
 
+def debug_traceback() -> None:
+    """With ``KD_DEBUG=1``, the traceback behind an expected stop's one line."""
+    if os.environ.get("KD_DEBUG"):
+        traceback.print_exc()
+
+
 def plain_multirun(hydra_cfg: DictConfig) -> bool:
     """A multirun of Hydra's basic sweeper and launcher: jobs one after another, here."""
     sweeper = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default=""))
@@ -117,8 +123,7 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
             pretrained=share.outcomes if share else None,
         )
     except KDError as err:
-        if os.environ.get("KD_DEBUG"):
-            traceback.print_exc()
+        debug_traceback()
         if isinstance(err, Diverged) and plain_multirun(hydra_cfg):
             # One job of a grid diverged: say so in one line and let the others run
             # (its metrics.json records where); Hydra would end the grid with a traceback.
@@ -133,8 +138,7 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
             remove_if_empty(Path(hydra_cfg.runtime.output_dir))  # a refused run leaves nothing
         sys.exit(err.exit_code)
     except OSError as err:  # a destination that cannot be written: what and where, in one line
-        if os.environ.get("KD_DEBUG"):
-            traceback.print_exc()
+        debug_traceback()
         print(f"kd: error: {unwritable(err)}", file=sys.stderr)
         sys.exit(StorageError.exit_code)
     except KeyboardInterrupt:
@@ -171,15 +175,13 @@ def entry() -> None:
     try:
         main()
     except CompactHydraException as err:  # Hydra refused the command line: bad input
-        if os.environ.get("KD_DEBUG"):
-            traceback.print_exc()
+        debug_traceback()
         print(f"kd: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         for hint in override_hints(sys.argv[1:], Path(__file__).parent / "conf"):
             print(f"kd: hint: {hint}", file=sys.stderr)
         sys.exit(ConfigError.exit_code)
     except OSError as err:  # Hydra could not create the run or sweep directory
-        if os.environ.get("KD_DEBUG"):
-            traceback.print_exc()
+        debug_traceback()
         print(f"kd: error: {unwritable(err)}", file=sys.stderr)
         sys.exit(StorageError.exit_code)
     except Exception as err:
@@ -187,8 +189,7 @@ def entry() -> None:
         # error with the node's full_key as a note): bad input. Anything else is a bug.
         if not isinstance(err, HydraException) and "full_key: hydra." not in _notes(err):
             raise
-        if os.environ.get("KD_DEBUG"):
-            traceback.print_exc()
+        debug_traceback()
         print(f"kd: error: {plugin_refusal(err)}", file=sys.stderr)
         sys.exit(ConfigError.exit_code)
     if DIVERGED_JOBS:

@@ -132,14 +132,7 @@ def source_digest(target: str) -> str:
     if not inspect.isclass(built):
         parts = [_source(built), f"torch {torch.__version__}", f"torchvision {_version('torchvision')}"]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    parts = []
-    for cls in built.__mro__:
-        if cls.__module__.split(".")[0] in ("torch", "builtins"):
-            continue
-        try:
-            parts.append(inspect.getsource(cls))
-        except (OSError, TypeError):  # defined interactively: fall back to its name
-            parts.append(f"{cls.__module__}.{cls.__qualname__}")
+    parts = [_source(cls) for cls in built.__mro__ if cls.__module__.split(".")[0] not in ("torch", "builtins")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
