@@ -1,8 +1,8 @@
 """Checks on a composed config, and the settings that identify a run or a sweep.
 
-Hydra already rejects unknown keys and group options; :func:`validate` catches values
-of the right type but the wrong range, with a message naming the key and the range,
-before any data is read or any model trained.
+Hydra already rejects unknown keys and group options; :func:`validate` checks every
+value's declared type (:mod:`kd.schema`) and range, with a one-line message naming the
+key, the value and the rule, before any data is read or any model trained.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kd import identity
+from kd import identity, schema
 from kd.errors import ConfigError
 from kd.views import view_count
 
@@ -132,7 +132,10 @@ CHOICES: tuple[tuple[str, tuple[Any, ...], str], ...] = (
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first out-of-range setting in ``cfg``."""
+    """Raise :class:`ConfigError` for the first setting of ``cfg`` that is undeclared, of
+    the wrong type (:mod:`kd.schema`) or out of range (:data:`RANGES` and the checks below)."""
+    extra = [str(t) for t in OmegaConf.select(cfg, "extra_targets", default=None) or []]
+    schema.check(cfg, trusted=(*TRUSTED_TARGETS, *extra))
     if str(OmegaConf.select(cfg, "loss._target_", default="")).endswith(".DKD"):
         _number(cfg, "loss.alpha", lambda v: v >= 0, ">= 0")  # DKD's alpha weights a KL term: any size
     else:

@@ -12,6 +12,7 @@ import optuna
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_object
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -20,6 +21,7 @@ from hydra_plugins.kd_sweeper.study import heal_journal, open_storage
 from kd.config import CHOICES, FLAGS, RANGES, validate
 from kd.errors import ConfigError
 from kd.resume import ResumeFile
+from kd.schema import signature_types
 from kd.storage import build_once
 
 HOSTILE = st.one_of(
@@ -33,12 +35,33 @@ FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChe
 PER_KEY = settings(FAST, max_examples=15)
 
 
+# Configs that between them hold (or whose targets take) every checked key.
+BASES = (
+    ["loss=kd", "data=synthetic", "optim=sgd", "schedule=onecycle"],
+    ["loss=dkd", "optim=adam", "optim@teacher.optim=sgd", "schedule=cosine", "schedule@teacher.schedule=onecycle"],
+    ["loss=cosine", "data=folder", "data.root=/x", "schedule@teacher.schedule=cosine"],
+)
+
+
 @pytest.fixture(scope="module")
-def base() -> dict:
-    """A composed config as a plain container (cheap to copy per drawn value)."""
+def bases() -> list[dict]:
+    """Composed configs as plain containers (cheap to copy per drawn value)."""
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
-        cfg = compose(config_name="config", overrides=["loss=kd", "data=synthetic", "optim=sgd", "schedule=onecycle"])
-    return OmegaConf.to_container(cfg, resolve=False)
+        return [OmegaConf.to_container(compose(config_name="config", overrides=b), resolve=False) for b in BASES]
+
+
+@pytest.fixture
+def base(bases, key) -> dict:
+    """The first base that has ``key``, or whose target at its parent takes it."""
+    parent, _, leaf = key.rpartition(".")
+    for candidate in bases:
+        cfg = OmegaConf.create(candidate)
+        if OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
+            return candidate
+        target = OmegaConf.select(cfg, f"{parent}._target_", default=None)
+        if target and leaf in signature_types(get_object(target))[0]:
+            return candidate
+    pytest.fail(f"no config in BASES has or takes {key}")
 
 
 @pytest.mark.parametrize("key", sorted({key for key, *_ in RANGES}))
