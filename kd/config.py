@@ -175,14 +175,49 @@ DEGENERATE: tuple[tuple[str, Callable[[float], bool], str], ...] = (
 )
 
 
+def _is_kd(cfg: DictConfig) -> bool:
+    return str(OmegaConf.select(cfg, "loss._target_", default="")).endswith(("HintonKD", "StandardisedKD"))
+
+
+def _train_images(cfg: DictConfig) -> int | None:
+    train = OmegaConf.select(cfg, "data.train_size", default=None)
+    return None if train is None else int(train) - int(OmegaConf.select(cfg, "data.val_size", default=0) or 0)
+
+
+# Degenerate combinations of keys: (test on the whole config, what it means).
+DEGENERATE_RUNS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
+    (
+        lambda cfg: _is_kd(cfg) and OmegaConf.select(cfg, "loss.alpha") == 0,
+        "loss.alpha=0 is plain cross-entropy: the teacher is built or loaded but not used",
+    ),
+    (
+        lambda cfg: OmegaConf.select(cfg, "loss.weight", default=None) == 0,
+        "loss.weight=0 is plain cross-entropy: the teacher's features are not used",
+    ),
+    (
+        lambda cfg: (_train_images(cfg) or 0) > 0 and int(cfg.trainer.batch_size) >= (_train_images(cfg) or 0),
+        "trainer.batch_size holds the whole training set: one step per epoch",
+    ),
+    (
+        lambda cfg: (
+            bool(OmegaConf.select(cfg, "data.augment", default=False))
+            and OmegaConf.select(cfg, "teacher.views", default=None) == 1
+            and _is_kd(cfg)
+        ),
+        "teacher.views=1 with data.augment=true: the student sees one augmented view per image, every epoch",
+    ),
+)
+
+
 def degenerate_settings(cfg: DictConfig) -> list[str]:
-    """One line per legal but degenerate setting of ``cfg`` (see :data:`DEGENERATE`)."""
+    """One line per legal but degenerate setting of ``cfg`` (:data:`DEGENERATE` and
+    :data:`DEGENERATE_RUNS`)."""
     found = []
     for key, test, why in DEGENERATE:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and test(value):
             found.append(f"{key}={value!r}: {why}")
-    return found
+    return found + [why for test, why in DEGENERATE_RUNS if test(cfg)]
 
 
 def _check_normalisation(cfg: DictConfig) -> None:

@@ -135,6 +135,36 @@ def test_degenerate_but_legal_settings_are_named_and_sensible_ones_are_not(compo
     validate(compose_cfg("loss=kd", "data=synthetic", "loss.temperature=1e-30"))  # warned about, not refused
 
 
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["loss=kd", "loss.alpha=0"], "loss.alpha=0 is plain cross-entropy"),
+        (["loss=kd_std", "loss.alpha=0"], "loss.alpha=0 is plain cross-entropy"),
+        (["loss=cosine", "loss.weight=0"], "loss.weight=0 is plain cross-entropy"),
+        (["data=synthetic", "trainer.batch_size=448"], "one step per epoch"),
+        (["loss=kd", "data.augment=true", "teacher.views=1"], "one augmented view per image"),
+    ],
+)
+def test_degenerate_combinations_are_named(compose_cfg, overrides, words):
+    found = degenerate_settings(compose_cfg(*overrides))
+    assert len(found) == 1 and words in found[0], found
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss=ce"],
+        ["loss=kd", "loss.alpha=0.01"],
+        ["loss=cosine", "loss.weight=0.01"],
+        ["data=synthetic", "trainer.batch_size=447"],
+        ["loss=kd", "data.augment=true", "teacher.views=2"],
+        ["loss=ce", "data.augment=true", "teacher.views=1"],
+    ],
+)
+def test_sensible_neighbours_of_degenerate_combinations_are_not_named(compose_cfg, overrides):
+    assert degenerate_settings(compose_cfg(*overrides)) == []
+
+
 def test_a_one_cycle_schedule_with_a_zero_step_warm_up_is_refused(compose_cfg):
     schedule = compose_cfg("schedule=onecycle").schedule
     with pytest.raises(ConfigError, match="schedule=onecycle over 4 optimiser steps with pct_start=0.25"):
