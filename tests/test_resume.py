@@ -3,6 +3,7 @@ weights of a run that was never stopped."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -187,3 +188,45 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_weights(workdir, d
     full, resumed = _weights(workdir / "full"), _weights(workdir / "again")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert not list((workdir / "cache" / "store" / "resume").glob("*.pt"))  # done: nothing left to resume
+
+
+# A KD run that trains and publishes its teacher, caches its logits, trains the student
+# with a CE baseline and writes its outputs: every kind of file kd writes.
+KD_RUN = [
+    "loss=kd",
+    "data=synthetic",
+    "data.train_size=256",
+    "data.test_size=64",
+    "data.val_size=64",
+    "trainer.epochs=2",
+    "teacher.epochs=2",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+    "trainer.num_threads=1",
+    "trainer.checkpoint_every_s=0.1",
+]
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_point_leaves_nothing_that_blocks_the_next(workdir):
+    """SIGKILL at spread-out moments of a KD run, each kill on the store the last one
+    left behind; the next run then finishes with the uninterrupted run's metrics."""
+    start = time.time()
+    clean = run_py([*KD_RUN, "hydra.run.dir=clean"], cwd=workdir, env={"KD_CACHE_DIR": str(workdir / "clean_cache")})
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    duration = time.time() - start
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for i, fraction in enumerate((0.15, 0.3, 0.45, 0.6, 0.75, 0.9)):
+        proc = subprocess.Popen(
+            [sys.executable, str(RUN_PY), *KD_RUN, f"hydra.run.dir=killed{i}"], cwd=workdir, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        time.sleep(duration * fraction)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    final = run_py([*KD_RUN, "hydra.run.dir=final"], cwd=workdir)
+    assert final.returncode == 0, final.stderr[-2000:]
+    expected = json.loads((workdir / "clean" / "metrics.json").read_text())
+    got = json.loads((workdir / "final" / "metrics.json").read_text())
+    for key in ("test_acc", "val_acc", "teacher_test_acc"):
+        assert got[key] == expected[key], key
