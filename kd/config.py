@@ -364,9 +364,9 @@ for _name, _resolver in (("kd_study_name", default_study_name), ("kd_cache_dir",
 # What a config may instantiate: Hydra 1.4 asks every call site for an allow-list, since
 # a config-controlled ``_target_`` can run any code. This project's classes and torch's
 # optimisers; a model or loss of your own needs its module in ``extra_targets``.
-# Hydra 1.4 also checks what a factory returns: kd.models.torchvision_model builds
-# torchvision.models classes.
-TRUSTED_TARGETS = ("kd.*", "torch.optim.*", "torchvision.models.*")
+# Hydra 1.4 also checks what a factory returns: kd.models' factories build torchvision,
+# timm and torchdistill model classes.
+TRUSTED_TARGETS = ("kd.*", "torch.optim.*", "torchvision.models.*", "timm.models.*", "torchdistill.models.*")
 
 
 def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:

@@ -127,10 +127,12 @@ def source_digest(target: str) -> str:
     """SHA-256 of the source of a model class and its own base classes (not torch's):
     editing the network's code gives its teachers a new address. For a factory function
     (``kd.models.torchvision_model``), its own source and the versions of torch and
-    torchvision, whose classes it builds."""
+    torchvision, whose classes it builds, and of the packages it names in its
+    ``builds_from`` attribute (timm, torchdistill)."""
     built = get_object(target)
     if not inspect.isclass(built):
         parts = [_source(built), f"torch {torch.__version__}", f"torchvision {_version('torchvision')}"]
+        parts += [f"{package} {_version(package)}" for package in getattr(built, "builds_from", ())]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     parts = [_source(cls) for cls in built.__mro__ if cls.__module__.split(".")[0] not in ("torch", "builtins")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -61,7 +61,7 @@ def test_any_torchvision_model_by_name_with_a_small_input_stem():
     assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(ConfigError, match="model.name='resnet19' is not a torchvision model; did you mean resnet1"):
         torchvision_model("resnet19")
-    with pytest.raises(ConfigError, match="small_input=true adapts ResNet-style stems"):
+    with pytest.raises(ConfigError, match="small_input=true adapts ResNet, ShuffleNetV2 and MobileNetV2 stems"):
         torchvision_model("vgg11", small_input=True)
 
 
@@ -90,3 +90,78 @@ def test_model_torchvision_resnet18_trains_a_one_epoch_run(workdir):
     proc = run_py(args, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_metrics(workdir / "out")["params"] == 11_173_962
+
+
+# Wide ResNets from torchdistill's CIFAR zoo. Published (Zagoruyko & Komodakis 2016;
+# Tian et al. 2020, CRD, for 16-2 and 40-2): 0.7 M, 2.2 M, 36.5 M.
+@pytest.mark.parametrize(("depth", "width", "expected"), [(16, 2, 691_674), (40, 2, 2_243_546), (28, 10, 36_479_194)])
+def test_wide_resnet_parameter_counts(depth, width, expected):
+    from kd.models.wrn import wide_resnet
+
+    assert count_parameters(wide_resnet(depth, width, num_classes=10)) == expected
+
+
+def test_a_wide_resnet_depth_that_is_not_6n_plus_4_is_refused():
+    from kd.models.wrn import wide_resnet
+
+    with pytest.raises(ConfigError, match="model.depth must be 6n \\+ 4"):
+        wide_resnet(depth=20, width=2)
+
+
+# torchvision's classes with the 32-px stems of kuangliu/pytorch-cifar; the counts are
+# torchvision's for 10 classes (the stride changes add no parameters).
+@pytest.mark.parametrize(
+    ("name", "expected", "last_map"),
+    [("mobilenet_v2", 2_236_682, (4, 4)), ("shufflenet_v2_x1_0", 1_263_854, (4, 4)), ("resnet18", 11_173_962, (4, 4))],
+)
+def test_small_input_stems_keep_32px_images_large_enough(name, expected, last_map):
+    model = torchvision_model(name, 10, small_input=True).eval()
+    assert count_parameters(model) == expected
+    seen = {}
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    last.register_forward_hook(lambda _m, _i, out: seen.update(map=out.shape[-2:]))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert tuple(seen["map"]) == last_map
+
+
+def test_small_input_is_refused_for_a_family_it_does_not_know():
+    with pytest.raises(ConfigError, match="model.small_input=true adapts ResNet, ShuffleNetV2 and MobileNetV2"):
+        torchvision_model("vgg11", 10, small_input=True)
+
+
+def test_any_timm_model_by_name_and_a_near_miss_refused():
+    pytest.importorskip("timm")
+    from kd.models import timm_model
+
+    assert timm_model("resnet18", 7).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
+    with pytest.raises(ConfigError, match="did you mean resnet18"):
+        timm_model("resnet1")
+
+
+def test_model_timm_without_timm_says_which_extra_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm":
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    from kd.models import timm_model
+
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[timm\]'"):
+        timm_model("resnet18")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "params"), [("wrn_16_2", 691_674), ("shufflenetv2", 1_263_854), ("timm", None)])
+def test_zoo_models_train_a_one_epoch_run(workdir, model, params):
+    from tests.conftest import FAST, read_metrics, run_py
+
+    if model == "timm":
+        pytest.importorskip("timm")
+    proc = run_py([*FAST, f"model={model}", "hydra.run.dir=out"], cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert params is None or read_metrics(workdir / "out")["params"] == params

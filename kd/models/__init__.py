@@ -1,12 +1,13 @@
 """The networks: the tutorial's pair (:mod:`kd.models.tutorial`), CIFAR ResNets
-(:mod:`kd.models.resnet`), any torchvision model (:mod:`kd.models.zoo`), and the seeded
-dropout every model trains with (:mod:`kd.models.dropout`). A new model is one class
+(:mod:`kd.models.resnet`), Wide ResNets from torchdistill (:mod:`kd.models.wrn`, imported
+only when a config names it), any torchvision or timm model (:mod:`kd.models.zoo`), and
+the seeded dropout every model trains with (:mod:`kd.models.dropout`). A new model is one class
 plus one ``conf/model/*.yaml``."""
 
 from kd.models.dropout import SeededDropout, dropout_generator, seed_dropout
 from kd.models.resnet import CifarResNet
 from kd.models.tutorial import DeepNN, FeatureNet, LightNN, count_parameters
-from kd.models.zoo import torchvision_model
+from kd.models.zoo import timm_model, torchvision_model
 
 __all__ = [
     "CifarResNet",
@@ -17,5 +18,6 @@ __all__ = [
     "count_parameters",
     "dropout_generator",
     "seed_dropout",
+    "timm_model",
     "torchvision_model",
 ]

@@ -28,13 +28,53 @@ def torchvision_model(
         raise ConfigError(f"model.name={name!r} is not a torchvision model; {hint}")
     model = get_model(name, num_classes=num_classes)
     if small_input:
-        if not (isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")):
-            raise ConfigError(f"model.small_input=true adapts ResNet-style stems (conv1 + maxpool); {name} has none")
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
+        _small_stem(model, name)
     if weights is not None:
         _load_weights(model, weights, name)
     return model
+
+
+def _small_stem(model: nn.Module, name: str) -> None:
+    """Keep 32-px inputs large enough for the later stages, as CIFAR versions of these
+    families do (kuangliu/pytorch-cifar): ResNet-style stems become one 3x3 stride-1 conv
+    without max-pool; ShuffleNetV2 keeps its 3x3 conv at stride 1 and drops the max-pool;
+    MobileNetV2 takes its first conv and its first stride-2 block at stride 1."""
+    from torchvision.models import MobileNetV2
+
+    conv1 = getattr(model, "conv1", None)
+    if isinstance(conv1, nn.Conv2d) and hasattr(model, "maxpool"):  # ResNet, ResNeXt, Wide ResNet
+        model.conv1 = nn.Conv2d(3, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif isinstance(conv1, nn.Sequential) and isinstance(conv1[0], nn.Conv2d) and hasattr(model, "maxpool"):
+        conv1[0].stride = (1, 1)  # ShuffleNetV2: its stem conv is already 3x3
+        model.maxpool = nn.Identity()
+    elif isinstance(model, MobileNetV2):
+        model.features[0][0].stride = (1, 1)
+        model.features[2].conv[1][0].stride = (1, 1)  # the depthwise conv of the first stride-2 block
+    else:
+        raise ConfigError(
+            f"model.small_input=true adapts ResNet, ShuffleNetV2 and MobileNetV2 stems; {name} has none of them"
+        )
+
+
+def timm_model(name: str, num_classes: int = 10, weights: str | os.PathLike | None = None) -> nn.Module:
+    """timm's ``name`` with ``num_classes`` outputs (``pip install -e .[timm]``); built
+    without pretrained weights, ``weights`` loads a local file as for torchvision."""
+    try:
+        import timm  # optional: the timm extra
+    except ImportError:
+        raise ConfigError("model=timm needs the timm package: pip install -e '.[timm]'") from None
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(near)}?" if near else "see timm.list_models()"
+        raise ConfigError(f"model.name={name!r} is not a timm model; {hint}")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if weights is not None:
+        _load_weights(model, weights, name)
+    return model
+
+
+timm_model.builds_from = ("timm",)  # type: ignore[attr-defined]  # its version is in the model's address
 
 
 def _load_weights(model: nn.Module, path: str | os.PathLike, name: str) -> None:
