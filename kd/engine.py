@@ -16,6 +16,7 @@ from kd.data import BatchStream, Preprocess
 from kd.errors import Diverged
 from kd.losses import LossInputs, Progress
 from kd.models import SeededDropout
+from kd.models.features import STUDENT_LAYER, TEACHER_LAYER, with_features
 from kd.resume import ResumeFile, rng_state, set_rng_state
 from kd.views import apply_views
 
@@ -55,9 +56,10 @@ def predict_features(
     on the CPU (half the memory; the losses compare them in float32)."""
     was_training = model.training
     model.eval()
+    forward = with_features(model, names, TEACHER_LAYER)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for i in range(0, len(images), batch_size):
-        _, features = model.forward_with_features(preprocess(images[i : i + batch_size]))
+        _, features = forward(preprocess(images[i : i + batch_size]))
         for name in names:
             parts[name].append(features[name].half().cpu())
     model.train(was_training)
@@ -104,11 +106,9 @@ def accuracy(
 StudentForward = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def student_forward(model: nn.Module, with_features: bool) -> StudentForward:
-    """``model``'s forward as a :data:`StudentForward` (features only when asked for)."""
-    if with_features:
-        return model.forward_with_features
-    return lambda inputs: (model(inputs), {})
+def student_forward(model: nn.Module, feature_names: tuple[str, ...] = ()) -> StudentForward:
+    """``model``'s forward as a :data:`StudentForward`, with the named features a loss reads."""
+    return with_features(model, feature_names, STUDENT_LAYER)
 
 
 def train_step(
@@ -164,7 +164,7 @@ class Step:
         if self.augment is not None:
             images, slots = self.augment(idx, images)
         inputs = self.preprocess(images)
-        forward = student_forward(self.model, bool(getattr(self.loss_fn, "student_features", ())))
+        forward = student_forward(self.model, tuple(getattr(self.loss_fn, "student_features", ())))
         with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
             teacher_outputs = self.teacher(idx, inputs, slots) if self.teacher is not None else (None, {})
         optimizers, schedulers = [self.optimizer], [self.scheduler]

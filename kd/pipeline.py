@@ -35,6 +35,7 @@ from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features,
 from kd.errors import CheckpointError, ConfigError, Diverged, Pruned
 from kd.losses import CrossEntropy
 from kd.models import count_parameters, dropout_generator, seed_dropout
+from kd.models.features import TEACHER_LAYER, check_layers, with_features
 from kd.resume import ResumeFile
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import check_writable, file_digest, save_checked, write_json
@@ -366,6 +367,8 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
     """Load, find or train the teacher; serve its logits (and the named intermediate
     features a loss asks for) from the cache when exact: per view with augmentation."""
     cfg, data, device = ctx.cfg, ctx.data, ctx.device
+    if feature_names:  # a wrong layer name is refused before a teacher is trained
+        check_layers(build(teacher_recipe(cfg).model, cfg, num_classes=data.num_classes), feature_names, TEACHER_LAYER)
     teacher, checkpoint, info = _load_teacher(ctx, store)
     data_key = f"{data.fingerprint}\0{data.mean}\0{data.std}"
 
@@ -377,12 +380,11 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
         why = "teacher.views=online" if k is None else f"loss {cfg.loss._target_} reads teacher features"
         log.info("data.augment with %s: running the teacher online at every step", why)
 
+        forward = with_features(teacher, feature_names, TEACHER_LAYER)
+
         @torch.no_grad()
         def online(idx: torch.Tensor, inputs: torch.Tensor, slots: torch.Tensor | None) -> tuple:
-            if not feature_names:
-                return teacher(inputs), {}
-            logits, features = teacher.forward_with_features(inputs)
-            return logits, {name: features[name] for name in feature_names}
+            return forward(inputs)
 
         info["teacher_signal"] = "online"
         return TeacherSource(online, info)

@@ -42,6 +42,7 @@ from kd.engine import FitResult, train_step
 from kd.errors import Diverged, KDError
 from kd.losses import DistillationLoss, Progress, for_members
 from kd.models import SeededDropout
+from kd.models.features import with_features
 from kd.pipeline import (
     Context,
     Recipe,
@@ -88,14 +89,15 @@ class Member:
 
 
 class _Features(nn.Module):
-    """A model whose forward also returns its named features (for feature losses)."""
+    """A model whose forward also returns the named features a feature loss reads."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model
+        self.forward_with_layers = with_features(model, names)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.model.forward_with_features(x)
+        return self.forward_with_layers(x)
 
 
 def _dropout_calls(template: nn.Module, sample: torch.Tensor) -> list[tuple[str, torch.Size]]:
@@ -130,8 +132,8 @@ class Population:
         ]
         self.steps_per_epoch = len(self.streams[0])
         self.models = [new_model(m.recipe, ctx) for m in members]
-        features = bool(members[0].loss.student_features)
-        self.wrapped = [_Features(m) if features else m for m in self.models]
+        features = tuple(members[0].loss.student_features)
+        self.wrapped = [_Features(m, features) if features else m for m in self.models]
         self.template = self.wrapped[0]
         total = self.epochs * self.steps_per_epoch
         pairs = zip(members, self.models, strict=True)

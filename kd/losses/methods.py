@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.errors import ConfigError
 from kd.losses.base import DistillationLoss, LossInputs
 
 
@@ -175,25 +176,34 @@ class DKD(DistillationLoss):
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd}
 
 
-class CosineHidden(DistillationLoss):
+class FeatureLoss(DistillationLoss):
+    """A loss on one named layer of the student and one of the teacher (``conv``: the
+    built-in networks' last feature map; any submodule name of any model otherwise)."""
+
+    needs_teacher = True
+
+    def __init__(self, student_layer: str = "conv", teacher_layer: str = "conv") -> None:
+        super().__init__()
+        self.student_layer, self.teacher_layer = str(student_layer), str(teacher_layer)
+        self.student_features, self.teacher_features = (self.student_layer,), (self.teacher_layer,)
+
+
+class CosineHidden(FeatureLoss):
     """The tutorial's hidden-representation loss: 1 - cos(student, teacher) between the
-    flattened conv features, the teacher's average-pooled to the student's width;
+    flattened features, the teacher's average-pooled to the student's width;
     weight * cosine + (1 - weight) * CE."""
 
     name = "cosine"
-    needs_teacher = True
-    student_features = ("conv",)
-    teacher_features = ("conv",)
     hparam_names = ("weight",)
 
-    def __init__(self, weight: float = 0.25) -> None:
-        super().__init__()
+    def __init__(self, weight: float = 0.25, student_layer: str = "conv", teacher_layer: str = "conv") -> None:
+        super().__init__(student_layer, teacher_layer)
         self.weight = float(weight)
 
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         lead = inputs.student_logits.dim() - 2  # member dimensions
-        student = _flat_features(inputs.student_features["conv"], lead)
-        teacher = _flat_features(inputs.teacher_features["conv"], lead).detach()
+        student = _flat_features(inputs.student_features[self.student_layer], lead)
+        teacher = _flat_features(inputs.teacher_features[self.teacher_layer], lead).detach()
         if teacher.shape[-1] != student.shape[-1]:
             pooled = F.adaptive_avg_pool1d(teacher.reshape(-1, 1, teacher.shape[-1]), student.shape[-1])
             teacher = pooled.view(*teacher.shape[:-1], student.shape[-1])
@@ -202,24 +212,43 @@ class CosineHidden(DistillationLoss):
         return {"loss": blend(per_member(self.weight, ce), cosine, ce), "ce": ce, "cosine": cosine}
 
 
-class FeatureRegressor(DistillationLoss):
-    """The tutorial's feature-map regressor: a 3x3 conv maps the student's conv feature
-    map to the teacher's channels; weight * MSE + (1 - weight) * CE. The conv is trained
-    with the student but is not part of it."""
+class FeatureRegressor(FeatureLoss):
+    """The tutorial's feature-map regressor: a 3x3 conv maps the student's feature map to
+    the teacher's channels; weight * MSE + (1 - weight) * CE. The conv is trained with
+    the student but is not part of it. A teacher map of another size is average-pooled
+    to the student's."""
 
     name = "regressor"
-    needs_teacher = True
-    student_features = ("conv",)
-    teacher_features = ("conv",)
     hparam_names = ("weight",)
 
-    def __init__(self, weight: float = 0.25, student_channels: int = 16, teacher_channels: int = 32) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        weight: float = 0.25,
+        student_channels: int = 16,
+        teacher_channels: int = 32,
+        student_layer: str = "conv",
+        teacher_layer: str = "conv",
+    ) -> None:
+        super().__init__(student_layer, teacher_layer)
         self.weight = float(weight)
+        self.channels = (int(student_channels), int(teacher_channels))
         self.regressor = nn.Conv2d(student_channels, teacher_channels, kernel_size=3, padding=1)
 
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        mapped = self.regressor(inputs.student_features["conv"])
-        mse = F.mse_loss(mapped.float(), inputs.teacher_features["conv"].float().detach())
+        student = inputs.student_features[self.student_layer]
+        teacher = inputs.teacher_features[self.teacher_layer].float().detach()
+        for role, layer, found, declared in (
+            ("student", self.student_layer, student, self.channels[0]),
+            ("teacher", self.teacher_layer, teacher, self.channels[1]),
+        ):
+            if found.dim() != 4 or found.shape[1] != declared:
+                raise ConfigError(
+                    f"loss.{role}_channels={declared} but the {role}'s layer {layer} gives {tuple(found.shape[1:])}: "
+                    f"set loss.{role}_channels to its channel count (a 4-d feature map is needed)"
+                )
+        if teacher.shape[-2:] != student.shape[-2:]:
+            teacher = F.adaptive_avg_pool2d(teacher, student.shape[-2:])
+        mapped = self.regressor(student)
+        mse = F.mse_loss(mapped.float(), teacher)
         ce = cross_entropy(inputs.student_logits, inputs.labels)
         return {"loss": blend(self.weight, mse, ce), "ce": ce, "mse": mse}
