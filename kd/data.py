@@ -170,15 +170,33 @@ class SyntheticData(ImageData):
         return sets[0], sets[1], [f"class{i}" for i in range(self.num_classes)]
 
 
+def _half_of_ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2e9
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 16.0
+
+
 class ImageFolderData(ImageData):
     """Any ``root/{train,test}/<class>/<image>`` tree, decoded once and cached."""
 
     name = "folder"
 
-    def __init__(self, root: str, skip_bad_images: bool = False, **common) -> None:
+    def __init__(
+        self,
+        root: str,
+        skip_bad_images: bool = False,
+        image_size: int | None = None,
+        max_memory_gb: float | None = None,
+        **common,
+    ) -> None:
         super().__init__(**common)
         self.root = Path(root).expanduser()
         self.skip_bad_images = bool(skip_bad_images)
+        # Images of any size: shorter side resized to image_size, then the centre square.
+        self.image_size = None if image_size is None else int(image_size)
+        # The decoded tensors live in memory: refuse above this (null: half the machine's RAM).
+        self.max_memory_gb = float(max_memory_gb) if max_memory_gb is not None else _half_of_ram_gb()
         self.split_keys: dict[str, str] = {}  # split -> hash of its files' paths, sizes, mtimes
 
     def _source_key(self) -> str | None:
@@ -237,7 +255,7 @@ class ImageFolderData(ImageData):
         for path, label, _ in files:
             try:
                 with Image.open(path) as im:
-                    arrays.append(np.asarray(im.convert("RGB")))
+                    arrays.append(np.asarray(self._sized(im.convert("RGB"))))
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 self._bad(path, f"not a readable image ({reason})", "replace or delete it")
@@ -247,19 +265,52 @@ class ImageFolderData(ImageData):
             raise DataError(f"no readable images under {self.root}")
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
-            raise DataError(f"images under {self.root} differ in size ({sorted(shapes)[:3]}); resize them first")
+            raise DataError(
+                f"images under {self.root} differ in size ({sorted(shapes)[:3]}); set data.image_size=N to "
+                "resize each (shorter side to N, then the centre N x N)"
+            )
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         return {"images": images, "labels": torch.tensor(labels, dtype=torch.int64), "skipped": list(self.skipped)}
+
+    def _sized(self, image: Image.Image) -> Image.Image:
+        if self.image_size is None:
+            return image
+        n, (width, height) = self.image_size, image.size
+        scale = n / min(width, height)
+        image = image.resize((max(n, round(width * scale)), max(n, round(height * scale))), Image.BILINEAR)
+        left, top = (image.width - n) // 2, (image.height - n) // 2
+        return image.crop((left, top, left + n, top + n))
+
+    def _check_memory(self, files: list[tuple[str, int, os.stat_result]], split: str) -> None:
+        """Refuse, before decoding, a split whose decoded uint8 tensor exceeds the limit."""
+        if not files:
+            return
+        if self.image_size is not None:
+            width = height = self.image_size
+        else:
+            try:
+                with Image.open(files[0][0]) as first:  # reads the header only
+                    width, height = first.size
+            except (OSError, SyntaxError, ValueError):
+                return  # the decoder names the bad file
+        need = len(files) * 3 * width * height / 1e9
+        if need > self.max_memory_gb:
+            raise DataError(
+                f"{split}/ decoded would take {need:.1f} GB ({len(files):,} images of 3x{height}x{width}), above "
+                f"data.max_memory_gb={self.max_memory_gb:g}: set data.image_size smaller or raise data.max_memory_gb"
+            )
 
     def _load_split(self, split: str) -> ImageSet:
         self.skipped: list[str] = []
         files = self._listing(split)
+        self._check_memory(files, split)
         if self.cache_dir is None:
             decoded = self._decode(files)
         else:
             # Keyed by every file's path, size and mtime: an edited tree is decoded anew.
             lines = [f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n" for path, label, st in files]
-            key = files_digest([*lines, f"skip_bad_images={self.skip_bad_images}"])
+            sized = [] if self.image_size is None else [f"image_size={self.image_size}"]
+            key = files_digest([*lines, f"skip_bad_images={self.skip_bad_images}", *sized])
             self.split_keys[split] = key
             cache_file = self.cache_dir / "decoded" / f"folder-{split}-{key}.pt"
             decoded, _ = build_once(cache_file, lambda: self._decode(files))
@@ -282,6 +333,8 @@ class CIFAR10(ImageData):
     """torchvision's CIFAR-10 (the original release), downloaded when allowed."""
 
     name = "cifar10"
+    title, folder, files = "CIFAR-10", "cifar-10-batches-py", "*_batch*"
+    torchvision_class = "CIFAR10"
 
     def __init__(self, root: str, download: bool = True, **common) -> None:
         super().__init__(**common)
@@ -289,8 +342,8 @@ class CIFAR10(ImageData):
         self.download = bool(download)
 
     def _source_key(self) -> str | None:
-        folder = self.root / "cifar-10-batches-py"
-        files = sorted(folder.glob("*_batch*")) if folder.is_dir() else []
+        folder = self.root / self.folder
+        files = sorted(folder.glob(self.files)) if folder.is_dir() else []
         if not files:
             return None
         return files_digest(f"{f.resolve()}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}\n" for f in files)
@@ -299,7 +352,7 @@ class CIFAR10(ImageData):
         # Imported here: torchvision adds about a second to every job's start, and
         # only this source needs it.
         try:
-            from torchvision.datasets import CIFAR10 as TorchCIFAR10
+            import torchvision.datasets
         except Exception as err:  # a torchvision built for another torch fails as it loads its operators
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DataError(
@@ -311,18 +364,19 @@ class CIFAR10(ImageData):
         sets = []
         for train in (True, False):
             try:
-                ds = TorchCIFAR10(str(self.root), train=train, download=self.download)
+                torch_class = getattr(torchvision.datasets, self.torchvision_class)
+                ds = torch_class(str(self.root), train=train, download=self.download)
             except Exception as exc:  # offline download, or files missing / corrupt
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 for folder in (self.root, self.root.parent):  # leave no empty folders behind
                     with contextlib.suppress(OSError):
                         folder.rmdir()  # only succeeds when empty
                 raise DataError(
-                    f"CIFAR-10 not found under data.root={self.root} "
+                    f"{self.title} not found under data.root={self.root} "
                     f"({'download failed: ' if self.download else ''}{reason}); point data.root at a "
-                    "folder holding cifar-10-batches-py, or use data=folder data.root=<ImageFolder tree>"
+                    f"folder holding {self.folder}, or use data=folder data.root=<ImageFolder tree>"
                 ) from None
-            # torchvision already keeps CIFAR-10 as one decoded uint8 array; no cache needed.
+            # torchvision already keeps CIFAR as one decoded uint8 array; no cache needed.
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             sets.append(ImageSet(images, torch.tensor(ds.targets, dtype=torch.int64)))
         return sets[0], sets[1], list(ds.classes)
@@ -387,3 +441,11 @@ class BatchStream:
         for start in range(skip * self.batch_size, len(indices), self.batch_size):
             idx = indices[start : start + self.batch_size]
             yield idx, self.images[idx], self.labels[idx]
+
+
+class CIFAR100(CIFAR10):
+    """torchvision's CIFAR-100 (100 fine classes), downloaded when allowed."""
+
+    name = "cifar100"
+    title, folder, files = "CIFAR-100", "cifar-100-python", "[tm]*"  # train, test, meta
+    torchvision_class = "CIFAR100"

@@ -153,8 +153,27 @@ def new_model(recipe: Recipe, ctx: Context) -> nn.Module:
     torch.manual_seed(recipe.seed)
     model = build(recipe.model, ctx.cfg, num_classes=ctx.data.num_classes)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
+    _check_input_size(model, ctx)
     seed_dropout(model, dropout_generator(recipe.seed, ctx.device))
     return model
+
+
+def _check_input_size(model: nn.Module, ctx: Context) -> None:
+    """One forward pass on one blank image: a model that cannot take the data's image
+    size (LightNN's fixed linear layer at 64 px) is refused in one line, not mid-epoch."""
+    shape = tuple(ctx.train_images.shape[1:])
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape, device=ctx.device))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{type(model).__name__} cannot take the data's {'x'.join(map(str, shape))} images ({first}): "
+            "choose a model with global pooling (resnet20, wrn_16_2, torchvision) or set data.image_size=32"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def new_optimizer(

@@ -118,3 +118,59 @@ def test_a_torchvision_that_does_not_load_is_one_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and "torchvision cannot be imported with torch" in message
     assert "install the matching pair" in message
+
+
+def _mixed_sizes(root: Path) -> Path:
+    """Two classes of photos of different sizes; each image's centre is a marked square."""
+    for split in ("train", "test"):
+        for c, (w, h) in (("wide", (60, 30)), ("tall", (24, 48))):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            pixels = np.zeros((h, w, 3), dtype=np.uint8)
+            pixels[h // 2 - 3 : h // 2 + 3, w // 2 - 3 : w // 2 + 3] = 255
+            Image.fromarray(pixels).save(root / split / c / "0.png")
+    return root
+
+
+def test_images_of_different_sizes_need_an_image_size(tmp_path):
+    root = _mixed_sizes(tmp_path / "tree")
+    with pytest.raises(DataError, match=r"differ in size .* set data.image_size=N"):
+        ImageFolderData(root=str(root)).load()
+
+
+def test_image_size_resizes_the_shorter_side_and_keeps_the_centre(tmp_path):
+    root = _mixed_sizes(tmp_path / "tree")
+    data = ImageFolderData(root=str(root), image_size=12, cache_dir=str(tmp_path / "cache")).load()
+    assert data.train.images.shape == (2, 3, 12, 12) and data.test.images.shape == (2, 3, 12, 12)
+    for image in data.train.images:  # the marked centre is in the middle, the corners stay dark
+        assert image[:, 5:7, 5:7].float().mean() > 100 and image[:, 0, 0].max() == 0
+    other = ImageFolderData(root=str(root), image_size=16, cache_dir=str(tmp_path / "cache")).load()
+    assert other.train.images.shape[-1] == 16  # another size is decoded anew, not read from the cache
+
+
+def test_a_decoded_set_above_the_memory_limit_is_refused_with_its_size(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "tree", per_class=3, size=32)
+    monkeypatch.setattr(ImageFolderData, "_decode", lambda *a: pytest.fail("decoded before the check"))
+    with pytest.raises(DataError) as err:
+        ImageFolderData(root=str(root), max_memory_gb=1e-6).load()
+    assert str(err.value).startswith("train/ decoded would take 0.0 GB (6 images of 3x32x32), above data.max_memory_gb")
+    with pytest.raises(DataError, match=r"\(6 images of 3x224x224\)"):
+        ImageFolderData(root=str(root), image_size=224, max_memory_gb=1e-6).load()
+
+
+def test_cifar100_without_its_files_is_one_line_naming_its_folder(tmp_path):
+    from kd.data import CIFAR100
+
+    with pytest.raises(DataError) as err:
+        CIFAR100(root=str(tmp_path / "c100"), download=False).load()
+    assert str(err.value).startswith(f"CIFAR-100 not found under data.root={tmp_path / 'c100'}")
+    assert "cifar-100-python" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_model_that_cannot_take_the_image_size_is_refused_before_training(workdir):
+    from tests.conftest import FAST, run_py
+
+    proc = run_py([*FAST, "+data.image_size=48", "hydra.run.dir=out"], cwd=workdir)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("kd: error: LightNN cannot take the data's 3x48x48 images")
+    ok = run_py([*FAST, "+data.image_size=48", "model=resnet8", "hydra.run.dir=ok"], cwd=workdir)
+    assert ok.returncode == 0, ok.stderr[-2000:]
