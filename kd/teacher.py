@@ -102,68 +102,92 @@ class TeacherStore:
         return torch.stack(columns, dim=1), order[:, :k].to(torch.int64)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a model checkpoint given by the user; one-line errors for every failure.
+def load_checkpoint(path: str | os.PathLike, key: str = "teacher.checkpoint") -> dict:
+    """Load a model checkpoint given by the user (``key`` names the setting in errors);
+    one-line errors for every failure. kd's own checkpoints, a plain state_dict, or a
+    dict holding one under ``state_dict`` or ``model`` (other tools' checkpoints).
 
     Only tensors and plain values are unpickled (``weights_only=True``): a checkpoint
     from an untrusted source cannot run code when it is loaded.
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        raise CheckpointError(f"teacher.checkpoint={path} is a directory; give the model.pt file inside it")
+        raise CheckpointError(f"{key}={path} is a directory; give the model.pt file inside it")
     if not path.is_file():
-        raise CheckpointError(f"teacher.checkpoint={path} does not exist; train a teacher or fix the path")
-    sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.exists():
-        fields = sidecar.read_text(errors="replace").split()
-        if len(fields) != 2 or not fields[1].isdigit() or len(fields[0]) != 64:
-            raise CheckpointError(
-                f"{sidecar} (the checksum beside teacher.checkpoint) is damaged; "
-                f"delete it to load {path.name} unchecked"
-            )
-        if fields[1] != str(path.stat().st_size) or fields[0] != file_digest(path):
-            raise CheckpointError(
-                f"teacher.checkpoint={path} is truncated or corrupt (checksum mismatch); retrain or restore it"
-            )
+        raise CheckpointError(f"{key}={path} does not exist; train a teacher or fix the path")
+    _check_sidecar(path, key)
     try:
         checkpoint = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc) or "Unsupported global" in str(exc):  # an object torch will not rebuild
             raise CheckpointError(
-                f"teacher.checkpoint={path} holds Python objects beyond tensors and plain values; refusing to "
+                f"{key}={path} holds Python objects beyond tensors and plain values; refusing to "
                 "unpickle it (weights_only). Save the model's state_dict instead"
             ) from None
         raise CheckpointError(
-            f"teacher.checkpoint={path} cannot be read (UnpicklingError); it is truncated or not a checkpoint"
+            f"{key}={path} cannot be read (UnpicklingError); it is truncated or not a checkpoint"
         ) from None
     except Exception as exc:
         raise CheckpointError(
-            f"teacher.checkpoint={path} cannot be read ({type(exc).__name__}); it is truncated or not a checkpoint"
+            f"{key}={path} cannot be read ({type(exc).__name__}); it is truncated or not a checkpoint"
         ) from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"teacher.checkpoint={path} holds a {type(checkpoint).__name__}, not a checkpoint")
-    if "state_dict" not in checkpoint:  # a bare state_dict saved with torch.save(model.state_dict())
+        raise CheckpointError(f"{key}={path} holds a {type(checkpoint).__name__}, not a checkpoint")
+    if isinstance(checkpoint.get("state_dict"), dict):
+        pass
+    elif isinstance(checkpoint.get("model"), dict):  # {"model": state_dict, "optimizer": ..., "epoch": ...}
+        checkpoint = {"state_dict": checkpoint["model"]}
+    else:  # a bare state_dict saved with torch.save(model.state_dict())
         checkpoint = {"state_dict": checkpoint}
     checkpoint["path"] = str(path)
     checkpoint["digest"] = file_digest(path)
     return checkpoint
 
 
-def restore_model(checkpoint: dict, model: torch.nn.Module, target: str, num_classes: int) -> torch.nn.Module:
-    """Load ``checkpoint`` into ``model``; explains a wrong architecture or class count."""
+def _check_sidecar(path: Path, key: str) -> None:
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.exists():
+        return
+    fields = sidecar.read_text(errors="replace").split()
+    if len(fields) != 2 or not fields[1].isdigit() or len(fields[0]) != 64:
+        raise CheckpointError(
+            f"{sidecar} (the checksum beside {key}) is damaged; delete it to load {path.name} unchecked"
+        )
+    if fields[1] != str(path.stat().st_size) or fields[0] != file_digest(path):
+        raise CheckpointError(f"{key}={path} is truncated or corrupt (checksum mismatch); retrain or restore it")
+
+
+def restore_model(
+    checkpoint: dict, model: torch.nn.Module, target: str, num_classes: int | None, key: str = "teacher.model"
+) -> torch.nn.Module:
+    """Load ``checkpoint`` into ``model``; explains a wrong architecture or class count,
+    listing missing and unexpected keys. A ``module.`` prefix (DataParallel) is dropped."""
     where = checkpoint.get("path", "the teacher checkpoint")
     saved_target = checkpoint.get("model_target")
     if saved_target is not None and saved_target != target:
-        raise CheckpointError(f"{where} holds a {saved_target}, but teacher.model is {target}")
+        raise CheckpointError(f"{where} holds a {saved_target}, but {key} is {target}")
     saved_classes = checkpoint.get("num_classes")
-    if saved_classes is not None and saved_classes != num_classes:
+    if saved_classes is not None and num_classes is not None and saved_classes != num_classes:
         raise CheckpointError(f"{where} was trained for {saved_classes} classes, but the data has {num_classes}")
+    state = checkpoint["state_dict"]
+    if state and all(str(k).startswith("module.") for k in state):
+        state = {str(k)[len("module.") :]: v for k, v in state.items()}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        differences = f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}"
+        raise CheckpointError(f"{where} does not fit {key}={target}: {differences}")
     try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{where} does not fit teacher.model={target}: {first}") from None
+        model.load_state_dict(state)
+    except Exception as exc:  # the same keys with other shapes (another stem, another class count)
+        lines = str(exc).splitlines()
+        first = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else repr(exc))
+        raise CheckpointError(f"{where} does not fit {key}={target}: {first}") from None
     return model
+
+
+def _few(keys: list[str]) -> str:
+    return "[" + ", ".join(keys[:3]) + (f", ... {len(keys) - 3} more" if len(keys) > 3 else "") + "]"
 
 
 def make_checkpoint(model: torch.nn.Module, target: str, num_classes: int, **info: Any) -> dict:

@@ -77,9 +77,26 @@ def test_torchvision_weights_load_from_a_local_file_in_any_common_wrapping(tmp_p
         assert all(torch.equal(a, b) for a, b in pairs)
     with pytest.raises(CheckpointError) as err:
         torchvision_model("resnet18", 10, weights=tmp_path / "plain.pt")  # weights of the 32-px stem
-    assert "does not fit resnet18" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(CheckpointError, match="does not exist"):
+    assert "does not fit model.name=resnet18" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="model.weights=.*absent.pt does not exist"):
         torchvision_model("resnet18", weights=tmp_path / "absent.pt")
+
+
+def test_a_checkpoint_from_another_tool_loads_or_names_its_key_differences(tmp_path):
+    from kd.teacher import load_checkpoint, restore_model
+
+    torch.manual_seed(0)
+    source = CifarResNet(8, num_classes=10)
+    state = source.state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 9}, tmp_path / "ddp.pt")
+    loaded = restore_model(load_checkpoint(tmp_path / "ddp.pt"), CifarResNet(8), "kd.models.CifarResNet", 10)
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), loaded.state_dict().values(), strict=True))
+    torch.save({"state_dict": {**state, "head.weight": torch.zeros(1)}}, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError) as err:
+        restore_model(load_checkpoint(tmp_path / "extra.pt"), CifarResNet(20), "kd.models.CifarResNet", 10)
+    message = str(err.value)
+    assert "does not fit teacher.model=kd.models.CifarResNet: missing keys [" in message
+    assert "more], unexpected keys [head.weight" in message and "\n" not in message
 
 
 @pytest.mark.slow

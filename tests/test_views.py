@@ -185,3 +185,9 @@ def test_named_student_recipes_share_everything_but_the_loss_and_the_teacher(com
     assert long_kd.data.augment is False and long_kd.loss._target_ == "kd.losses.HintonKD"
     assert recipe_spec(run_recipe(long_kd, 42), ctx) == recipe_spec(run_recipe(long_ce, 42), ctx)
     assert recipe_spec(teacher_recipe(long_kd), ctx) == recipe_spec(teacher_recipe(kd), ctx)
+    # kd_resnet_teacher: the same student recipe, the teacher_resnet run as its teacher.
+    resnet_kd = compose_cfg("experiment=kd_resnet_teacher", *small)
+    resnet = compose_cfg("experiment=teacher_resnet", *small)
+    assert recipe_spec(run_recipe(resnet_kd, 42), ctx) == recipe_spec(run_recipe(ce, 42), ctx)
+    assert recipe_spec(teacher_recipe(resnet_kd), ctx) == recipe_spec(run_recipe(resnet, int(resnet.seed)), ctx)
+    assert resnet_kd.teacher.views == 8 and (resnet_kd.loss.temperature, resnet_kd.loss.alpha) == (4.0, 0.9)

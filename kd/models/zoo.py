@@ -5,10 +5,9 @@ from __future__ import annotations
 import difflib
 import os
 
-import torch
 from torch import nn
 
-from kd.errors import CheckpointError, ConfigError
+from kd.errors import ConfigError
 
 
 def torchvision_model(
@@ -78,30 +77,7 @@ timm_model.builds_from = ("timm",)  # type: ignore[attr-defined]  # its version 
 
 
 def _load_weights(model: nn.Module, path: str | os.PathLike, name: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"model.weights={path} does not exist") from None
-    except Exception as err:
-        raise CheckpointError(f"model.weights={path} cannot be read ({type(err).__name__})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    missing, unexpected = _key_differences(model, state)
-    if missing or unexpected:
-        differences = f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}"
-        raise CheckpointError(f"model.weights={path} does not fit {name}: {differences}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:  # the same keys with other shapes (another stem, another class count)
-        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
-        raise CheckpointError(f"model.weights={path} does not fit {name}: {first}") from None
+    # Imported here: kd.teacher imports the store, which the model zoo otherwise never needs.
+    from kd.teacher import load_checkpoint, restore_model
 
-
-def _key_differences(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
-    expected = set(model.state_dict())
-    return sorted(expected - set(state)), sorted(set(state) - expected)
-
-
-def _few(keys: list[str]) -> str:
-    return "[" + ", ".join(keys[:3]) + (f", ... {len(keys) - 3} more" if len(keys) > 3 else "") + "]"
+    restore_model(load_checkpoint(path, key="model.weights"), model, name, None, key="model.name")
