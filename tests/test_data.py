@@ -166,6 +166,7 @@ def test_cifar100_without_its_files_is_one_line_naming_its_folder(tmp_path):
     assert "cifar-100-python" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_take_the_image_size_is_refused_before_training(workdir):
     from tests.conftest import FAST, run_py
 
