@@ -190,4 +190,4 @@ def test_named_student_recipes_share_everything_but_the_loss_and_the_teacher(com
     resnet = compose_cfg("experiment=teacher_resnet", *small)
     assert recipe_spec(run_recipe(resnet_kd, 42), ctx) == recipe_spec(run_recipe(ce, 42), ctx)
     assert recipe_spec(teacher_recipe(resnet_kd), ctx) == recipe_spec(run_recipe(resnet, int(resnet.seed)), ctx)
-    assert resnet_kd.teacher.views == 8 and (resnet_kd.loss.temperature, resnet_kd.loss.alpha) == (4.0, 0.9)
+    assert resnet_kd.teacher.views == 16 and (resnet_kd.loss.temperature, resnet_kd.loss.alpha) == (4.0, 0.9)
