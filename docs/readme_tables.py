@@ -33,6 +33,7 @@ STUDY_ARMS = {
         "30 epochs, no augmentation (`kd_strong_long`, T, α swept on seeds 42–44)"
     ),
     "strong-30-views16": "30 epochs, crop + flip, KD on 16 cached views",
+    "resnet20-30-off-T4-a0.9": "30 epochs, no augmentation, ResNet-20 teacher (`kd_resnet_teacher`)",
 }
 
 
@@ -63,7 +64,12 @@ def _seeds(seeds: list[int]) -> str:
 def study_cpu() -> str:
     """Where distillation pays: the CPU study's arms, KD and its CE twin paired per seed."""
     study = RESULTS / "study_cpu"
-    arms = {r["arm"]: r for r in [*_load(study / "study.json"), *_load(study / "retrain.json")]}
+    runs = [
+        *_load(study / "study.json"),
+        *_load(study / "retrain.json"),
+        *_load(RESULTS / "study_resnet" / "study.json"),
+    ]
+    arms = {r["arm"]: r for r in runs}
     cells = []
     for name, description in STUDY_ARMS.items():
         r = arms[name]
