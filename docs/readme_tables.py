@@ -33,7 +33,7 @@ STUDY_ARMS = {
         "30 epochs, no augmentation (`kd_strong_long`, T, α swept on seeds 42–44)"
     ),
     "strong-30-views16": "30 epochs, crop + flip, KD on 16 cached views",
-    "resnet20-30-off-T4-a0.9": "30 epochs, no augmentation, ResNet-20 teacher (`kd_resnet_teacher`)",
+    "resnet20-30-off-T4-a0.9": "30 epochs, no augmentation, ResNet-20 teacher (`kd_resnet_teacher data.augment=false`)",
 }
 
 
