@@ -29,6 +29,8 @@ def layer_names(model: nn.Module, depth: int = 2) -> list[str]:
 
 def check_layers(model: nn.Module, names: tuple[str, ...], key: str) -> None:
     """Refuse, in one line listing the model's layers, a name ``model`` does not have."""
+    if not names:
+        return
     known = set(layer_names(model, depth=99))
     for name in names:
         if name not in known:
