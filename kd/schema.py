@@ -95,13 +95,27 @@ def check(cfg: DictConfig, trusted: tuple[str, ...] = ()) -> None:
     or a value of another type. ``trusted``: patterns of targets whose signatures may be
     read (reading one imports its module, so an untrusted target is left to the
     allow-list check in :func:`kd.config.build`)."""
-    tree = {k: v for k, v in _container(cfg).items() if k != "hydra"}
-    _check_node(tree, "", trusted)
+    _check_node(_resolved(cfg), "", trusted)
 
 
-def _container(node: DictConfig) -> dict:
-    # Missing values (???) stay "???" here; the pipeline names them when it reads them.
-    return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+def _resolved(node: DictConfig) -> dict:
+    """``node`` as plain values, resolved key by key. A missing value (???) or an
+    interpolation that resolves only inside a job (``${hydra.job.num}`` in a sweeper)
+    is left out: the pipeline names the first, the job checks the second."""
+    plain: dict = {}
+    for key in node:
+        if key == "hydra":  # Hydra's own node: not kd's to check
+            continue
+        try:
+            value = node[key]
+            if isinstance(value, DictConfig):
+                value = _resolved(value)
+            elif OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=True)
+        except Exception:  # omegaconf's MissingMandatoryValue and InterpolationResolutionError
+            continue
+        plain[str(key)] = value
+    return plain
 
 
 def _check_node(node: dict, prefix: str, trusted: tuple[str, ...]) -> None:
@@ -140,7 +154,7 @@ def _check_target(node: dict, prefix: str, trusted: tuple[str, ...]) -> None:
 
 
 def _check_value(path: str, value: Any, hint: Any, where: str) -> None:
-    if value == "???" or conforms(value, hint):
+    if conforms(value, hint):
         return
     raise ConfigError(f"{path} must be {describe(hint)}{where}, got {value!r}: set {path}=<{describe(hint)}>")
 
