@@ -179,9 +179,10 @@ def _is_kd(cfg: DictConfig) -> bool:
     return str(OmegaConf.select(cfg, "loss._target_", default="")).endswith(("HintonKD", "StandardisedKD"))
 
 
-def _train_images(cfg: DictConfig) -> int | None:
+def _train_images(cfg: DictConfig) -> int:
+    """Training images after the validation split, where the config says (synthetic data); else 0."""
     train = OmegaConf.select(cfg, "data.train_size", default=None)
-    return None if train is None else int(train) - int(OmegaConf.select(cfg, "data.val_size", default=0) or 0)
+    return 0 if train is None else int(train) - int(OmegaConf.select(cfg, "data.val_size", default=0) or 0)
 
 
 # Degenerate combinations of keys: (test on the whole config, what it means).
@@ -195,7 +196,7 @@ DEGENERATE_RUNS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
         "loss.weight=0 is plain cross-entropy: the teacher's features are not used",
     ),
     (
-        lambda cfg: (_train_images(cfg) or 0) > 0 and int(cfg.trainer.batch_size) >= (_train_images(cfg) or 0),
+        lambda cfg: 0 < _train_images(cfg) <= int(cfg.trainer.batch_size),
         "trainer.batch_size holds the whole training set: one step per epoch",
     ),
     (

@@ -156,6 +156,11 @@ class Step:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     augment: Augment | None = None
     amp: bool = False
+    forward: StudentForward = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Built once, not per step: naming a feature loss's layers walks the model's modules.
+        self.forward = student_forward(self.model, tuple(getattr(self.loss_fn, "student_features", ())))
 
     def __call__(self, idx: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, progress: Progress) -> dict:
         """One :func:`train_step` on a batch; returns the loss's named terms and the
@@ -164,12 +169,11 @@ class Step:
         if self.augment is not None:
             images, slots = self.augment(idx, images)
         inputs = self.preprocess(images)
-        forward = student_forward(self.model, tuple(getattr(self.loss_fn, "student_features", ())))
         with torch.autocast(device_type=inputs.device.type, dtype=torch.bfloat16, enabled=self.amp):
             teacher_outputs = self.teacher(idx, inputs, slots) if self.teacher is not None else (None, {})
         optimizers, schedulers = [self.optimizer], [self.scheduler]
         terms, (lr,) = train_step(
-            forward, self.loss_fn, optimizers, schedulers, inputs, labels, teacher_outputs, progress, self.amp
+            self.forward, self.loss_fn, optimizers, schedulers, inputs, labels, teacher_outputs, progress, self.amp
         )
         return {"lr": lr, **terms}
 
