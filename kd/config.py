@@ -26,7 +26,8 @@ from kd.views import view_count
 
 OBJECTIVES = ("val_acc", "test_acc")
 # Metrics a multi-objective sweep may trade accuracy against (objective=[val_acc,params]).
-COST_OBJECTIVES = ("params", "train_seconds")
+COST_OBJECTIVES = ("params", "flops", "latency_ms", "throughput", "train_seconds")
+TIMED_OBJECTIVES = ("latency_ms", "throughput")  # measured only with cost.timing
 
 
 def objective_names(cfg: DictConfig) -> list[str]:
@@ -39,6 +40,7 @@ def objective_names(cfg: DictConfig) -> list[str]:
 # run's settings (report grouping) and of a study's identity (resume check, name).
 NOT_RESULT_KEYS = (
     "paths",
+    "cost",
     "extra_targets",
     "logger",
     "data.root",
@@ -46,6 +48,7 @@ NOT_RESULT_KEYS = (
     "data.download",
     "trainer.device",
     "trainer.num_threads",
+    "trainer.flush_denormal",
     "trainer.progress",
     "trainer.check_every",
     "trainer.resume",
@@ -82,6 +85,10 @@ RANGES: tuple[tuple[str, Callable[[float], bool], str, bool], ...] = (
     ("trainer.batch_size", lambda v: v >= 1, ">= 1", True),
     ("trainer.num_threads", lambda v: v >= 1, ">= 1 (or null for automatic)", True),
     ("optim.lr", lambda v: v > 0, "> 0", False),
+    ("model.width", lambda v: v > 0, "> 0", False),
+    ("cost.batch_size", lambda v: v >= 1, ">= 1", True),
+    ("cost.min_run_time", lambda v: v > 0, "> 0 (seconds)", False),
+    ("teacher.model.width", lambda v: v > 0, "> 0", False),
     ("data.val_size", lambda v: v >= 0, ">= 0 and smaller than the training set", True),
     ("data.train_size", lambda v: v >= 1, ">= 1", True),
     ("data.test_size", lambda v: v >= 1, ">= 1", True),
@@ -253,6 +260,9 @@ def _check_objective(cfg: DictConfig) -> None:
                 f"objective must be a metric or a list of distinct metrics from {', '.join(allowed)}, "
                 f"got {list(objective)!r}"
             )
+        timed = [o for o in objective if o in TIMED_OBJECTIVES]
+        if timed and not OmegaConf.select(cfg, "cost.timing", default=True):
+            raise ConfigError(f"objective {timed[0]} is timed, but cost.timing=false; set cost.timing=true")
     elif objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
 

@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from kd import identity
 from kd.config import build, degenerate_settings, objective_names, run_settings, trial_seeds, validate
+from kd.cost import count_parameters, flops_per_image, measure
 from kd.data import BatchStream, Dataset, Preprocess
-from kd.devices import select_device, threads_per_job
+from kd.devices import select_device, threads_per_job, use_cpu
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features, predict_logits
 from kd.errors import CheckpointError, ConfigError, Diverged, Pruned
 from kd.losses import CrossEntropy
-from kd.models import count_parameters, dropout_generator, seed_dropout
+from kd.models import dropout_generator, seed_dropout
 from kd.models.features import TEACHER_LAYER, check_layers, with_features
 from kd.resume import ResumeFile
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
@@ -161,7 +162,7 @@ def new_model(recipe: Recipe, ctx: Context) -> nn.Module:
 def _check_input_size(model: nn.Module, ctx: Context) -> None:
     """One forward pass on one blank image: a model that cannot take the data's image
     size (LightNN's fixed linear layer at 64 px) is refused in one line, not mid-epoch."""
-    shape = tuple(ctx.train_images.shape[1:])
+    shape = image_shape(ctx)
     was_training = model.training
     try:
         with torch.no_grad():
@@ -280,6 +281,7 @@ def _checkpoint(trained: Trained, recipe: Recipe, ctx: Context) -> dict:
         _target(recipe.model),
         ctx.data.num_classes,
         params=count_parameters(trained.model),
+        flops=flops_per_image(trained.model, image_shape(ctx)),
         val_acc=_finite_or_none(trained.val_acc),
         test_acc=trained.test_acc,
         train_seconds=trained.fit.train_seconds,
@@ -376,6 +378,9 @@ def _load_teacher(ctx: Context, store: TeacherStore) -> tuple[nn.Module, dict, d
         teacher_source=source,
         teacher_val_acc=checkpoint.get("val_acc"),
         teacher_test_acc=checkpoint.get("test_acc"),
+        teacher_params=count_parameters(teacher),
+        # Stored with kd's own teachers; counted here for one from elsewhere.
+        teacher_flops=checkpoint.get("flops") or flops_per_image(teacher, image_shape(ctx)),
     )
     accs = ", ".join(f"{k} {checkpoint[k]:.2f}%" for k in ("val_acc", "test_acc") if checkpoint.get(k) is not None)
     log.info("teacher: %s (%s%s)", checkpoint["path"], source, f"; {accs}" if accs else "")
@@ -527,6 +532,7 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
         "train_examples": len(data.train_idx),
         "val_examples": len(data.val_idx),
         "test_examples": len(data.test.labels),
+        "input_shape": list(image_shape(ctx)),
         "objective": objective_names(cfg)[0] if len(objective_names(cfg)) == 1 else objective_names(cfg),
         "device": str(device),
         "num_threads": int(threads),
@@ -676,7 +682,7 @@ def _finish(
     summary = _summarise_seeds(per_seed, job.with_baseline)
     metrics.update(
         status="completed",
-        params=count_parameters(trained.model),
+        **_cost(cfg, trained.model, job.ctx),
         per_seed=per_seed,
         **summary,
         train_seconds=sum(s["train_seconds"] for s in per_seed) / len(per_seed),
@@ -689,6 +695,32 @@ def _finish(
     metrics["objective_value"] = objective if len(objective) > 1 else objective[0]
     _write_results(metrics, job, resumes)
     _log_summary(job.model_name, job.n_seeds, summary, job.with_baseline)
+
+
+def _cost(cfg: DictConfig, model: nn.Module, ctx: Context) -> dict[str, Any]:
+    """The trained model's params and FLOPs per image, and (``cost.timing``) its latency
+    and throughput on this run's device and threads."""
+    cost = measure(
+        model,
+        image_shape(ctx),
+        timing=bool(cfg.cost.timing),
+        batch_size=int(cfg.cost.batch_size),
+        min_run_time=float(cfg.cost.min_run_time),
+        memory_format=ctx.memory_format,
+    )
+    timed = (
+        f", {cost['latency_ms']:.3g} ms per image (batch 1), {cost['throughput']:,.0f} images/s "
+        f"(batch {cfg.cost.batch_size}) on {cost['cost']['device']} with {cost['cost']['threads']} threads"
+        if "latency_ms" in cost
+        else ""
+    )
+    log.info("cost: %s params, %s FLOPs per image%s", f"{cost['params']:,}", f"{cost['flops']:,}", timed)
+    return cost
+
+
+def image_shape(ctx: Context) -> tuple[int, ...]:
+    """One input image's shape (channels, height, width)."""
+    return tuple(ctx.train_images.shape[1:])
 
 
 def _preflight(cfg: DictConfig, output_dir: Path) -> None:
@@ -724,7 +756,7 @@ def run(
     _preflight(cfg, output_dir)
     device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
     threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
-    torch.set_num_threads(int(threads))
+    flushed = use_cpu(threads, bool(cfg.trainer.flush_denormal))
     store = TeacherStore(cfg.paths.store_dir)
     seeds = trial_seeds(cfg)
 
@@ -732,7 +764,7 @@ def run(
     data = ctx.data
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
-    metrics = _run_header(cfg, ctx, loss_fn, seeds, int(threads))
+    metrics = {**_run_header(cfg, ctx, loss_fn, seeds, int(threads)), "flush_denormal": flushed}
     if "val_acc" in objective_names(cfg) and not len(data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
     logger_cfg = OmegaConf.select(cfg, "logger", default=None)

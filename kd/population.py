@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from kd.config import build, run_settings, trial_seeds, validate
 from kd.data import BatchStream
-from kd.devices import select_device, threads_per_job
+from kd.devices import select_device, threads_per_job, use_cpu
 from kd.engine import FitResult, train_step
 from kd.errors import Diverged, KDError
 from kd.losses import DistillationLoss, Progress, for_members
@@ -422,7 +422,7 @@ def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[Job
     if len(valid) < 2:
         return [None] * len(configs)
     first = valid[0]
-    torch.set_num_threads(int(first.trainer.num_threads or threads_per_job(1)))
+    use_cpu(first.trainer.num_threads or threads_per_job(1), bool(first.trainer.flush_denormal))
     ctx = make_context(first, select_device(device or str(first.trainer.device)))
     needs_teacher = build(first.loss, first).needs_teacher
     features = tuple(build(first.loss, first).teacher_features)

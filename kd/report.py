@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import warnings
 from collections import defaultdict
@@ -132,6 +133,10 @@ def _values(records: list[dict], key: str) -> list[float]:
     return [r[key] for r in records if r.get(key) is not None]
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def _paired(records: list[dict], key: str) -> dict | None:
     pairs = [(r[key], r["baseline"][key]) for r in records if r.get("baseline") and r.get(key) is not None]
     pairs = [(a, b) for a, b in pairs if b is not None]
@@ -156,6 +161,10 @@ def summarise(runs: list[dict]) -> list[dict]:
                 "label": label(first),
                 "model": first["model"],
                 "params": first.get("params"),
+                "flops": first.get("flops"),
+                # Timed per run: the median over the group's runs (each on its own device and threads).
+                "latency_ms": _median(_values(group, "latency_ms")),
+                "cost": first.get("cost"),
                 "loss": first["loss"],
                 "temperature": first.get("temperature"),
                 "alpha": first.get("alpha"),
@@ -203,7 +212,8 @@ def table(head: list[str], rows: list[list[str]], align: str = "") -> str:
 
 def runs_markdown(rows: list[dict]) -> str:
     """The runs table: one row per setting, accuracies over seeds, KD − CE paired."""
-    head = ["Model", "Setting", "Parameters", "Seeds", "Val acc", "Test acc", "KD − CE, val [95% CI]"]
+    head = ["Model", "Setting", "Parameters", "FLOPs", "Latency", "Seeds", "Val acc", "Test acc"]
+    head += ["KD − CE, val [95% CI]"]
     head += ["KD − CE, test [95% CI]", "Training time"]
     cells = []
     for r in rows:
@@ -214,6 +224,8 @@ def runs_markdown(rows: list[dict]) -> str:
                 r["label"],
                 setting or "—",
                 f"{r['params']:,}" if r["params"] is not None else "n/a",
+                _si(r.get("flops")),
+                f"{r['latency_ms']:.3g} ms" if r.get("latency_ms") is not None else "n/a",
                 ", ".join(str(s) for s in r["seeds"]),
                 fmt_mean_se(r["val_acc"]),
                 fmt_mean_se(r["test_acc"]),
@@ -226,7 +238,21 @@ def runs_markdown(rows: list[dict]) -> str:
         "Accuracies: mean ± standard error over seeds. KD − CE: the paired difference to the CE "
         "student trained with the same seeds and recipe, with its 95 % t interval."
     )
-    return table(head, cells, align="llrlrrllr") + "\n\n" + note
+    note += (
+        " FLOPs: one forward pass on one image. Latency: batch 1, timed on each run's device and "
+        "threads (metrics.json `cost`); compare latencies only between runs on the same machine."
+    )
+    return table(head, cells, align="llrrrlrrllr") + "\n\n" + note
+
+
+def _si(count: float | None) -> str:
+    """A large count in engineering notation: 2.59 M, 188 M, 1.2 G."""
+    if count is None:
+        return "n/a"
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= factor:
+            return f"{count / factor:.3g} {suffix}"
+    return f"{count:g}"
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -339,6 +365,9 @@ def pareto_table(sweep_dir: Path, study: Any) -> dict:
                 "trial": t.number,
                 "params": t.params,
                 "values": list(t.values),
+                "params_count": metrics.get("params"),  # "params" are the trial's hyperparameters
+                "flops": metrics.get("flops"),
+                "latency_ms": metrics.get("latency_ms"),
                 "val_acc": describe(_values(records, "val_acc")),
                 "test_acc": describe(_values(records, "test_acc")),  # front members were chosen on validation
             }
@@ -357,11 +386,13 @@ def pareto_table(sweep_dir: Path, study: Any) -> dict:
 def pareto_markdown(sweep: dict) -> str:
     params = sorted({p for r in sweep["pareto_front"] for p in r["params"]})
     goals = [f"{n} ({d[:3]})" for n, d in zip(sweep["objective"], sweep["directions"], strict=False)]
-    head = ["Trial", *params, *goals, "Val acc", "Test acc"]
+    head = ["Trial", *params, *goals, "Parameters", "FLOPs", "Latency", "Val acc", "Test acc"]
     rows = []
     for r in sweep["pareto_front"]:
-        cells = [str(r["trial"]), *(_short(r["params"].get(p)) for p in params)]
-        rows.append(cells + [f"{v:.4g}" for v in r["values"]] + [fmt_mean_se(r["val_acc"]), fmt_mean_se(r["test_acc"])])
+        cells = [str(r["trial"]), *(_short(r["params"].get(p)) for p in params), *(f"{v:.4g}" for v in r["values"])]
+        cells += [f"{r['params_count']:,}" if r.get("params_count") is not None else "n/a", _si(r.get("flops"))]
+        cells += [f"{r['latency_ms']:.3g} ms" if r.get("latency_ms") is not None else "n/a"]
+        rows.append(cells + [fmt_mean_se(r["val_acc"]), fmt_mean_se(r["test_acc"])])
     intro = (
         f"Study `{sweep['study_name']}`: the Pareto front, {len(sweep['pareto_front'])} of {sweep['complete']} "
         "completed trials (none of the others is at least as good on every objective and better on one)."

@@ -47,6 +47,7 @@ class TrainerSettings:
     channels_last: bool
     compile: bool
     amp: bool
+    flush_denormal: bool
     check_every: int
     progress: bool | Literal["auto"]
     resume: Literal["auto", "never"]
@@ -72,6 +73,13 @@ class TrialSettings:
 
 
 @dataclass
+class CostSettings:
+    timing: bool
+    batch_size: int
+    min_run_time: float
+
+
+@dataclass
 class PathSettings:
     data_dir: str
     cache_dir: str
@@ -85,6 +93,7 @@ SECTIONS: dict[str, type] = {
     "teacher": TeacherSettings,
     "trial": TrialSettings,
     "paths": PathSettings,
+    "cost": CostSettings,
 }
 # Keys Hydra's instantiate reads itself.
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")

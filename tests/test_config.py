@@ -95,7 +95,7 @@ def test_launchers_compose(launcher):
         ("trial.baseline=maybe", "trial.baseline"),
         ("objective=train_acc", "objective"),
         ("objective=[val_acc,val_acc]", "objective"),
-        ("objective=[val_acc,flops]", "objective"),
+        ("objective=[val_acc,energy]", "objective"),
         ("objective=[]", "objective"),
         ("trainer.resume=sometimes", "trainer.resume"),
         ("trainer.checkpoint_every_s=0", "trainer.checkpoint_every_s"),

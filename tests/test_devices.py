@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from kd.devices import available_cores, select_device, threads_per_job
+from kd.devices import available_cores, select_device, threads_per_job, use_cpu
 from kd.errors import ConfigError
 from tests.conftest import FAST, run_py
 
@@ -43,3 +43,15 @@ def test_joblib_jobs_share_the_cores(workdir):
     runs = [json.loads((workdir / "sweep" / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert sorted(r["seed"] for r in runs) == [1, 2]
     assert {r["num_threads"] for r in runs} == {threads_per_job(2, available_cores())}
+
+
+def test_use_cpu_sets_threads_and_flushes_subnormals():
+    threads = torch.get_num_threads()
+    tiny = torch.tensor([1e-39])  # a float32 subnormal
+    try:
+        assert use_cpu(1, flush_denormal=True) is True and torch.get_num_threads() == 1
+        assert (tiny * 1.0).item() == 0.0  # flushed to zero
+        assert use_cpu(1, flush_denormal=False) is False
+        assert (tiny * 1.0).item() > 0.0
+    finally:
+        use_cpu(threads, flush_denormal=False)

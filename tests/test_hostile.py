@@ -39,7 +39,7 @@ PER_KEY = settings(FAST, max_examples=15)
 BASES = (
     ["loss=kd", "data=synthetic", "optim=sgd", "schedule=onecycle"],
     ["loss=dkd", "optim=adam", "optim@teacher.optim=sgd", "schedule=cosine", "schedule@teacher.schedule=onecycle"],
-    ["loss=cosine", "data=folder", "data.root=/x", "schedule@teacher.schedule=cosine"],
+    ["loss=cosine", "data=folder", "data.root=/x", "schedule@teacher.schedule=cosine", "model@teacher.model=resnet20"],
 )
 
 

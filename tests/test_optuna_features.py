@@ -121,6 +121,8 @@ def test_tensorboard_logger_writes_each_epoch(workdir):
     assert logged == [(h["epoch"], pytest.approx(h["val_acc"])) for h in history]
     assert [e.value for e in events.Scalars("train_loss")] == pytest.approx([h["train_loss"] for h in history])
     assert events.Scalars("final/test_acc")[0].value == pytest.approx(read_metrics(workdir / "out")["test_acc"])
+    for cost in ("params", "flops", "latency_ms", "throughput"):  # what the student costs, in the tracker too
+        assert events.Scalars(f"final/{cost}")[0].value == pytest.approx(read_metrics(workdir / "out")[cost])
 
 
 @pytest.mark.slow

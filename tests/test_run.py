@@ -21,6 +21,12 @@ def test_ce_run_writes_metrics_and_checkpoint(workdir):
     assert metrics["epochs"] == 1 and metrics["seed"] == 42 and metrics["device"] == "cpu"
     assert 0 <= metrics["val_acc"] <= 100 and 0 <= metrics["test_acc"] <= 100
     assert metrics["objective"] == "val_acc" and metrics["train_seconds"] > 0
+    # What the student costs: FLOPs pinned (1,296,896 multiply-adds), timing on this run's CPU.
+    assert metrics["flops"] == 2_593_792 and metrics["input_shape"] == [3, 32, 32]
+    assert metrics["latency_ms"] > 0 and metrics["throughput"] > 0
+    assert metrics["cost"]["device"] == "cpu" and metrics["cost"]["throughput_batch_size"] == 256
+    assert metrics["cost"]["threads"] == metrics["num_threads"]
+    assert metrics["flush_denormal"] is True  # trainer.flush_denormal (default on): x86 supports it
     assert (workdir / "out/ce/model.pt").stat().st_size > 1_000_000  # 267,738 float32 weights
 
 
@@ -31,6 +37,8 @@ def test_kd_trains_the_teacher_once_then_reuses_it(workdir):
     assert (m1["loss"], m1["temperature"], m1["alpha"]) == ("kd", 4.0, 0.5)
     assert m1["teacher_source"] == "trained" and m1["teacher_signal"] == "cache"
     assert Path(m1["teacher_checkpoint"]).is_file()
+    assert (m1["teacher_params"], m1["teacher_flops"]) == (1_186_986, 188_491_776)  # DeepNN, forward
+    assert torch.load(m1["teacher_checkpoint"], weights_only=True)["flops"] == 188_491_776  # stored with it
 
     second = run_py([*FAST, "loss=kd", "loss.temperature=8", "hydra.run.dir=out/kd2"], cwd=workdir)
     assert second.returncode == 0, second.stderr

@@ -261,16 +261,21 @@ def test_resuming_with_a_swept_key_now_fixed_is_refused(workdir):
 
 
 @pytest.mark.slow
-def test_two_objectives_trade_accuracy_against_size(workdir):
-    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=sw"]
-    args += ["hydra.sweeper.direction=[maximize,minimize]", "objective=[val_acc,params]"]
+def test_kd_pareto_trades_accuracy_against_flops_over_width(workdir):
+    args = ["-m", "hparams_search=kd_pareto", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=sw"]
     proc = run_py(args, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{workdir}/sw/optuna.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     for t in study.trials:
         m = read_metrics(workdir / "sw" / str(t.number))
-        assert t.values == [pytest.approx(m["val_acc"]), m["params"]] and m["objective"] == ["val_acc", "params"]
+        assert t.values == [pytest.approx(m["val_acc"]), m["flops"]] and m["objective"] == ["val_acc", "flops"]
+        assert m["settings"]["model.width"] == t.params["model.width"]
+    # The width moves the cost: FLOPs grow with it (LightNN's are quadratic in the width).
+    by_width = sorted((t.params["model.width"], t.values[1]) for t in study.trials)
+    assert [f for _, f in by_width] == sorted(f for _, f in by_width) and by_width[0][1] < by_width[-1][1]
     summary = report([workdir / "sw"], workdir / "out")
     (sweep,) = summary["sweeps"]
     assert {r["trial"] for r in sweep["pareto_front"]} == {t.number for t in study.best_trials}
+    assert sweep["objective"] == ["val_acc", "flops"] and sweep["directions"] == ["maximize", "minimize"]
     assert "pareto_front.png" in summary["plots"]

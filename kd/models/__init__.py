@@ -4,9 +4,10 @@ only when a config names it), any torchvision or timm model (:mod:`kd.models.zoo
 the seeded dropout every model trains with (:mod:`kd.models.dropout`). A new model is one class
 plus one ``conf/model/*.yaml``."""
 
+from kd.cost import count_parameters
 from kd.models.dropout import SeededDropout, dropout_generator, seed_dropout
 from kd.models.resnet import CifarResNet
-from kd.models.tutorial import DeepNN, FeatureNet, LightNN, count_parameters
+from kd.models.tutorial import DeepNN, FeatureNet, LightNN
 from kd.models.zoo import timm_model, torchvision_model
 
 __all__ = [

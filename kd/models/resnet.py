@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.models.tutorial import FeatureNet
+from kd.models.tutorial import FeatureNet, scaled
 
 
 class BasicBlock(nn.Module):
@@ -32,22 +32,28 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(FeatureNet):
-    """ResNet-``depth`` for 32-px images; ``depth`` = 6n + 2 (8, 14, 20, 32, 44, 56, 110)."""
+    """ResNet-``depth`` for 32-px images; ``depth`` = 6n + 2 (8, 14, 20, 32, 44, 56, 110).
+    ``width`` multiplies the channels of every stage (16, 32, 64 at 1.0)."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10) -> None:
+    def __init__(self, depth: int = 20, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet's depth is 6n + 2 (8, 14, 20, 32, 56, 110), got {depth}")
         blocks = (depth - 2) // 6
-        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-        in_channels = 16
-        for stage, channels in enumerate((16, 32, 64)):
+        stages = [scaled(channels, width) for channels in (16, 32, 64)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, stages[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(stages[0]),
+            nn.ReLU(),
+        ]
+        in_channels = stages[0]
+        for stage, channels in enumerate(stages):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
                 layers.append(BasicBlock(in_channels, channels, stride))
                 in_channels = channels
         self.features = nn.Sequential(*layers)  # "conv": the last stage's feature map
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(stages[-1], num_classes))
         for module in self.modules():
             if isinstance(module, nn.Conv2d | nn.Linear):
                 nn.init.kaiming_normal_(module.weight)

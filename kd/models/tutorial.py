@@ -52,26 +52,32 @@ class DeepNN(FeatureNet):
 
 
 class LightNN(FeatureNet):
-    """Student: 2 conv, 2 max-pool, 2 linear, dropout 0.1 (267,738 parameters for 10 classes)."""
+    """Student: 2 conv, 2 max-pool, 2 linear, dropout 0.1 (267,738 parameters for 10 classes).
 
-    def __init__(self, num_classes: int = 10) -> None:
+    ``width`` multiplies every layer's channels and hidden units (16 and 256 at 1.0), a
+    knob that moves the student along the cost axis."""
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
+        channels, hidden = scaled(16, width), scaled(256, width)
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, kernel_size=3, padding=1),
+            nn.Conv2d(3, channels, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(kernel_size=2, stride=2),
-            nn.Conv2d(16, 16, kernel_size=3, padding=1),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(kernel_size=2, stride=2),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(1024, 256),
+            nn.Linear(channels * 8 * 8, hidden),
             nn.ReLU(),
             nn.Dropout(0.1),
-            nn.Linear(256, num_classes),
+            nn.Linear(hidden, num_classes),
         )
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def scaled(channels: int, width: float) -> int:
+    """``channels`` times a width multiplier, rounded, at least 1."""
+    if not width > 0:
+        raise ValueError(f"model.width must be > 0, got {width}")
+    return max(1, round(channels * width))
