@@ -5,7 +5,8 @@ While a model trains, :func:`kd.engine.fit` hands its whole state to a
 end: weights, optimiser, schedule, the loss's own parameters, every random state
 (python, numpy, torch, CUDA, the augmentation's generator), the epoch, the step within
 it and the epoch's running sums. The file is written atomically with a checksum
-(:func:`kd.storage.save_checked`). A rerun of the same training (same settings and
+(:func:`kd.storage.save_checked`), alternating between two slots so that a kill
+mid-save still leaves the previous state. A rerun of the same training (same settings and
 seed, in any run directory) loads it and continues from that step, and ends with the
 same weights as a run that was never stopped (on the CPU, where kernels are
 deterministic).
@@ -57,40 +58,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class ResumeFile:
-    """Where one training run keeps its resumable state, and how often it writes it."""
+    """Where one training run keeps its resumable state, and how often it writes it.
+
+    Saves alternate between two slots, ``<key>.pt`` and ``<key>.b.pt``, and a load takes
+    the newest whole one: a kill while one slot is being written (between the file and
+    its checksum) leaves the other, one save older, to resume from."""
 
     path: Path
     every_s: float = 60.0
     enabled: bool = True  # trainer.resume=never: start over and keep nothing
+    sequence: int = 0  # saves so far, over every process that continued this training
+
+    @property
+    def slots(self) -> tuple[Path, Path]:
+        return self.path, self.path.with_name(f"{self.path.stem}.b{self.path.suffix}")
 
     def load(self) -> dict | None:
-        """The saved state, or None (none saved, resuming off, or the file is damaged:
-        then one warning line says so and the run starts over)."""
-        if not self.enabled or not self.path.exists():
+        """The newest whole saved state, or None (none saved, resuming off, or every slot
+        damaged: then one warning line says so and the run starts over)."""
+        if not self.enabled:
             return None
-        try:
-            state = load_checked(self.path)
-            if state is None:
-                raise ValueError("its checksum does not match")
-            if not isinstance(state, dict) or state.get("format") != 1:
-                raise ValueError("it is not a kd resume file")
-        except Exception as err:
-            log.warning("resume checkpoint %s is damaged (%s): starting over", self.path, str(err).splitlines()[0])
-            self.remove()
+        states, damaged = [], []
+        for slot in self.slots:
+            if slot.exists():
+                try:
+                    states.append(_read(slot))
+                except ValueError as err:
+                    damaged.append(f"{slot} is damaged ({err})")
+        if not states:
+            if damaged:
+                log.warning("resume checkpoint %s: starting over", "; ".join(damaged))
+                self.remove()
             return None
-        return state
+        newest = max(states, key=lambda state: state.get("sequence", 0))
+        self.sequence = int(newest.get("sequence", 0))
+        return newest
 
     def save(self, state: dict) -> None:
         if not self.enabled:
             return
+        self.sequence += 1
         try:
-            save_checked({"format": 1, **state}, self.path)
+            save_checked({"format": 1, "sequence": self.sequence, **state}, self.slots[(self.sequence - 1) % 2])
         except OSError as err:  # an unwritable store costs the resume, never the run
             log.warning("cannot write resume checkpoint %s (%s): this run cannot resume if killed", self.path, err)
             self.enabled = False
 
     def remove(self) -> None:
-        for suffix in ("", ".sha256", ".verified"):
-            path = self.path.with_name(self.path.name + suffix)
-            with contextlib.suppress(OSError):  # gone already, or an unusable store
-                path.unlink()
+        for slot in self.slots:
+            for suffix in ("", ".sha256", ".verified"):
+                with contextlib.suppress(OSError):  # gone already, or an unusable store
+                    slot.with_name(slot.name + suffix).unlink()
+
+
+def _read(slot: Path) -> dict:
+    """One slot's state; ValueError says why it cannot be used."""
+    try:
+        state = load_checked(slot)
+    except Exception as err:
+        raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    if state is None:
+        raise ValueError("its checksum does not match")
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise ValueError("it is not a kd resume file")
+    return state
