@@ -35,6 +35,7 @@ STUDY_ARMS = {
     "strong-30-views16": "30 epochs, crop + flip, KD on 16 cached views",
     "resnet20-30-off-T4-a0.9": "30 epochs, no augmentation, ResNet-20 teacher (`kd_resnet_teacher data.augment=false`)",
     "resnet20-30-views16-T4-a0.9": "30 epochs, crop + flip, ResNet-20 teacher on 16 cached views (`kd_resnet_teacher`)",
+    "resnet20-30-views16-swept": "the same, T, α swept on validation (seed 42), five fresh seeds",
 }
 
 
