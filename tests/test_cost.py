@@ -95,3 +95,40 @@ def test_cost_settings_do_not_change_what_a_run_computes(compose_cfg):
     base = run_settings(compose_cfg())
     assert run_settings(compose_cfg("cost.timing=false", "cost.batch_size=8")) == base
     assert run_settings(compose_cfg("model.width=0.5")) != base
+
+
+class _Sleepy(torch.nn.Module):
+    """A model that takes 2 ms a call and records the batch sizes and autocast it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Linear(3, 2)
+        self.seen: list[tuple[int, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        self.seen.append((x.shape[0], torch.is_autocast_enabled("cpu")))
+        time.sleep(0.002)
+        return self.inner(x)
+
+
+def test_latency_is_milliseconds_at_batch_one_on_a_copy():
+    model = _Sleepy().train()
+    cost = measure(model, (3,), batch_size=4, min_run_time=0.01)
+    assert 2 <= cost["latency_ms"] < 200  # 2 ms a call: milliseconds, not seconds
+    assert cost["throughput"] <= 4 / 0.002 * 1.01
+    assert all(m.training for m in model.modules())  # the timed copy, not the model, went to eval
+    assert {size for size, _ in model.seen} == {1}  # only the FLOP count ran on the model itself
+    assert cost["cost"]["device_name"] and cost["cost"]["torch"] == torch.__version__
+
+
+def test_timing_runs_batch_one_then_the_stated_batch_under_the_asked_autocast():
+    model = _Sleepy()
+    seconds_per_call(model, torch.ones(1, 3), min_run_time=0.005)
+    seconds_per_call(model, torch.ones(5, 3), min_run_time=0.005, autocast_dtype=torch.bfloat16)
+    assert {(1, False), (5, True)} == set(model.seen)
+
+
+def test_throughput_batch_defaults_to_256():
+    assert measure(LightNN(), (3, 32, 32), min_run_time=0.01)["cost"]["throughput_batch_size"] == 256
