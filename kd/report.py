@@ -213,8 +213,7 @@ def table(head: list[str], rows: list[list[str]], align: str = "") -> str:
 def runs_markdown(rows: list[dict]) -> str:
     """The runs table: one row per setting, accuracies over seeds, KD − CE paired."""
     head = ["Model", "Setting", "Parameters", "FLOPs", "Latency", "Seeds", "Val acc", "Test acc"]
-    head += ["KD − CE, val [95% CI]"]
-    head += ["KD − CE, test [95% CI]", "Training time"]
+    head += ["KD − CE, val [95% CI]", "KD − CE, test [95% CI]", "Training time"]
     cells = []
     for r in rows:
         # The label already names the method and its hyperparameters.
@@ -223,9 +222,7 @@ def runs_markdown(rows: list[dict]) -> str:
             [
                 r["label"],
                 setting or "—",
-                f"{r['params']:,}" if r["params"] is not None else "n/a",
-                _si(r.get("flops")),
-                f"{r['latency_ms']:.3g} ms" if r.get("latency_ms") is not None else "n/a",
+                *_cost_cells(r.get("params"), r.get("flops"), r.get("latency_ms")),
                 ", ".join(str(s) for s in r["seeds"]),
                 fmt_mean_se(r["val_acc"]),
                 fmt_mean_se(r["test_acc"]),
@@ -243,6 +240,15 @@ def runs_markdown(rows: list[dict]) -> str:
         "threads (metrics.json `cost`); compare latencies only between runs on the same machine."
     )
     return table(head, cells, align="llrrrlrrllr") + "\n\n" + note
+
+
+def _cost_cells(params: int | None, flops: int | None, latency_ms: float | None) -> list[str]:
+    """A model's Parameters, FLOPs and Latency cells, as every table shows them."""
+    return [
+        f"{params:,}" if params is not None else "n/a",
+        _si(flops),
+        f"{latency_ms:.3g} ms" if latency_ms is not None else "n/a",
+    ]
 
 
 def _si(count: float | None) -> str:
@@ -390,8 +396,7 @@ def pareto_markdown(sweep: dict) -> str:
     rows = []
     for r in sweep["pareto_front"]:
         cells = [str(r["trial"]), *(_short(r["params"].get(p)) for p in params), *(f"{v:.4g}" for v in r["values"])]
-        cells += [f"{r['params_count']:,}" if r.get("params_count") is not None else "n/a", _si(r.get("flops"))]
-        cells += [f"{r['latency_ms']:.3g} ms" if r.get("latency_ms") is not None else "n/a"]
+        cells += _cost_cells(r.get("params_count"), r.get("flops"), r.get("latency_ms"))
         rows.append(cells + [fmt_mean_se(r["val_acc"]), fmt_mean_se(r["test_acc"])])
     intro = (
         f"Study `{sweep['study_name']}`: the Pareto front, {len(sweep['pareto_front'])} of {sweep['complete']} "
