@@ -123,8 +123,6 @@ RANGES: tuple[tuple[str, Callable[[float], bool], str, bool], ...] = (
 FLAGS = (
     "trial.baseline",
     "teacher.augment",
-    "teacher.amp",
-    "trainer.amp",
     "trainer.compile",
     "trainer.channels_last",
     "data.augment",

@@ -107,10 +107,9 @@ def measure(
 
 def _conditions(device: torch.device, batch_size: int, autocast_dtype: torch.dtype | None) -> dict[str, Any]:
     """What a timed figure depends on besides the model: where and how it ran."""
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": str(device),
-        "device_name": where,
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "latency_batch_size": 1,
         "throughput_batch_size": batch_size,
@@ -119,7 +118,10 @@ def _conditions(device: torch.device, batch_size: int, autocast_dtype: torch.dty
     }
 
 
-def _cpu_name() -> str:
+def device_name(device: torch.device) -> str:
+    """The model name of the GPU or CPU a figure was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:

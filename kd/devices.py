@@ -34,6 +34,31 @@ def use_cpu(threads: int, flush_denormal: bool) -> bool:
     return bool(torch.set_flush_denormal(flush_denormal)) and flush_denormal
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU with bf16 support, or
+    a CPU with AVX512-BF16 or AMX (the instructions oneDNN's bf16 kernels use; elsewhere
+    bf16 is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def uses_bf16(setting: bool | str, device: torch.device, key: str = "trainer.amp") -> bool:
+    """Whether training with ``key=setting`` (auto | bf16 | off, or true / false) on
+    ``device`` runs its forward and loss under bf16 autocast. auto: where bf16 is native."""
+    if setting is False or setting == "off":
+        return False
+    if setting == "auto":
+        return bf16_is_native(device)
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(
+            f"{key}={setting} but bf16 autocast runs on CUDA or CPU only, not {device.type}: set {key}=auto"
+        )
+    return True
+
+
 def select_device(spec: str, job_num: int = 0, gpu_count: int | None = None) -> torch.device:
     """Resolve ``trainer.device``; with several GPUs, job ``i`` gets GPU ``i mod k``.
 

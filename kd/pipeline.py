@@ -31,7 +31,7 @@ from kd import identity
 from kd.config import build, degenerate_settings, objective_names, run_settings, trial_seeds, validate
 from kd.cost import count_parameters, flops_per_image, measure
 from kd.data import BatchStream, Dataset, Preprocess
-from kd.devices import select_device, threads_per_job, use_cpu
+from kd.devices import select_device, threads_per_job, use_cpu, uses_bf16
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features, predict_logits
 from kd.errors import CheckpointError, ConfigError, Diverged, Pruned
 from kd.losses import CrossEntropy
@@ -75,7 +75,7 @@ class Recipe:
     batch_size: int
     seed: int
     augment: bool
-    amp: bool
+    amp: bool | str  # trainer.amp / teacher.amp as configured: kd.devices.uses_bf16 resolves it
     schedule: DictConfig | None = None  # a per-step lr schedule; None: constant lr
 
 
@@ -94,9 +94,7 @@ def _target(model_cfg: DictConfig) -> str:
 def teacher_recipe(cfg: DictConfig) -> Recipe:
     t = cfg.teacher
     schedule = OmegaConf.select(t, "schedule", default=None)
-    return Recipe(
-        t.model, t.optim, int(t.epochs), int(t.batch_size), int(t.seed), bool(t.augment), bool(t.amp), schedule
-    )
+    return Recipe(t.model, t.optim, int(t.epochs), int(t.batch_size), int(t.seed), bool(t.augment), t.amp, schedule)
 
 
 def run_recipe(cfg: DictConfig, seed: int) -> Recipe:
@@ -108,7 +106,7 @@ def run_recipe(cfg: DictConfig, seed: int) -> Recipe:
         int(cfg.trainer.batch_size),
         seed,
         bool(cfg.data.augment),
-        bool(cfg.trainer.amp),
+        cfg.trainer.amp,
         OmegaConf.select(cfg, "schedule", default=None),
     )
 
@@ -136,7 +134,7 @@ def recipe_spec(recipe: Recipe, ctx: Context) -> dict:
         "batch_size": recipe.batch_size,
         "seed": recipe.seed,
         "augment": recipe.augment,
-        "amp": recipe.amp and ctx.device.type == "cuda",  # autocast is off elsewhere
+        "amp": uses_bf16(recipe.amp, ctx.device),  # whether autocast ran, not the setting
     }
     if recipe.schedule is not None:  # absent for a constant lr: older addresses stay valid
         spec["schedule"] = OmegaConf.to_container(recipe.schedule, resolve=True)
@@ -236,7 +234,7 @@ def train_model(
         scheduler=scheduler,
         augment=_augmentation(recipe, teacher),
         validate=validate_now if len(data.val_idx) else None,
-        amp=recipe.amp and device.type == "cuda",
+        amp=uses_bf16(recipe.amp, device),
         check_every=int(cfg.trainer.check_every),
         progress=show_progress(cfg.trainer.progress),
         desc=desc,
@@ -517,6 +515,9 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
     data, device = ctx.data, ctx.device
     hparams = loss_fn.hparams()
     model_name = _target(cfg.model).rsplit(".", 1)[-1]
+    bf16 = uses_bf16(cfg.trainer.amp, device)
+    if loss_fn.needs_teacher:  # refused here, not after an hour of student training
+        uses_bf16(cfg.teacher.amp, device, key="teacher.amp")
     metrics: dict[str, Any] = {
         "model": model_name,
         "loss": loss_fn.name,
@@ -536,14 +537,16 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
         "objective": objective_names(cfg)[0] if len(objective_names(cfg)) == 1 else objective_names(cfg),
         "device": str(device),
         "num_threads": int(threads),
+        "amp": "bf16" if bf16 else "off",  # trainer.amp as it resolved on this device
         "host": platform.node(),
         # Every result-deciding setting but the seed: the report's grouping key.
         "settings": run_settings(cfg, exclude=("seed", "trial.seeds")),
     }
     log.info(
-        "device %s, %d threads, %s: %d train / %d val / %d test; seeds %s",
+        "device %s, %d threads%s, %s: %d train / %d val / %d test; seeds %s",
         device,
         threads,
+        f", bf16 autocast (trainer.amp={cfg.trainer.amp})" if bf16 else "",
         data.name,
         len(data.train_idx),
         len(data.val_idx),

@@ -71,7 +71,8 @@ def population_key(cfg: DictConfig) -> str | None:
     """What a job must share with the others of its population; None if the job can
     only run alone (a loss with trainable parts, torch.compile or amp)."""
     loss_class = get_class(str(cfg.loss._target_))
-    if cfg.trainer.compile or cfg.trainer.amp or any(True for _ in build(cfg.loss, cfg).parameters()):
+    autocast = cfg.trainer.amp not in (False, "off")
+    if cfg.trainer.compile or autocast or any(True for _ in build(cfg.loss, cfg).parameters()):
         return None
     hparams = tuple(f"loss.{name}" for name in getattr(loss_class, "hparam_names", ()))
     return repr(sorted(run_settings(cfg, exclude=(*MEMBER_KEYS, *hparams)).items()))

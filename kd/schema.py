@@ -46,7 +46,7 @@ class TrainerSettings:
     num_threads: int | None
     channels_last: bool
     compile: bool
-    amp: bool
+    amp: bool | Literal["auto", "bf16", "off"]  # bf16 autocast (kd.devices.uses_bf16)
     flush_denormal: bool
     check_every: int
     progress: bool | Literal["auto"]
@@ -61,7 +61,7 @@ class TeacherSettings:  # model, optim and schedule are typed by what they build
     batch_size: int
     seed: int
     augment: bool
-    amp: bool
+    amp: bool | Literal["auto", "bf16", "off"]  # bf16 autocast (kd.devices.uses_bf16)
     views: int | Literal["all", "online"]
     view_seed: int
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from kd.devices import available_cores, select_device, threads_per_job, use_cpu
+from kd.devices import available_cores, bf16_is_native, select_device, threads_per_job, use_cpu, uses_bf16
 from kd.errors import ConfigError
 from tests.conftest import FAST, run_py
 
@@ -55,3 +55,20 @@ def test_use_cpu_sets_threads_and_flushes_subnormals():
         assert (tiny * 1.0).item() > 0.0
     finally:
         use_cpu(threads, flush_denormal=False)
+
+
+def test_amp_settings_resolve_per_device(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not uses_bf16(False, cpu) and not uses_bf16("off", cpu)
+    assert uses_bf16(True, cpu) and uses_bf16("bf16", cpu)
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert bf16_is_native(cpu) is (avx512_bf16 or amx)
+        assert uses_bf16("auto", cpu) is (avx512_bf16 or amx)
+    for supported in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda v=supported: v)
+        assert uses_bf16("auto", torch.device("cuda", 0)) is supported
+    assert not uses_bf16("auto", torch.device("mps"))
+    with pytest.raises(ConfigError, match=r"^teacher.amp=bf16 but bf16 autocast runs on CUDA or CPU only, not mps"):
+        uses_bf16("bf16", torch.device("mps"), key="teacher.amp")

@@ -109,6 +109,8 @@ def test_members_draw_their_own_dropout_masks(compose_cfg, tmp_path):
 def test_a_loss_with_trainable_parts_runs_alone(compose_cfg):
     assert population_key(compose_cfg("loss=regressor")) is None
     assert population_key(compose_cfg("loss=kd", "trainer.amp=true")) is None
+    assert population_key(compose_cfg("loss=kd", "trainer.amp=auto")) is None
+    assert population_key(compose_cfg("loss=kd", "trainer.amp=off")) is not None
 
 
 def test_a_diverging_member_stops_alone(compose_cfg, tmp_path):

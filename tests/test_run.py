@@ -30,6 +30,21 @@ def test_ce_run_writes_metrics_and_checkpoint(workdir):
     assert (workdir / "out/ce/model.pt").stat().st_size > 1_000_000  # 267,738 float32 weights
 
 
+def test_bf16_autocast_trains_on_the_cpu_and_is_recorded(workdir):
+    runs = {
+        amp: run_py([*FAST, f"trainer.amp={amp}", f"hydra.run.dir=out/{amp}"], cwd=workdir) for amp in ("off", "bf16")
+    }
+    for amp, proc in runs.items():
+        assert proc.returncode == 0, proc.stderr
+        assert read_metrics(workdir / "out" / amp)["amp"] == amp
+    assert "bf16 autocast (trainer.amp=bf16)" in runs["bf16"].stdout
+    weights = {amp: torch.load(workdir / "out" / amp / "model.pt", weights_only=True)["state_dict"] for amp in runs}
+    assert weights["bf16"].keys() == weights["off"].keys()
+    # Same seed and batches: only the forward's precision differs, so the weights do too.
+    assert any(not torch.equal(weights["bf16"][k], weights["off"][k]) for k in weights["off"])
+    assert all(v.dtype == torch.float32 for v in weights["bf16"].values())  # master weights stay float32
+
+
 def test_kd_trains_the_teacher_once_then_reuses_it(workdir):
     first = run_py([*FAST, "loss=kd", "loss.temperature=4", "loss.alpha=0.5", "hydra.run.dir=out/kd1"], cwd=workdir)
     assert first.returncode == 0, first.stderr

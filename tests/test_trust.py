@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import kd.devices
 from kd.config import default_study_name, experiment_settings
 from kd.errors import CheckpointError
 from kd.identity import key, source_digest
@@ -69,11 +70,18 @@ def test_student_settings_never_change_the_teacher_address(compose_cfg, override
     assert teacher_address(compose_cfg, override) == teacher_address(compose_cfg)
 
 
-def test_teacher_amp_changes_the_address_only_where_autocast_runs(compose_cfg):
+def test_teacher_amp_changes_the_address_exactly_where_autocast_runs(compose_cfg, monkeypatch):
+    plain = teacher_address(compose_cfg)
+    bf16 = teacher_address(compose_cfg, "teacher.amp=bf16")
+    assert bf16 != plain  # autocast runs on CPU too
+    assert teacher_address(compose_cfg, "teacher.amp=true") == bf16
+    assert teacher_address(compose_cfg, "teacher.amp=off") == plain
+    for native in (False, True):  # auto: whatever it resolved to on this device
+        monkeypatch.setattr(kd.devices, "bf16_is_native", lambda device, native=native: native)
+        assert teacher_address(compose_cfg, "teacher.amp=auto") == (bf16 if native else plain)
     assert teacher_address(compose_cfg, "teacher.amp=true", device="cuda") != teacher_address(
         compose_cfg, device="cuda"
     )
-    assert teacher_address(compose_cfg, "teacher.amp=true") == teacher_address(compose_cfg)  # CPU: no autocast
 
 
 def test_editing_the_model_class_changes_its_source_digest(tmp_path, monkeypatch):
