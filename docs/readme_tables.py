@@ -1,10 +1,10 @@
-"""Write README.md's result tables from the result JSON files they report.
+"""Write the result tables of README.md and docs/pareto.md from the result JSON they report.
 
-    python docs/readme_tables.py           # rewrite the tables in README.md
-    python docs/readme_tables.py --check   # exit 1 if README.md and the JSON disagree
+    python docs/readme_tables.py           # rewrite the tables
+    python docs/readme_tables.py --check   # exit 1 if a document and the JSON disagree
 
-Each table sits between ``<!-- table: NAME -->`` and ``<!-- end table -->`` in the
-README; everything between the markers is generated, so a figure is never copied by
+Each table sits between ``<!-- table: NAME -->`` and ``<!-- end table -->`` in a
+document; everything between the markers is generated, so a figure is never copied by
 hand. ``tests/test_readme.py`` runs the check.
 """
 
@@ -104,7 +104,71 @@ def performance_cpu() -> str:
     return table(["phase", "tutorial loop (s)", "kd (s)", "speed-up", "note"], cells, align="lrrrl")
 
 
-TABLES = {"results-h200": results_h200, "study-cpu": study_cpu, "performance-cpu": performance_cpu}
+def _pareto() -> dict:
+    return _load(RESULTS / "pareto" / "pareto.json")
+
+
+def _si(count: float) -> str:
+    return f"{count / 1e6:.2f} M" if count >= 1e6 else f"{count / 1e3:.0f} k"
+
+
+def pareto_cpu() -> str:
+    """KD against CE at the widths on the KD front, fresh seeds, paired per seed."""
+    study = _pareto()
+    cells = []
+    for t in study["kd"]["front"]:
+        r = t["rerun"]
+        cells.append(
+            [
+                f"{t['params']['model.width']:.2f}",
+                _si(r["flops"]),
+                f"{t['params']['loss.temperature']:.3g}, {t['params']['loss.alpha']:.2g}",
+                fmt_mean_se(r["val_acc"]),
+                fmt_mean_se(r["ce_val_acc"]),
+                fmt_difference(r["kd_minus_ce_val"]),
+                fmt_difference(r["kd_minus_ce_test"]),
+            ]
+        )
+    head = ["width", "FLOPs", "T, α", "KD val", "CE val", "KD − CE val [95 % CI]", "KD − CE test [95 % CI]"]
+    return table(head, cells, align="rrrrrll")
+
+
+def pareto_fronts() -> str:
+    """Both sweeps' front trials, re-run on fresh seeds: accuracy against cost."""
+    study = _pareto()
+    cells = []
+    for arm in ("kd", "ce"):
+        on_line = {p["trial"] for p in study[arm]["front_on_fresh_seeds"]}
+        for t in study[arm]["front"]:
+            r = t["rerun"]
+            hparams = f"{t['params']['loss.temperature']:.3g}, {t['params']['loss.alpha']:.2g}" if arm == "kd" else ""
+            cells.append(
+                [
+                    arm.upper(),
+                    str(t["trial"]) + (" ◆" if t["trial"] in on_line else ""),
+                    f"{t['params']['model.width']:.3f}",
+                    hparams,
+                    f"{r['params_count']:,}",
+                    f"{r['flops']:,}",
+                    f"{t['val_acc']:.2f} %",
+                    fmt_mean_se(r["val_acc"]),
+                    fmt_mean_se(r["test_acc"]),
+                    f"{r['latency_ms']:.3f}",
+                ]
+            )
+    head = ["arm", "trial", "width", "T, α", "params", "FLOPs", "sweep val (seed 42)", "val, fresh seeds"]
+    return table([*head, "test, fresh seeds", "latency (ms)"], cells, align="llrrrrrrrr")
+
+
+TABLES = {
+    "results-h200": results_h200,
+    "study-cpu": study_cpu,
+    "performance-cpu": performance_cpu,
+    "pareto-cpu": pareto_cpu,
+    "pareto-fronts": pareto_fronts,
+}
+# The documents whose marked tables this script writes.
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "pareto.md")
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 
 
@@ -114,7 +178,7 @@ def render(readme: str) -> str:
     def fill(match: re.Match) -> str:
         name = match["name"]
         if name not in TABLES:
-            raise KeyError(f"README.md marks a table {name!r}; docs/readme_tables.py knows {sorted(TABLES)}")
+            raise KeyError(f"a document marks a table {name!r}; docs/readme_tables.py knows {sorted(TABLES)}")
         return f"{match.group(1)}{TABLES[name]()}\n{match.group(4)}"
 
     return BLOCK.sub(fill, readme)
@@ -122,17 +186,22 @@ def render(readme: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the JSON")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a document differs from the JSON")
+    parser.add_argument("--readme", type=Path, default=None, help="only this document (default: README.md and docs/)")
     args = parser.parse_args(argv)
-    current = args.readme.read_text()
-    wanted = render(current)
-    if args.check:
-        if wanted != current:
-            print(f"{args.readme} disagrees with the result JSON: run python docs/readme_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(wanted)
+    differing = []
+    for document in [args.readme] if args.readme else DOCUMENTS:
+        current = document.read_text()
+        wanted = render(current)
+        if wanted == current:
+            continue
+        differing.append(document)
+        if not args.check:
+            document.write_text(wanted)
+    if args.check and differing:
+        names = ", ".join(str(d) for d in differing)
+        print(f"{names} disagree(s) with the result JSON: run python docs/readme_tables.py", file=sys.stderr)
+        return 1
     return 0
 
 

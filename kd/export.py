@@ -88,7 +88,9 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torc
         external_data=False,  # one self-contained file (students are far below ONNX's 2 GB limit)
         verbose=False,
     )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the thread count its record states
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
