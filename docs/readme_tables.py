@@ -1,4 +1,4 @@
-"""Write the result tables of README.md and docs/pareto.md from the result JSON they report.
+"""Write the result tables of README.md and docs/ from the result JSON they report.
 
     python docs/readme_tables.py           # rewrite the tables
     python docs/readme_tables.py --check   # exit 1 if a document and the JSON disagree
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -160,15 +161,38 @@ def pareto_fronts() -> str:
     return table([*head, "test, fresh seeds", "latency (ms)"], cells, align="llrrrrrrrr")
 
 
+def epoch_cpu() -> str:
+    """benchmarks/epoch.py: the project's epoch against a bare loop, and against the matmul peak."""
+    bench = _load(RESULTS / "performance" / "epoch_cpu.json")
+    cells = []
+    for r in bench["rows"]:
+        ratios = ", ".join(f"{x:.2f}" for x in r["ratios"])
+        cells.append(
+            [
+                r["model"],
+                r["dtype"],
+                f"{statistics.median(r['project_seconds']):.2f}",
+                f"{statistics.median(r['bare_seconds']):.2f}",
+                f"{r['ratio_median']:.2f} ({ratios})",
+                f"{r['train_flops_per_image'] / 1e6:.1f}",
+                f"{r['project_gflops']:.0f}",
+                f"{100 * r['project_fraction_of_peak']:.0f} %",
+            ]
+        )
+    head = ["model", "dtype", "project (s)", "bare (s)", "project / bare (each repeat)", "MFLOP per image"]
+    return table([*head, "GFLOP/s", "of the matmul peak"], cells, align="llrrlrrr")
+
+
 TABLES = {
     "results-h200": results_h200,
     "study-cpu": study_cpu,
     "performance-cpu": performance_cpu,
     "pareto-cpu": pareto_cpu,
     "pareto-fronts": pareto_fronts,
+    "epoch-cpu": epoch_cpu,
 }
 # The documents whose marked tables this script writes.
-DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "pareto.md")
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "pareto.md", ROOT / "docs" / "performance.md")
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 
 
