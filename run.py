@@ -104,8 +104,12 @@ def run_tags(hydra_cfg: DictConfig) -> dict:
     return tags
 
 
-# The one callback conf/config.yaml names (Hydra 1.4 asks for an allow-list of what it instantiates).
-@hydra.main(config_path="conf", config_name="config", execution_whitelist=["kd.tuning.ReportHint"])
+# The callbacks conf/config.yaml names (Hydra 1.4 asks for an allow-list of what it instantiates).
+@hydra.main(
+    config_path="conf",
+    config_name="config",
+    execution_whitelist=["kd.tuning.ReportHint", "kd.cluster.QuietAccountingPolls"],
+)
 def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | list[float]:
     """One run; ``share`` is this job's part of a population when hydra/launcher=population
     trained it (the launcher passes it), else None."""

@@ -13,10 +13,15 @@ log = logging.getLogger(__name__)
 
 
 def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, and inside a SLURM job no more
+    than the job's ``--cpus-per-task`` (a scheduler without core binding leaves the
+    affinity at the whole node)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    granted = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(cores, int(granted)) if granted.isdigit() and int(granted) > 0 else cores
 
 
 def threads_per_job(parallel_jobs: int, cores: int | None = None) -> int:

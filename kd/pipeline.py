@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kd import identity
+from kd.cluster import slurm_job
 from kd.config import build, degenerate_settings, objective_names, run_settings, trial_seeds, validate
 from kd.cost import count_parameters, flops_per_image, measure
 from kd.data import BatchStream, Dataset, Preprocess
@@ -539,6 +540,7 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
         "num_threads": int(threads),
         "amp": "bf16" if bf16 else "off",  # trainer.amp as it resolved on this device
         "host": platform.node(),
+        **slurm_job(),
         # Every result-deciding setting but the seed: the report's grouping key.
         "settings": run_settings(cfg, exclude=("seed", "trial.seeds")),
     }

@@ -51,7 +51,7 @@ def test_optuna_search_composes(compose_cfg):
     assert cfg.loss._target_ == "kd.losses.HintonKD"
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "slurm"])
+@pytest.mark.parametrize("launcher", ["joblib", "slurm", "slurm_cpu"])
 def test_launchers_compose(launcher):
     from hydra import compose, initialize_config_dir
 

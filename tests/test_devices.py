@@ -72,3 +72,13 @@ def test_amp_settings_resolve_per_device(monkeypatch):
     assert not uses_bf16("auto", torch.device("mps"))
     with pytest.raises(ConfigError, match=r"^teacher.amp=bf16 but bf16 autocast runs on CUDA or CPU only, not mps"):
         uses_bf16("bf16", torch.device("mps"), key="teacher.amp")
+
+
+def test_a_slurm_job_uses_no_more_cores_than_it_was_given(monkeypatch):
+    all_cores = available_cores()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert available_cores() == 1 and threads_per_job(1) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(all_cores + 5))
+    assert available_cores() == all_cores  # never more than the affinity allows
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
+    assert available_cores() == all_cores
