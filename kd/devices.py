@@ -50,10 +50,16 @@ def bf16_is_native(device: torch.device) -> bool:
     return False
 
 
+def autocast_requested(setting: bool | str) -> bool:
+    """Whether ``trainer.amp`` / ``teacher.amp`` asks for bf16 autocast anywhere (auto,
+    bf16, true), before a device decides (:func:`uses_bf16`)."""
+    return not (setting is False or setting == "off")
+
+
 def uses_bf16(setting: bool | str, device: torch.device, key: str = "trainer.amp") -> bool:
     """Whether training with ``key=setting`` (auto | bf16 | off, or true / false) on
     ``device`` runs its forward and loss under bf16 autocast. auto: where bf16 is native."""
-    if setting is False or setting == "off":
+    if not autocast_requested(setting):
         return False
     if setting == "auto":
         return bf16_is_native(device)

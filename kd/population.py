@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from kd.config import build, run_settings, trial_seeds, validate
 from kd.data import BatchStream
-from kd.devices import select_device, threads_per_job, use_cpu
+from kd.devices import autocast_requested, select_device, threads_per_job, use_cpu
 from kd.engine import FitResult, train_step
 from kd.errors import Diverged, KDError
 from kd.losses import DistillationLoss, Progress, for_members
@@ -71,8 +71,8 @@ def population_key(cfg: DictConfig) -> str | None:
     """What a job must share with the others of its population; None if the job can
     only run alone (a loss with trainable parts, torch.compile or amp)."""
     loss_class = get_class(str(cfg.loss._target_))
-    autocast = cfg.trainer.amp not in (False, "off")
-    if cfg.trainer.compile or autocast or any(True for _ in build(cfg.loss, cfg).parameters()):
+    alone = cfg.trainer.compile or autocast_requested(cfg.trainer.amp)
+    if alone or any(True for _ in build(cfg.loss, cfg).parameters()):
         return None
     hparams = tuple(f"loss.{name}" for name in getattr(loss_class, "hparam_names", ()))
     return repr(sorted(run_settings(cfg, exclude=(*MEMBER_KEYS, *hparams)).items()))

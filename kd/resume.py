@@ -18,7 +18,6 @@ or a job requeued on another machine sharing the store, picks it up too.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.storage import load_checked, save_checked
+from kd.storage import load_checked, remove_checked, save_checked
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +105,7 @@ class ResumeFile:
 
     def remove(self) -> None:
         for slot in self.slots:
-            for suffix in ("", ".sha256", ".verified"):
-                with contextlib.suppress(OSError):  # gone already, or an unusable store
-                    slot.with_name(slot.name + suffix).unlink()
+            remove_checked(slot)
 
 
 def _read(slot: Path) -> dict:

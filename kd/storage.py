@@ -147,6 +147,15 @@ def move_aside(path: str | os.PathLike, why: str) -> Path | None:
     return aside
 
 
+def remove_checked(path: str | os.PathLike) -> None:
+    """Delete a file written by :func:`save_checked`, with its sidecar and stamp (each
+    may be gone already, or the store unusable: nothing is raised)."""
+    path = Path(path)
+    for file in (path, _sidecar(path), _stamp(path)):
+        with contextlib.suppress(OSError):
+            file.unlink()
+
+
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
     """Hold an inter-process file lock at ``path`` (created if needed)."""
