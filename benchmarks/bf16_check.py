@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.runs import finished, run_logged  # noqa: E402
 from kd.report import seed_records  # noqa: E402
 from kd.stats import describe, paired_difference  # noqa: E402
 
@@ -51,14 +51,12 @@ def arms(data_root: str, teacher_checkpoint: str) -> dict[str, list[str]]:
 
 
 def run(run_dir: Path, overrides: list[str]) -> None:
-    metrics = run_dir / "metrics.json"
-    if metrics.exists() and json.loads(metrics.read_text()).get("status") == "completed":
+    if finished(run_dir):
         print(f"{run_dir}: done before", flush=True)
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_suffix(".log"), "a") as log:
-        cmd = [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={run_dir}"]
-        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    code = run_logged(run_dir, overrides)
+    if code:
+        raise SystemExit(f"{run_dir} failed (exit {code}): see {run_dir.with_suffix('.log')}")
     print(f"{run_dir}: finished", flush=True)
 
 

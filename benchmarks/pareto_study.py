@@ -42,8 +42,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.runs import finished, run_logged  # noqa: E402
 from kd.report import seed_records  # noqa: E402
-from kd.stats import describe, paired_difference  # noqa: E402
+from kd.stats import describe  # noqa: E402
 
 # Overrides of a sweep trial that the re-runs set themselves (or must not carry).
 DROPPED = ("hparams_search=", "trial.seeds=", "trial.baseline=", "trainer.num_threads=", "hydra.", "++hydra.")
@@ -95,18 +96,9 @@ def rerun_overrides(sweep_dir: Path, trial: int, kd: bool, seeds: str, threads: 
 
 
 def run_one(run_dir: Path, overrides: list[str]) -> str:
-    metrics = run_dir / "metrics.json"
-    if metrics.exists() and json.loads(metrics.read_text()).get("status") == "completed":
+    if finished(run_dir):
         return f"{run_dir}: done before"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_suffix(".log"), "a") as log:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={run_dir}"],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return f"{run_dir}: exit {proc.returncode}"
+    return f"{run_dir}: exit {run_logged(run_dir, overrides)}"
 
 
 def rerun_summary(run_dir: Path, kd: bool) -> dict | None:
@@ -123,12 +115,11 @@ def rerun_summary(run_dir: Path, kd: bool) -> dict | None:
         "val_acc": describe([r["val_acc"] for r in records]),
         "test_acc": describe([r["test_acc"] for r in records]),
     }
-    if kd:
-        ce_val = [r["baseline"]["val_acc"] for r in records]
-        ce_test = [r["baseline"]["test_acc"] for r in records]
-        row["ce_val_acc"], row["ce_test_acc"] = describe(ce_val), describe(ce_test)
-        row["kd_minus_ce_val"] = paired_difference([r["val_acc"] for r in records], ce_val)
-        row["kd_minus_ce_test"] = paired_difference([r["test_acc"] for r in records], ce_test)
+    if kd:  # the run paired each seed with its CE student (trial.baseline) and recorded KD - CE
+        row["ce_val_acc"] = describe([r["baseline"]["val_acc"] for r in records])
+        row["ce_test_acc"] = describe([r["baseline"]["test_acc"] for r in records])
+        row["kd_minus_ce_val"] = metrics["kd_minus_ce"]["val_acc"]
+        row["kd_minus_ce_test"] = metrics["kd_minus_ce"]["test_acc"]
     return row
 
 

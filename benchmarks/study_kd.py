@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.runs import finished  # noqa: E402
 from kd.report import table  # noqa: E402
 from kd.stats import describe, fmt_difference, fmt_mean_se  # noqa: E402
 
@@ -84,8 +85,7 @@ DEFAULT_ARMS = [
 
 def run_arm(name: str, out: Path, common: list[str], seeds: str = SEEDS) -> None:
     run_dir = out / name
-    metrics = run_dir / "metrics.json"
-    if metrics.exists() and json.loads(metrics.read_text()).get("status") == "completed":
+    if finished(run_dir):
         print(f"[study] {name}: done already", flush=True)
         return
     cmd = [sys.executable, str(ROOT / "run.py"), *arm_overrides(name, seeds), *common, f"hydra.run.dir={run_dir}"]

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.report import table  # noqa: E402
+from kd.report import si, table  # noqa: E402
 from kd.stats import describe, fmt_difference, fmt_mean_se  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"
@@ -109,10 +109,6 @@ def _pareto() -> dict:
     return _load(RESULTS / "pareto" / "pareto.json")
 
 
-def _si(count: float) -> str:
-    return f"{count / 1e6:.2f} M" if count >= 1e6 else f"{count / 1e3:.0f} k"
-
-
 def pareto_cpu() -> str:
     """KD against CE at the widths on the KD front, fresh seeds, paired per seed."""
     study = _pareto()
@@ -122,7 +118,7 @@ def pareto_cpu() -> str:
         cells.append(
             [
                 f"{t['params']['model.width']:.2f}",
-                _si(r["flops"]),
+                si(r["flops"]),
                 f"{t['params']['loss.temperature']:.3g}, {t['params']['loss.alpha']:.2g}",
                 fmt_mean_se(r["val_acc"]),
                 fmt_mean_se(r["ce_val_acc"]),

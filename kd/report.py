@@ -246,12 +246,12 @@ def _cost_cells(params: int | None, flops: int | None, latency_ms: float | None)
     """A model's Parameters, FLOPs and Latency cells, as every table shows them."""
     return [
         f"{params:,}" if params is not None else "n/a",
-        _si(flops),
+        si(flops),
         f"{latency_ms:.3g} ms" if latency_ms is not None else "n/a",
     ]
 
 
-def _si(count: float | None) -> str:
+def si(count: float | None) -> str:
     """A large count in engineering notation: 2.59 M, 188 M, 1.2 G."""
     if count is None:
         return "n/a"
