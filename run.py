@@ -108,7 +108,7 @@ def run_tags(hydra_cfg: DictConfig) -> dict:
 @hydra.main(
     config_path="conf",
     config_name="config",
-    execution_whitelist=["kd.tuning.ReportHint", "kd.cluster.QuietAccountingPolls"],
+    execution_whitelist=["kd.tuning.ReportHint", "kd.cluster.CheckSlurmLauncher", "kd.cluster.QuietAccountingPolls"],
 )
 def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | list[float]:
     """One run; ``share`` is this job's part of a population when hydra/launcher=population

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kd import identity
-from kd.cluster import slurm_job
+from kd.cluster import ended_before, slurm_job
 from kd.config import build, degenerate_settings, objective_names, run_settings, trial_seeds, validate
 from kd.cost import count_parameters, flops_per_image, measure
 from kd.data import BatchStream, Dataset, Preprocess
@@ -588,9 +588,39 @@ def _stop_fields(err: Diverged | Pruned) -> dict:
             "diverged_phase": err.phase,
             "diverged_epoch": err.epoch,
             "diverged_step": err.step,
+            "diverged_loss": err.value,
         }
     # Steps are epochs, counted over the seeds.
     return {"status": "pruned", "pruned_step": err.step, "pruned_val_acc": err.value, "epochs_trained": err.step}
+
+
+def _ended_job_outcome(output_dir: Path) -> dict | None:
+    """What this SLURM job ended with when it ran before (see kd.cluster.ended_before),
+    given again without training; None when it has not ended before."""
+    earlier = ended_before(output_dir)
+    if earlier is None:
+        return None
+    log.info(
+        "SLURM started this job again after it had ended (%s): its results stand, nothing is trained; %s",
+        earlier["status"],
+        output_dir / "metrics.json",
+    )
+    return _recorded_outcome(earlier)
+
+
+def _recorded_outcome(metrics: dict) -> dict:
+    """A run's recorded end, given again: its metrics for a completed run, else the
+    Pruned / Diverged it stopped with (the inverse of :func:`_stop_fields`)."""
+    if metrics["status"] == "pruned":
+        raise Pruned(metrics["pruned_step"], metrics["pruned_val_acc"])
+    if metrics["status"] == "diverged":
+        raise Diverged(
+            metrics["diverged_epoch"],
+            metrics["diverged_step"],
+            metrics.get("diverged_loss", float("nan")),
+            metrics["diverged_phase"],
+        )
+    return metrics
 
 
 def _log_summary(model_name: str, n_seeds: int, summary: dict, with_baseline: bool) -> None:
@@ -759,18 +789,18 @@ def run(
     started = time.time()
     output_dir = Path(output_dir)
     _preflight(cfg, output_dir)
+    if (earlier := _ended_job_outcome(output_dir)) is not None:  # SLURM ran a finished job again
+        return earlier
     device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
     threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
     flushed = use_cpu(threads, bool(cfg.trainer.flush_denormal))
     store = TeacherStore(cfg.paths.store_dir)
     seeds = trial_seeds(cfg)
-
     ctx = context or make_context(cfg, device)
-    data = ctx.data
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
     metrics = {**_run_header(cfg, ctx, loss_fn, seeds, int(threads)), "flush_denormal": flushed}
-    if "val_acc" in objective_names(cfg) and not len(data.val_idx):
+    if "val_acc" in objective_names(cfg) and not len(ctx.data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
     logger_cfg = OmegaConf.select(cfg, "logger", default=None)
     tracker = build(logger_cfg, cfg, output_dir=output_dir) if logger_cfg else NullLogger()

@@ -264,10 +264,76 @@ def si(count: float | None) -> str:
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def _load_study(sweep_dir: Path, notes: list[str]) -> Any:
-    """The sweep's study, opened read-only (the report never writes into what it reads);
-    None, with a note naming the file, when its ``optuna.db`` is empty or damaged."""
+def sweep_storage(sweep_dir: Path, storage: str | None = None) -> str | None:
+    """Where a sweep directory's study is: its own ``optuna.db`` (:data:`SQLITE`), else
+    ``storage`` or the storage the finished sweep recorded in optimization_results.yaml
+    (a journal file, a database); None for a directory that is no Optuna sweep with a
+    storage (a plain multirun, a study kept in memory)."""
+    if (sweep_dir / "optuna.db").exists():
+        return SQLITE
+    results = _recorded_results(sweep_dir)
+    return (storage or results.get("storage")) if results else None
+
+
+def _recorded_results(sweep_dir: Path) -> dict:
+    """A finished sweep's optimization_results.yaml ({} when missing or unreadable)."""
+    import yaml
+
+    try:
+        results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+SQLITE = "optuna.db"  # sweep_storage's answer for the sweep directory's own SQLite file
+
+
+def _open_readonly(url: str) -> Any:
+    """An Optuna storage that only reads ``url`` (the report never writes into what it reads)."""
+    from hydra_plugins.kd_sweeper.study import JOURNAL
+
+    if url.startswith(JOURNAL):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len(JOURNAL) :])
+        if not path.is_file():
+            raise FileNotFoundError(f"no journal file {path}")
+        return JournalStorage(JournalFileBackend(str(path)))
+    return url
+
+
+def _load_study(sweep_dir: Path, notes: list[str], storage: str | None = None) -> Any:
+    """The sweep's study, opened read-only; None, with a note that says why, when it
+    cannot be read (an empty or damaged ``optuna.db``, a database without its password)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    where = sweep_storage(sweep_dir, storage)
+    if where == SQLITE:
+        return _load_sqlite_study(sweep_dir, notes)
+    if where is None:
+        return None
+    if ":***@" in where:
+        notes.append(
+            f"{sweep_dir}: its study is in {where}; pass --storage with the password to table it "
+            "(its runs are reported as runs)."
+        )
+        return None
+    try:
+        backend = _open_readonly(where)
+        names = [s.study_name for s in optuna.get_all_study_summaries(backend)]
+        name = _recorded_results(sweep_dir).get("study_name") or (names[0] if len(names) == 1 else None)
+        if name not in names:
+            notes.append(f"{sweep_dir}: {where} holds no study {name or '(none named)'}: its sweep table is left out.")
+            return None
+        return optuna.load_study(study_name=name, storage=backend)
+    except Exception as err:  # a storage that is gone, unreachable or not Optuna's
+        notes.append(f"{sweep_dir}: its study in {where} cannot be read ({type(err).__name__}): table left out.")
+        return None
+
+
+def _load_sqlite_study(sweep_dir: Path, notes: list[str]) -> Any:
+    """The study in the sweep directory's own ``optuna.db``, opened read-only."""
     db = sweep_dir / "optuna.db"
     with open(db, "rb") as f:
         header = f.read(len(SQLITE_HEADER))
@@ -522,16 +588,19 @@ def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None 
     return written
 
 
-def report(dirs: list[Path], out: Path, title: str = "Results") -> dict[str, Any]:
+def report(dirs: list[Path], out: Path, title: str = "Results", storage: str | None = None) -> dict[str, Any]:
+    """Write ``out/report.md`` and ``out/summary.json`` for ``dirs``; ``storage`` is the
+    Optuna storage of sweeps whose study is not in their own ``optuna.db`` and was not
+    recorded in full (a database URL with its password)."""
     out.mkdir(parents=True, exist_ok=True)
-    sweep_dirs = [d for d in dirs if (d / "optuna.db").exists()]
+    sweep_dirs = [d for d in dirs if sweep_storage(d, storage) is not None]
     found = collect(dirs, sweep_dirs)
     rows = summarise(found.runs)
     plots: list[str] = []
     notes: list[str] = []
     sweeps = []
     for d in sweep_dirs:
-        study = _load_study(d, notes)  # once per sweep, for its table and its plots
+        study = _load_study(d, notes, storage)  # once per sweep, for its table and its plots
         if study is not None:
             sweeps.append(sweep_table(d, study))
             plots += sweep_plots(d, study, out, notes)
@@ -572,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="where to write (default: DIR.report beside the first DIR)"
     )
     parser.add_argument("--title", default="Results")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="the sweeps' Optuna storage when it is not their optuna.db and was recorded without its password "
+        "(postgresql://user:password@host/db)",
+    )
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
@@ -580,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = args.dirs[0].resolve()
         out = args.out or first.with_name(first.name + ".report")
-        summary = report(args.dirs, out, args.title)
+        summary = report(args.dirs, out, args.title, args.storage)
     except ReportError as err:
         print(f"kd.report: error: {err}", file=sys.stderr)
         return 2

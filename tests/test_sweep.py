@@ -15,6 +15,7 @@ import yaml
 from optuna.trial import TrialState
 
 from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials, open_storage
+from kd.report import report
 from tests.conftest import FAST, REPO, RUN_PY, read_metrics, run_py
 
 pytestmark = pytest.mark.slow
@@ -170,6 +171,15 @@ def _shared_study(workdir: Path, storage: str) -> None:
     assert all(ran), f"both workers should have run trials, got {ran}"
     done = sorted(json.loads(p.read_text())["temperature"] for p in workdir.glob("multirun/w*/*/metrics.json"))
     assert done == sorted(t.params["loss.temperature"] for t in counted)
+    # kd.report tables the whole study from either worker's sweep directory, found through
+    # the storage the sweep recorded; a database password is not recorded and must be given.
+    sweep = workdir / "multirun/w0"
+    if storage.startswith("postgresql"):
+        blind = report([sweep], workdir / "blind")
+        assert not blind["sweeps"] and any("pass --storage" in note for note in blind["notes"])
+    summary = report([sweep], workdir / "report", storage=storage if storage.startswith("postgresql") else None)
+    assert [sweep_["study_name"] for sweep_ in summary["sweeps"]] == [study]
+    assert len(summary["sweeps"][0]["rows"]) == 6
 
 
 def test_two_workers_share_one_sqlite_study(workdir):

@@ -67,6 +67,7 @@ from hydra_plugins.kd_sweeper.study import (
     counted_trials,
     fail_stale_trials,
     open_storage,
+    shown,
 )
 
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
@@ -416,7 +417,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         log.info(
             "study %s (%s): %d of %d trials there; up to %d may fail in this run%s",
             study.study_name,
-            self.storage,
+            shown(self.storage),
             len(counted_trials(study)),
             self.n_trials,
             allowed,
@@ -588,6 +589,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         results: dict[str, Any] = {
             "name": "optuna",
             "study_name": study.study_name,
+            "storage": shown(self.storage),  # where kd.report finds the study (a password masked)
             "n_complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
             "n_pruned": sum(1 for t in trials if t.state == TrialState.PRUNED),
             "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL),
@@ -605,7 +607,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
                 _log().info("    trial %d: values %s, params %s", t.number, t.values, t.params)
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(_plain(results)), f"{self.sweep_dir}/optimization_results.yaml")
-        _log().info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, self.storage)
+        _log().info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, shown(self.storage))
 
 
 def _log() -> Any:

@@ -126,6 +126,22 @@ def open_storage(url: Any, heartbeat_interval: int | None = None, grace_period: 
         )
 
 
+def shown(url: Any) -> str | None:
+    """``url`` as it may be logged and written down: an RDB URL's password masked
+    (``***``); None for a storage given as an object or kept in memory."""
+    if not isinstance(url, str):
+        return None
+    if url.startswith(JOURNAL):
+        return url
+    from sqlalchemy.engine import make_url  # optuna's own dependency
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL sqlalchemy can read: no password to find in it
+        return url
+
+
 def fail_stale_trials(study: optuna.Study) -> None:
     with quiet_experimental():
         optuna.storages.fail_stale_trials(study)
