@@ -4,9 +4,12 @@
     python benchmarks/epoch.py --models teacher --dtypes bf16 --images 8192 --repeats 5
     python benchmarks/epoch.py --json docs/results/epoch_cpu.json
     python benchmarks/epoch.py --smoke                           # tiny: checks the script
+    python benchmarks/epoch.py --data-root ../shared/data/cifar10-jpeg --models teacher
 
-In this one process, on the same synthetic images (kd's ``data=synthetic``), model
-class, optimiser (Adam, lr 1e-3), batch size and dtype, each repeat times:
+In this one process, on the same synthetic images (kd's ``data=synthetic``; with
+``--data-root``, the first ``--images`` training images of an ImageFolder tree such as
+the CIFAR-10 copy, and 128 of its test images), model class, optimiser (Adam, lr
+1e-3), batch size and dtype, each repeat times:
 
 - **project**: :func:`kd.pipeline.train_model` for one epoch, as a run calls it (uint8
   images gathered per batch and normalised on the device, channels_last, NaN checks,
@@ -24,6 +27,7 @@ bf16, on a 2048 x 2048 product with the same threads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -42,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from kd.config import build  # noqa: E402
 from kd.cost import device_name, seconds_per_call  # noqa: E402
 from kd.devices import bf16_is_native, select_device, use_cpu  # noqa: E402
-from kd.pipeline import make_context, resume_file, run_model_key, run_recipe, train_model  # noqa: E402
+from kd.pipeline import Context, make_context, resume_file, run_model_key, run_recipe, train_model  # noqa: E402
 
 MODELS = {"teacher": "teacher", "student": "student"}  # name -> conf/model option
 AMP = {"float32": "off", "bf16": "bf16"}
@@ -56,13 +60,14 @@ def peak_matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048) 
     return 2 * n**3 / seconds_per_call(lambda x: x @ b, a, min_run_time=1.0) / 1e9
 
 
-def config(model: str, dtype: str, images: int, batch_size: int, device: str, store: Path):
+def config(model: str, dtype: str, images: int, batch_size: int, device: str, store: Path, data_root=None):
+    if data_root is None:
+        data = ["data=synthetic", f"data.train_size={images}", "data.val_size=0", "data.test_size=128"]
+    else:  # the whole tree is decoded (once, into the cache); subset() keeps `images` of it
+        data = ["data=folder", f"data.root={data_root}", "data.val_size=0"]
     overrides = [
         f"model={MODELS[model]}",
-        "data=synthetic",
-        f"data.train_size={images}",
-        "data.val_size=0",
-        "data.test_size=128",  # the test accuracy train_model ends with: ~3 % of a 4,096-image epoch
+        *data,  # 128 test images: the test accuracy train_model ends with, ~3 % of a 4,096-image epoch
         "trainer.epochs=1",
         f"trainer.batch_size={batch_size}",
         f"trainer.amp={AMP[dtype]}",
@@ -72,6 +77,14 @@ def config(model: str, dtype: str, images: int, batch_size: int, device: str, st
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf")):
         return compose(config_name="config", overrides=overrides)
+
+
+def subset(ctx: Context, images: int, test_images: int = 128) -> Context:
+    """``ctx`` with its first ``images`` training and ``test_images`` test images only."""
+    data = dataclasses.replace(ctx.data, train_idx=ctx.data.train_idx[:images], val_idx=ctx.data.val_idx[:0])
+    return dataclasses.replace(
+        ctx, data=data, test_images=ctx.test_images[:test_images], test_labels=ctx.test_labels[:test_images]
+    )
 
 
 def project_epoch(cfg, ctx, seed: int) -> float:
@@ -110,17 +123,15 @@ def train_flops_per_image(cfg, ctx, inputs: torch.Tensor, labels: torch.Tensor) 
 
 
 def measure(model: str, dtype: str, args, device: torch.device, store: Path, peaks: dict[str, float]) -> dict:
-    cfg = config(model, dtype, args.images, args.batch_size, device.type, store)
-    ctx = make_context(cfg, device)
+    cfg = config(model, dtype, args.images, args.batch_size, device.type, store, args.data_root)
+    ctx = subset(make_context(cfg, device), args.images)
     amp = dtype == "bf16"
     inputs = ctx.preprocess(ctx.train_images[ctx.data.train_idx.to(device)])
     labels = ctx.train_labels[ctx.data.train_idx.to(device)]
     flops = train_flops_per_image(cfg, ctx, inputs, labels)
     images = len(labels)
     # Warm-up: one-time kernel selection and allocations, paid by neither arm's timing.
-    warm = config(model, dtype, 2 * args.batch_size, args.batch_size, device.type, store)
-    warm_ctx = make_context(warm, device)
-    project_epoch(warm, warm_ctx, 0)
+    project_epoch(cfg, subset(ctx, 2 * args.batch_size), 0)
     bare_epoch(cfg, ctx, 0, inputs[: 2 * args.batch_size], labels[: 2 * args.batch_size], amp)
     project, bare = [], []
     for repeat in range(args.repeats):
@@ -155,7 +166,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(AMP), choices=list(AMP))
-    parser.add_argument("--images", type=int, default=4096, help="training images per epoch (synthetic)")
+    parser.add_argument("--images", type=int, default=4096, help="training images per epoch")
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="an ImageFolder tree (train/, test/) instead of synthetic images"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -192,6 +206,7 @@ def main() -> None:
     if args.json is not None:
         machine = {"device": str(device), "name": device_name(device), "threads": torch.get_num_threads()}
         machine.update(torch=torch.__version__, bf16_native=bf16_is_native(device))
+        machine["data"] = str(args.data_root) if args.data_root else "synthetic"
         args.json.write_text(json.dumps({"machine": machine, "peak_gflops": peaks, "rows": rows}, indent=2) + "\n")
 
 

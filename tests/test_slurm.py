@@ -6,6 +6,7 @@ The cluster tests share its two one-CPU nodes, so they run on one xdist worker
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,10 +18,11 @@ import optuna
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from hydra_plugins.kd_sweeper.study import open_storage
 from kd import pipeline
-from kd.cluster import ended_before, launcher_problem, slurm_job
+from kd.cluster import CheckSlurmLauncher, QuietAccountingPolls, ended_before, launcher_problem, partitions, slurm_job
 from kd.errors import Diverged, Pruned
 from kd.report import report
 from tests.conftest import FAST, REPO, RUN_PY, read_metrics, run_py
@@ -84,6 +86,74 @@ def test_a_slurm_launcher_that_cannot_work_is_named_in_one_line(changes, known, 
         assert found is None
     else:
         assert found is not None and problem in found and "\n" not in found
+
+
+def test_each_launcher_refusal_says_what_and_how_to_fix_it():
+    assert launcher_problem({**LAUNCHER, "partition": None}, ["debug", "gpu"]) == (
+        "hydra.launcher.partition is not set and this cluster has no default partition; set it to one of: debug, gpu"
+    )
+    assert launcher_problem({**LAUNCHER, "partition": "x"}, []) == (
+        "hydra.launcher.partition=x: no such partition on this cluster; sinfo lists: none"
+    )
+    assert launcher_problem({**LAUNCHER, "timeout_min": 3}, None) == (
+        "hydra.launcher.timeout_min=3 leaves under 60 s to train: SLURM signals a job up to signal_delay_s + 30 s "
+        "(120 + 30 s) before its time limit, and a requeued job would be stopped again as it starts; raise "
+        "timeout_min or lower signal_delay_s"
+    )
+    # No signal_delay_s: no warning signal, 90 - 30 s left.
+    assert launcher_problem({**LAUNCHER, "timeout_min": 1.5, "signal_delay_s": None}, None) is None
+
+
+def _fake_sinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    (tmp_path / "bin").mkdir()
+    sinfo = tmp_path / "bin" / "sinfo"
+    sinfo.write_text(f"#!/bin/sh\n{script}\n")
+    sinfo.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+
+
+def test_the_partitions_are_what_sinfo_lists(tmp_path, monkeypatch):
+    _fake_sinfo(tmp_path, monkeypatch, 'test "$*" = "-h -o %P" && printf "gpu\\ndebug*\\ngpu\\n"')
+    assert partitions() == ["debug*", "gpu"]
+
+
+def test_no_partitions_when_sinfo_cannot_tell(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo at all
+    assert partitions() is None
+    _fake_sinfo(tmp_path, monkeypatch, "echo 'debug*'; exit 1")  # no controller answering
+    assert partitions() is None
+
+
+def test_a_slurm_launcher_is_checked_before_a_multirun_starts(tmp_path, monkeypatch, capsys):
+    _fake_sinfo(tmp_path, monkeypatch, "echo 'debug*'")
+    check = CheckSlurmLauncher()
+    launcher = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", **LAUNCHER}
+    check.on_multirun_start(OmegaConf.create({"hydra": {"launcher": launcher}}))  # debug exists: goes on
+    local = {**launcher, "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"}
+    check.on_multirun_start(OmegaConf.create({"hydra": {"launcher": {**local, "partition": "gpu"}}}))  # not SLURM
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as stop:
+        check.on_multirun_start(OmegaConf.create({"hydra": {"launcher": {**launcher, "partition": "gpu"}}}))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "kd: error: hydra.launcher.partition=gpu: no such partition on this cluster; sinfo lists: debug\n"
+    )
+
+
+def test_submitits_accounting_warning_is_said_once_per_sweep(caplog):
+    submitit_log = logging.getLogger("submitit")
+    polls = QuietAccountingPolls()
+    for _ in range(2):  # a second sweep in the same process says it once again
+        polls.on_multirun_start(OmegaConf.create({}))
+        assert not [h for h in submitit_log.handlers if isinstance(h, logging.StreamHandler)]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="submitit"):
+            for _ in range(3):
+                submitit_log.warning("Bypassing sacct error Command '['sacct', ...]' returned non-zero exit status 1.")
+            submitit_log.warning("Job 7 failed")
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages[0].startswith("SLURM keeps no accounting here") and messages[1:] == ["Job 7 failed"]
+    assert len([f for f in submitit_log.filters if type(f).__name__ == "_OncePerSweep"]) == 1
 
 
 def _ended_run(tmp_path: Path, **fields) -> Path:
