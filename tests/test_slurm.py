@@ -286,7 +286,8 @@ def test_a_preempted_trial_resumes_to_the_uninterrupted_weights_and_a_rerun_chan
     storage = f"journal:///{workdir}/study.log"
     # Train the teacher first, outside SLURM: the trial's job then spends its time on the student.
     small = ["data.train_size=1024", "trainer.epochs=12", "trial.baseline=false"]
-    assert run_py([*FAST, *small, "loss=kd", "hydra.run.dir=warm"], cwd=workdir, env=env).returncode == 0
+    warm = [*FAST, "data.train_size=1024", "trial.baseline=false", "loss=kd", "hydra.run.dir=warm"]
+    assert run_py(warm, cwd=workdir, env=env).returncode == 0
     sweep = subprocess.Popen(
         [sys.executable, str(RUN_PY),
          *_sweep_args("preempt", storage, 1, *small)],

@@ -30,6 +30,7 @@ from hydra_plugins.kd_sweeper.study import (
     fail_stale_trials,
     heal_journal,
     open_storage,
+    shown,
 )
 from kd.errors import Pruned
 
@@ -209,3 +210,12 @@ def test_a_journal_torn_by_a_kill_is_cut_back_and_the_study_resumes(tmp_path, ca
     again.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     assert len(optuna.load_study(study_name="torn", storage=open_storage(url)).trials) == 3
     assert heal_journal(str(tmp_path / "absent.log")) == 0
+
+
+def test_a_storage_is_written_down_without_its_password():
+    assert shown("postgresql://kd:secret@dbhost:5432/kd") == "postgresql://kd:***@dbhost:5432/kd"
+    assert shown("postgresql+psycopg://kd@dbhost/kd") == "postgresql+psycopg://kd@dbhost/kd"  # no password
+    assert shown("sqlite:///multirun/s/optuna.db") == "sqlite:///multirun/s/optuna.db"
+    assert shown("journal:///shared/kd/study.log") == "journal:///shared/kd/study.log"
+    assert shown("not a url") == "not a url"
+    assert shown(None) is None
