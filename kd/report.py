@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.visualization import matplotlib as optuna_plots
 
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
@@ -262,6 +263,7 @@ def si(count: float | None) -> str:
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+SQLITE = "optuna.db"  # sweep_storage's answer for the sweep directory's own SQLite file
 
 
 def sweep_storage(sweep_dir: Path, storage: str | None = None) -> str | None:
@@ -277,8 +279,6 @@ def sweep_storage(sweep_dir: Path, storage: str | None = None) -> str | None:
 
 def _recorded_results(sweep_dir: Path) -> dict:
     """A finished sweep's optimization_results.yaml ({} when missing or unreadable)."""
-    import yaml
-
     try:
         results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -286,11 +286,9 @@ def _recorded_results(sweep_dir: Path) -> dict:
     return results if isinstance(results, dict) else {}
 
 
-SQLITE = "optuna.db"  # sweep_storage's answer for the sweep directory's own SQLite file
-
-
 def _open_readonly(url: str) -> Any:
-    """An Optuna storage that only reads ``url`` (the report never writes into what it reads)."""
+    """An Optuna storage to read ``url`` from: a journal file as it is (the sweeper's own
+    opening would mend a torn last line), a database URL as given."""
     from hydra_plugins.kd_sweeper.study import JOURNAL
 
     if url.startswith(JOURNAL):
@@ -593,17 +591,19 @@ def report(dirs: list[Path], out: Path, title: str = "Results", storage: str | N
     Optuna storage of sweeps whose study is not in their own ``optuna.db`` and was not
     recorded in full (a database URL with its password)."""
     out.mkdir(parents=True, exist_ok=True)
-    sweep_dirs = [d for d in dirs if sweep_storage(d, storage) is not None]
-    found = collect(dirs, sweep_dirs)
-    rows = summarise(found.runs)
     plots: list[str] = []
     notes: list[str] = []
-    sweeps = []
-    for d in sweep_dirs:
+    sweeps, tabled = [], []
+    for d in dirs:
+        if sweep_storage(d, storage) is None:
+            continue
         study = _load_study(d, notes, storage)  # once per sweep, for its table and its plots
-        if study is not None:
+        if study is not None:  # else its trials are reported as runs
             sweeps.append(sweep_table(d, study))
             plots += sweep_plots(d, study, out, notes)
+            tabled.append(d)
+    found = collect(dirs, tabled)
+    rows = summarise(found.runs)
     lines = [f"# {title}", ""]
     if rows:
         lines += [runs_markdown(rows), ""]

@@ -177,6 +177,7 @@ def _shared_study(workdir: Path, storage: str) -> None:
     if storage.startswith("postgresql"):
         blind = report([sweep], workdir / "blind")
         assert not blind["sweeps"] and any("pass --storage" in note for note in blind["notes"])
+        assert blind["runs"] == len(list(sweep.glob("*/metrics.json")))  # its trials, reported as runs
     summary = report([sweep], workdir / "report", storage=storage if storage.startswith("postgresql") else None)
     assert [sweep_["study_name"] for sweep_ in summary["sweeps"]] == [study]
     assert len(summary["sweeps"][0]["rows"]) == 6
