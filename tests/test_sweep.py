@@ -101,13 +101,14 @@ def _popen_sweep(args: list[str], cwd: Path, env_extra: dict | None = None) -> s
 
 
 def _killable(study: str, storage: str) -> bool:
-    """At least two trials complete and one running."""
+    """At least two trials complete and one running with its parameters drawn (a trial
+    killed between being asked and its parameters being set is retried with new ones)."""
     try:
         trials = load(study, storage).get_trials()
     except Exception:  # study not created yet, or the database is busy
         return False
     done = sum(t.state == TrialState.COMPLETE for t in trials)
-    return done >= 2 and any(t.state == TrialState.RUNNING for t in trials)
+    return done >= 2 and any(t.state == TrialState.RUNNING and t.params for t in trials)
 
 
 def test_killed_sweep_resumes_to_exactly_n_trials(workdir):
