@@ -79,5 +79,15 @@ def run_py(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = 
     )
 
 
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL; skips without one, fails in CI (which starts one)."""
+    url = os.environ.get("KD_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must provide KD_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
+        pytest.skip("no PostgreSQL server: set KD_TEST_POSTGRES_URL (see .ci/postgres.sh)")
+    return url
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())

@@ -25,7 +25,7 @@ from kd import pipeline
 from kd.cluster import CheckSlurmLauncher, QuietAccountingPolls, ended_before, launcher_problem, partitions, slurm_job
 from kd.errors import Diverged, Pruned
 from kd.report import report
-from tests.conftest import FAST, REPO, RUN_PY, read_metrics, run_py
+from tests.conftest import FAST, REPO, RUN_PY, postgres_url, read_metrics, run_py
 
 SLURM_CONF = os.environ.get("KD_TEST_SLURM_CONF")
 
@@ -36,15 +36,6 @@ def _cluster() -> dict[str, str]:
             pytest.fail("CI must provide KD_TEST_SLURM_CONF (.ci/run starts a SLURM cluster)")
         pytest.skip("no SLURM cluster: set KD_TEST_SLURM_CONF (see .ci/slurm.sh)")
     return {**os.environ, "SLURM_CONF": SLURM_CONF}
-
-
-def _postgres() -> str:
-    url = os.environ.get("KD_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must provide KD_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
-        pytest.skip("no PostgreSQL server: set KD_TEST_POSTGRES_URL (see .ci/postgres.sh)")
-    return url
 
 
 ON_SLURM = ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=10"]
@@ -246,7 +237,7 @@ def _sweep_args(study: str, storage: str, n_trials: int, *extra: str) -> list[st
 @pytest.mark.xdist_group("slurm")
 def test_a_kd_optuna_sweep_runs_its_trials_on_both_nodes(workdir, where):
     env = _cluster()
-    storage = f"journal:///{workdir}/shared_fs/study.log" if where == "journal" else _postgres()
+    storage = f"journal:///{workdir}/shared_fs/study.log" if where == "journal" else postgres_url()
     study_name = f"cluster_{uuid.uuid4().hex[:8]}"
     proc = run_py(_sweep_args(study_name, storage, 4, "hydra.sweeper.n_jobs=2"), cwd=workdir, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials, open_storage
 from kd.report import report
-from tests.conftest import FAST, REPO, RUN_PY, read_metrics, run_py
+from tests.conftest import FAST, REPO, RUN_PY, postgres_url, read_metrics, run_py
 
 pytestmark = pytest.mark.slow
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -194,9 +194,4 @@ def test_two_workers_share_one_journal_file(workdir):
 
 
 def test_two_workers_share_one_postgresql_study(workdir):
-    url = os.environ.get("KD_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must provide KD_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
-        pytest.skip("no PostgreSQL server: set KD_TEST_POSTGRES_URL (see .ci/postgres.sh)")
-    _shared_study(workdir, url)
+    _shared_study(workdir, postgres_url())
