@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import json
+import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
+import tempfile
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +71,19 @@ def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KD_STORE_DIR", raising=False)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_core_per_worker() -> None:
+    """Under pytest-xdist, each worker and every process it starts on a core of its own:
+    runs then take one thread each instead of two workers' runs sharing both cores."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    cores = sorted(os.sched_getaffinity(0))
+    if worker.startswith("gw") and 1 < count <= len(cores):
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+        import torch
+
+        torch.set_num_threads(1)  # torch sized its pool for every core when it was imported
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh directory to run in, with its own cache and teacher store."""
@@ -72,11 +92,62 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+# run.py's imports (torch, torch._dynamo, which every optimizer loads, Hydra, Optuna, kd)
+# take ~3 s, most of a small test run. A fork server imports them once per test worker;
+# each run_py call is then a fresh process forked from it that runs run.py as __main__
+# with its own argv, cwd, environment and output files (tests that signal or kill a run
+# still start it with subprocess).
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["torch", "torch._dynamo", "run", "tests.conftest"])
+
+
+def _run_script(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
+    """The forked process: run.py's command line, exit code and output as a new process's."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        with open(path, "wb") as file:
+            os.dup2(file.fileno(), fd)
+    sys.argv = [str(RUN_PY), *argv]
+    # The script's directory, then PYTHONPATH, first on the path, as at a new interpreter's start.
+    sys.path[:0] = [str(RUN_PY.parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    importlib.invalidate_caches()
+    code = 0
+    try:
+        runpy.run_path(str(RUN_PY), run_name="__main__")
+    except SystemExit as stop:  # as the interpreter ends: None is 0, an int is the code, else printed and 1
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # End as the interpreter would (a forked process skips this): join threads, which lets
+    # executors such as joblib's stop their workers, then run the exit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_py(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` in ``cwd``, as subprocess.run(..., capture_output=True, text=True)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(RUN_PY), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
-    )
+    with tempfile.TemporaryDirectory() as outputs:
+        out, err = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
+        proc = _FORKS.Process(target=_run_script, args=(list(args), str(cwd), full_env, out, err))
+        proc.start()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired([str(RUN_PY), *args], timeout)
+        stdout, stderr = (Path(path).read_text(errors="replace") for path in (out, err))
+    return subprocess.CompletedProcess([sys.executable, str(RUN_PY), *args], proc.exitcode, stdout, stderr)
 
 
 def postgres_url() -> str:
