@@ -8,11 +8,14 @@ import json
 import multiprocessing
 import os
 import runpy
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,14 +98,15 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # run.py's imports (torch, torch._dynamo, which every optimizer loads, Hydra, Optuna, kd)
 # take ~3 s, most of a small test run. A fork server imports them once per test worker;
 # each run_py call is then a fresh process forked from it that runs run.py as __main__
-# with its own argv, cwd, environment and output files (tests that signal or kill a run
-# still start it with subprocess).
+# with its own argv, cwd, environment, output files and session (so os.killpg(pid) ends
+# it and its workers, as for subprocess's start_new_session).
 _FORKS = multiprocessing.get_context("forkserver")
 _FORKS.set_forkserver_preload(["torch", "torch._dynamo", "run", "tests.conftest"])
 
 
 def _run_script(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     """The forked process: run.py's command line, exit code and output as a new process's."""
+    os.setsid()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -134,20 +138,49 @@ def _run_script(argv: list[str], cwd: str, env: dict, out: str, err: str) -> Non
     os._exit(code)
 
 
+class Script:
+    """``python run.py ARGS`` started by start_py; waits and polls like subprocess.Popen."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None) -> None:
+        self.args = [sys.executable, str(RUN_PY), *args]
+        self._outputs = Path(tempfile.mkdtemp(prefix="run_py."))
+        weakref.finalize(self, shutil.rmtree, self._outputs, True)  # also when killed, never finished
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        out, err = str(self._outputs / "stdout"), str(self._outputs / "stderr")
+        self._process = _FORKS.Process(target=_run_script, args=(list(args), str(cwd), full_env, out, err))
+        self._process.start()
+        self.pid = self._process.pid
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def finish(self, timeout: float) -> subprocess.CompletedProcess:
+        """Its exit code and output, as subprocess.run(..., capture_output=True, text=True);
+        past ``timeout`` it is killed with its workers and TimeoutExpired raised."""
+        try:
+            code = self.wait(timeout)
+            stdout, stderr = ((self._outputs / name).read_text(errors="replace") for name in ("stdout", "stderr"))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self._process.join()
+            raise
+        return subprocess.CompletedProcess(self.args, code, stdout, stderr)
+
+
+def start_py(args: list[str], cwd: Path, env: dict | None = None) -> Script:
+    """``python run.py ARGS`` in ``cwd``, started and left running."""
+    return Script(args, cwd, env)
+
+
 def run_py(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python run.py ARGS`` in ``cwd``, as subprocess.run(..., capture_output=True, text=True)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    with tempfile.TemporaryDirectory() as outputs:
-        out, err = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
-        proc = _FORKS.Process(target=_run_script, args=(list(args), str(cwd), full_env, out, err))
-        proc.start()
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired([str(RUN_PY), *args], timeout)
-        stdout, stderr = (Path(path).read_text(errors="replace") for path in (out, err))
-    return subprocess.CompletedProcess([sys.executable, str(RUN_PY), *args], proc.exitcode, stdout, stderr)
+    return start_py(args, cwd, env).finish(timeout)
 
 
 def postgres_url() -> str:

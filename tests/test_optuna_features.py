@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from kd.errors import Diverged, Pruned
-from tests.conftest import FAST, read_metrics, run_py
+from tests.conftest import FAST, read_metrics, run_py, start_py
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -70,14 +70,7 @@ def test_a_killed_pruning_sweep_resumes_without_losing_or_repeating_trials(workd
     args = [*PRUNING, "hydra.sweeper.n_trials=5", "hydra.sweeper.study_name=prune_resume"]
     args += ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
     storage = f"sqlite:///{workdir}/multirun/prune_resume/optuna.db"
-    env = {**os.environ, "PYTHONPATH": str(os.getcwd())}
-    from tests.conftest import REPO, RUN_PY
-
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.Popen(
-        [sys.executable, str(RUN_PY), *args], cwd=workdir, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_py(args, cwd=workdir)
 
     def finished() -> int:
         try:

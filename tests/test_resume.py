@@ -3,12 +3,11 @@ weights of a run that was never stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from kd.engine import fit
 from kd.losses import CrossEntropy
 from kd.resume import ResumeFile, rng_state, set_rng_state
 from kd.views import RandomViews
-from tests.conftest import REPO, RUN_PY, run_py
+from tests.conftest import run_py, start_py
 
 # A teacher (it has dropout, so its random state matters) on 5 batches per epoch.
 RUN = [
@@ -170,11 +169,7 @@ def _weights(run_dir: Path) -> dict:
 
 
 def _kill_after_epoch(workdir: Path, epoch: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, str(RUN_PY), *RUN, "hydra.run.dir=killed"], cwd=workdir, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    proc = start_py([*RUN, "hydra.run.dir=killed"], cwd=workdir)
     log, deadline = workdir / "killed" / "run.log", time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and f"epoch {epoch}/4: loss" in log.read_text():
@@ -231,19 +226,20 @@ KD_RUN = [
 def test_a_run_killed_at_any_point_leaves_nothing_that_blocks_the_next(workdir):
     """SIGKILL at spread-out moments of a KD run, each kill on the store the last one
     left behind; the next run then finishes with the uninterrupted run's metrics."""
-    start = time.time()
-    clean = run_py([*KD_RUN, "hydra.run.dir=clean"], cwd=workdir, env={"KD_CACHE_DIR": str(workdir / "clean_cache")})
+    clean_run = start_py([*KD_RUN, "hydra.run.dir=clean"], workdir, env={"KD_CACHE_DIR": str(workdir / "clean_cache")})
+    start = time.time()  # once started: a worker's first start also starts its fork server
+    clean = clean_run.finish(timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
     duration = time.time() - start
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for i, fraction in enumerate((0.15, 0.3, 0.45, 0.6, 0.75, 0.9)):
-        proc = subprocess.Popen(
-            [sys.executable, str(RUN_PY), *KD_RUN, f"hydra.run.dir=killed{i}"], cwd=workdir, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+    killed = 0
+    for i, fraction in enumerate((0.1, 0.2, 0.3, 0.4, 0.5, 0.6)):
+        proc = start_py([*KD_RUN, f"hydra.run.dir=killed{i}"], cwd=workdir)
         time.sleep(duration * fraction)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it may end between poll and kill
+                os.killpg(proc.pid, signal.SIGKILL)
+        killed += proc.wait() == -signal.SIGKILL
+    assert killed >= 4, f"only {killed} of 6 runs were killed before they finished"
     final = run_py([*KD_RUN, "hydra.run.dir=final"], cwd=workdir)
     assert final.returncode == 0, final.stderr[-2000:]
     expected = json.loads((workdir / "clean" / "metrics.json").read_text())

@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +14,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials, open_storage
 from kd.report import report
-from tests.conftest import FAST, REPO, RUN_PY, postgres_url, read_metrics, run_py
+from tests.conftest import FAST, postgres_url, read_metrics, run_py, start_py
 
 pytestmark = pytest.mark.slow
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -87,19 +85,6 @@ def test_too_many_failures_stop_the_sweep_with_a_message(workdir):
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
 
 
-def _popen_sweep(args: list[str], cwd: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, str(RUN_PY), *args],
-        cwd=cwd,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _killable(study: str, storage: str) -> bool:
     """At least two trials complete and one running with its parameters drawn (a trial
     killed between being asked and its parameters being set is retried with new ones)."""
@@ -116,7 +101,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials(workdir):
     beat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
     args = sweep_args("resume", 5, "trainer.epochs=3", *beat)
     storage = f"sqlite:///{workdir}/multirun/resume/optuna.db"
-    proc = _popen_sweep(args, workdir)
+    proc = start_py(args, workdir)
     deadline = time.time() + 240
     # Kill while a trial runs, after at least two finished (under load, polling by time
     # alone once caught the sweep between two trials).
@@ -159,9 +144,9 @@ def _shared_study(workdir: Path, storage: str) -> None:
     # Train the teacher first so both workers spend their time on trials.
     assert run_py([*FAST, "loss=kd", "hydra.run.dir=warm"], cwd=workdir).returncode == 0
     args = sweep_args(study, 6, "trainer.epochs=2", storage=storage)
-    workers = [_popen_sweep([*args, f"hydra.sweep.dir=multirun/w{i}"], workdir) for i in range(2)]
-    outputs = [w.communicate(timeout=400)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs[0][-1500:] + outputs[1][-1500:]
+    workers = [start_py([*args, f"hydra.sweep.dir=multirun/w{i}"], workdir) for i in range(2)]
+    ended = [w.finish(timeout=400) for w in workers]
+    assert [e.returncode for e in ended] == [0, 0], ended[0].stderr[-1500:] + ended[1].stderr[-1500:]
     loaded = load(study, storage)
     counted = counted_trials(loaded)
     assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted)
