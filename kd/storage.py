@@ -69,7 +69,8 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
+    """The checksum file written beside ``path``."""
     return path.with_name(path.name + ".sha256")
 
 
@@ -89,7 +90,7 @@ def save_checked(obj: Any, path: str | os.PathLike) -> str:
     data = buffer.getvalue()
     digest = sha256_bytes(data)
     atomic_write_bytes(path, data)
-    atomic_write_bytes(_sidecar(path), f"{digest} {len(data)}\n".encode())
+    atomic_write_bytes(sidecar_path(path), f"{digest} {len(data)}\n".encode())
     return digest
 
 
@@ -109,7 +110,7 @@ def load_checked(path: str | os.PathLike) -> Any | None:
     memory, which keeps a decoded dataset's footprint to one copy.
     """
     path = Path(path)
-    sidecar = _sidecar(path)
+    sidecar = sidecar_path(path)
     if not path.exists() or not sidecar.exists():
         return None
     expected = sidecar.read_text(errors="replace").split()
@@ -140,7 +141,7 @@ def move_aside(path: str | os.PathLike, why: str) -> Path | None:
         os.replace(path, aside)
     except OSError:
         return None  # gone already (another process moved it) or read-only: rebuilt beside it
-    for extra in (_sidecar(path), _stamp(path)):
+    for extra in (sidecar_path(path), _stamp(path)):
         with contextlib.suppress(OSError):
             extra.unlink()
     log.warning("%s is damaged (%s): moved aside to %s and rebuilt", path, why, aside.name)
@@ -151,7 +152,7 @@ def remove_checked(path: str | os.PathLike) -> None:
     """Delete a file written by :func:`save_checked`, with its sidecar and stamp (each
     may be gone already, or the store unusable: nothing is raised)."""
     path = Path(path)
-    for file in (path, _sidecar(path), _stamp(path)):
+    for file in (path, sidecar_path(path), _stamp(path)):
         with contextlib.suppress(OSError):
             file.unlink()
 

@@ -25,7 +25,7 @@ import torch
 from kd import identity
 from kd.errors import CheckpointError
 from kd.identity import check_store
-from kd.storage import build_once, file_digest, load_checked, locked, save_checked
+from kd.storage import build_once, file_digest, load_checked, locked, save_checked, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def load_checkpoint(path: str | os.PathLike, key: str = "teacher.checkpoint") ->
 
 
 def _check_sidecar(path: Path, key: str) -> None:
-    sidecar = path.with_name(path.name + ".sha256")
+    sidecar = sidecar_path(path)
     if not sidecar.exists():
         return
     fields = sidecar.read_text(errors="replace").split()
