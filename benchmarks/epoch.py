@@ -97,19 +97,23 @@ def project_epoch(cfg, ctx, seed: int) -> float:
     return seconds
 
 
-def bare_epoch(cfg, ctx, seed: int, inputs: torch.Tensor, labels: torch.Tensor, amp: bool) -> float:
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    model = build(cfg.model, cfg).to(ctx.device, memory_format=ctx.memory_format).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = int(cfg.trainer.batch_size)
-    for index in torch.randperm(len(labels), device=ctx.device).split(batch):
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+def bare_steps(model, optimizer, inputs: torch.Tensor, labels: torch.Tensor, batch: int, amp: bool) -> None:
+    """One epoch of plain PyTorch steps: shuffled batches, bf16 autocast when ``amp``."""
+    for index in torch.randperm(len(labels), device=inputs.device).split(batch):
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(inputs[index]), labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     float(loss.detach())  # one sync at the end, as the project's last-step check
+
+
+def bare_epoch(cfg, ctx, seed: int, inputs: torch.Tensor, labels: torch.Tensor, amp: bool) -> float:
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model = build(cfg.model, cfg).to(ctx.device, memory_format=ctx.memory_format).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    bare_steps(model, optimizer, inputs, labels, int(cfg.trainer.batch_size), amp)
     return time.perf_counter() - started
 
 

@@ -19,9 +19,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.epoch import bare_steps  # noqa: E402
 from kd.models import LightNN  # noqa: E402
 
 
@@ -33,13 +33,7 @@ def make(compiled: bool) -> tuple:
 
 def epoch(run, optimizer, inputs: torch.Tensor, labels: torch.Tensor, amp: bool, batch: int) -> float:
     started = time.perf_counter()
-    for index in torch.randperm(len(labels)).split(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(run(inputs[index]), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    float(loss.detach())
+    bare_steps(run, optimizer, inputs, labels, batch, amp)
     return time.perf_counter() - started
 
 
