@@ -97,7 +97,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # run.py's imports (torch, torch._dynamo, which every optimizer loads, Hydra, Optuna, kd)
 # take ~3 s, most of a small test run. A fork server imports them once per test worker;
-# each run_py call is then a fresh process forked from it that runs run.py as __main__
+# each run_py or start_py call is then a fresh process forked from it that runs run.py as __main__
 # with its own argv, cwd, environment, output files and session (so os.killpg(pid) ends
 # it and its workers, as for subprocess's start_new_session).
 _FORKS = multiprocessing.get_context("forkserver")
