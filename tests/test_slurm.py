@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ from kd import pipeline
 from kd.cluster import CheckSlurmLauncher, QuietAccountingPolls, ended_before, launcher_problem, partitions, slurm_job
 from kd.errors import Diverged, Pruned
 from kd.report import report
-from tests.conftest import FAST, REPO, RUN_PY, postgres_url, read_metrics, run_py
+from tests.conftest import FAST, postgres_url, read_metrics, run_py, start_py
 
 SLURM_CONF = os.environ.get("KD_TEST_SLURM_CONF")
 
@@ -279,20 +278,15 @@ def test_a_preempted_trial_resumes_to_the_uninterrupted_weights_and_a_rerun_chan
     small = ["data.train_size=1024", "trainer.epochs=12", "trial.baseline=false"]
     warm = [*FAST, "data.train_size=1024", "trial.baseline=false", "loss=kd", "hydra.run.dir=warm"]
     assert run_py(warm, cwd=workdir, env=env).returncode == 0
-    sweep = subprocess.Popen(
-        [sys.executable, str(RUN_PY),
-         *_sweep_args("preempt", storage, 1, *small)],
-        cwd=workdir, env={**env, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    sweep = start_py(_sweep_args("preempt", storage, 1, *small), workdir, env=env)
     log = workdir / "sweep" / "0" / "run.log"
     _wait_for(lambda: log.exists() and "LightNN epoch 1/12: loss" in log.read_text(), 240, "the first epoch")
     job_id = read_job_id(workdir)
     # How SLURM announces preemption (and, with --signal, a time limit): submitit
     # requeues the job, which starts again and resumes from its last epoch checkpoint.
     subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True)
-    output = sweep.communicate(timeout=300)[0]
-    assert sweep.returncode == 0, output[-3000:]
+    ended = sweep.finish(timeout=300)
+    assert ended.returncode == 0, ended.stdout[-1500:] + ended.stderr[-1500:]
     text = log.read_text()
     assert "this job is timed-out" in text or "this job is preempted" in text
     assert "LightNN: resuming from epoch" in text and "epoch 12/12" in text
