@@ -64,3 +64,13 @@ def job_exception(ret: JobReturn) -> BaseException | None:
     if ret.status != JobStatus.FAILED:
         return None
     return ret._return_value
+
+
+def rdb_has_heartbeat(storage: Any, trial_id: int) -> bool:
+    """Whether an RDB storage holds any heartbeat for the trial (Optuna keeps them in a
+    table of its own, with no public reader)."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None

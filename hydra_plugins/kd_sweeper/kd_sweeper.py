@@ -56,14 +56,18 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.trial import TrialState
+from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
 
 from hydra_plugins.kd_sweeper import _compat
 from hydra_plugins.kd_sweeper.job import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from hydra_plugins.kd_sweeper.journal import DamagedStorage
+from hydra_plugins.kd_sweeper.liveness import OWNER, SilentTrials, this_process
 from hydra_plugins.kd_sweeper.study import (
     DIVERGED,
     ERROR,
     FAIL_REASON,
     SURPLUS,
+    RetryStale,
     counted_trials,
     fail_stale_trials,
     open_storage,
@@ -137,10 +141,37 @@ for _name, _node in [
 class SweepRefused(Exception):
     """The sweep cannot start (or go on) as configured; ``str`` is the one line shown."""
 
+    code = 2
+
+
+class StorageRefused(SweepRefused):
+    """The study's storage cannot be used as it is (left untouched)."""
+
+    code = 4
+
+
+def unreadable_storage(url: Any, err: Exception) -> StorageRefused:
+    """A storage whose database refused to open or answer, as one line: where, why, and
+    how to go on."""
+    cause = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return StorageRefused(
+        f"storage {shown(url)} cannot be used ({cause[0] if cause else type(err).__name__}); nothing was changed: "
+        "check the URL and that its server is up, or if the file is damaged move it aside to start a new study "
+        "(sqlite3's .recover may save its trials)"
+    )
+
 
 def refuse(message: str, code: int = 2) -> None:
     print(f"kd_optuna: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def damaged_database(err: Exception) -> bool:
+    """A database error that retrying cannot mend (a file that is no database, a damaged
+    one), unlike the races of workers creating one study together."""
+    if not isinstance(err, DatabaseError) or isinstance(err, IntegrityError):
+        return False
+    return "locked" not in str(err)
 
 
 def build_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner | None:
@@ -334,7 +365,11 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
                     directions=directions,
                     load_if_exists=True,
                 )
-            except Exception:
+            except DamagedStorage as err:
+                raise StorageRefused(str(err)) from None
+            except Exception as err:
+                if damaged_database(err):
+                    raise unreadable_storage(self.storage, err) from None
                 if attempt == 4:
                     raise
                 time.sleep(0.5 + random.random())
@@ -382,7 +417,9 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         try:
             self._sweep(arguments)
         except SweepRefused as err:
-            refuse(str(err))
+            refuse(str(err), code=err.code)
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:  # the database failed mid-sweep
+            refuse(str(unreadable_storage(self.storage, err)), code=StorageRefused.code)
         except KeyboardInterrupt:
             print(
                 "kd_optuna: interrupted; rerun the same command to resume (finished trials are kept)", file=sys.stderr
@@ -424,10 +461,12 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else "",
         )
         heartbeat = Heartbeat(study)
+        silent = self._silent_trials(heartbeat)
         failures: list[str] = []
         try:
             while True:
                 fail_stale_trials(study)
+                silent.retire(study)
                 to_go = self.n_trials - len(counted_trials(study)) + self._waiting_count(study)
                 if to_go <= 0:
                     if not self._wait_for_others(study, heartbeat):
@@ -445,6 +484,14 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         finally:
             heartbeat.stop()
         self._write_results(study, directions)
+
+    def _silent_trials(self, heartbeat: Heartbeat) -> SilentTrials:
+        """The judge of RUNNING trials no heartbeat covers: with heartbeats on, one whose
+        owner cannot be checked is retired after the grace period; with them off, only
+        those whose owner is known dead."""
+        interval, grace = self.heartbeat
+        bound = (grace or 2 * heartbeat.interval) if heartbeat.interval else None
+        return SilentTrials(bound, RetryStale(max_retry=1))
 
     @staticmethod
     def _waiting_count(study: optuna.Study) -> int:
@@ -467,7 +514,12 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             )
             return False
         if not getattr(self, "_waiting", False):
-            _log().info("waiting for trials %s of other (or killed) workers", [t.number for t in running])
+            _log().info(
+                "waiting for trials %s of other (or killed) workers: a dead worker's trial is retried after %s s "
+                "without a heartbeat",
+                [t.number for t in running],
+                self.heartbeat[1] or 2 * heartbeat.interval,
+            )
             self._waiting = True
         time.sleep(min(heartbeat.interval, 2))
         return True
@@ -490,6 +542,9 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         for _ in range(size):
             trial = self._ask(study)
             heartbeat.add(trial)
+            _compat.study_storage(study).set_trial_system_attr(
+                _compat.trial_id(trial), OWNER, this_process(beats=bool(heartbeat.interval))
+            )
             rank = sum(1 for t in counted_trials(study) if t.number < trial.number)
             if rank >= self.n_trials:  # another worker filled the study meanwhile
                 self._fail(study, trial, SURPLUS, heartbeat)

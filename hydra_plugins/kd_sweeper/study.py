@@ -9,63 +9,27 @@ queued again with the same parameters.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.kd_sweeper._compat import BaseHeartbeat, quiet_experimental, trial_id
+from hydra_plugins.kd_sweeper.journal import check_sqlite, heal_journal
+from hydra_plugins.kd_sweeper.liveness import HEARTBEAT
 
 JOURNAL = "journal://"
+SQLITE = "sqlite:///"
 FAIL_REASON = "fail_reason"  # trial user attribute: why a FAIL trial failed
 # Reasons of trials that ran and failed: they count as trials of the sweep.
 DIVERGED = "kd:diverged"  # the objective was NaN or infinite
 ERROR = "kd:error"  # the job raised, or returned something that is not an objective
 # Reasons of trials that never got an outcome: they do not count.
 SURPLUS = "kd:surplus"  # asked past n_trials in a race between workers
-HEARTBEAT = "kd_optuna:heartbeat"  # journal storage: trial system attribute, unix time
-
-
-def heal_journal(path: str) -> int:
-    """Cut a journal file's torn tail (a record a kill left half-written, which the next
-    append would glue to a new record and make unreadable) back to its last complete
-    record, under the journal's own lock. Returns the bytes removed."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return 0
-    lock = JournalFileSymlinkLock(path)
-    while not lock.acquire():  # pragma: no cover - another worker holds it for a moment
-        time.sleep(0.05)
-    try:
-        with open(path, "rb+") as f:
-            data = f.read()
-            keep = data.rfind(b"\n") + 1
-            while keep > 0 and not _json_line(data[data.rfind(b"\n", 0, keep - 1) + 1 : keep]):
-                keep = data.rfind(b"\n", 0, keep - 1) + 1  # a complete but unreadable last line
-            if keep < len(data):
-                f.truncate(keep)
-    finally:
-        lock.release()
-    removed = len(data) - keep
-    if removed:
-        logging.getLogger(__name__).warning(
-            "%s: removed a torn last record (%d bytes) left by a killed worker; the study resumes", path, removed
-        )
-    return removed
-
-
-def _json_line(line: bytes) -> bool:
-    try:
-        json.loads(line)
-    except ValueError:
-        return False
-    return True
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
@@ -94,7 +58,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return self._callback
 
 
-class _RetryStale:
+class RetryStale:
     """Queue a stale trial again with its parameters (Optuna's retry callback, quietly)."""
 
     def __init__(self, max_retry: int | None) -> None:
@@ -108,13 +72,17 @@ class _RetryStale:
 
 def open_storage(url: Any, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
     """An Optuna storage for ``url``; with ``heartbeat_interval`` (seconds), one that takes
-    heartbeats and retries the trials of dead workers once."""
+    heartbeats and retries the trials of dead workers once. A file at the path that is
+    not a study's storage raises :class:`~hydra_plugins.kd_sweeper.journal.DamagedStorage`
+    and is left untouched."""
     if not isinstance(url, str):
         return url  # None (in memory) or a storage object
-    callback = _RetryStale(max_retry=1) if heartbeat_interval else None
+    callback = RetryStale(max_retry=1) if heartbeat_interval else None
     if url.startswith(JOURNAL):
         path = url[len(JOURNAL) :]
         return HeartbeatJournalStorage(path, heartbeat_interval, grace_period, callback)
+    if url.startswith(SQLITE):
+        check_sqlite(url[len(SQLITE) :])
     if not heartbeat_interval:
         return url
     with quiet_experimental():
