@@ -20,6 +20,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -31,7 +32,7 @@ from hydra_plugins.kd_sweeper import job
 from kd import pipeline, population
 from kd.config import override_hints
 from kd.devices import available_cores
-from kd.errors import ConfigError, Diverged, KDError, Pruned, StorageError
+from kd.errors import ConfigError, Diverged, JobStopped, KDError, Pruned, StorageError
 from kd.tuning import epoch_reporter
 
 log = logging.getLogger("kd")
@@ -52,13 +53,20 @@ def debug_traceback() -> None:
         traceback.print_exc()
 
 
-def plain_multirun(hydra_cfg: DictConfig) -> bool:
-    """A multirun of Hydra's basic sweeper and launcher: jobs one after another, here."""
+# Launchers that run every job in the sweep's own process, one after another.
+IN_PROCESS_LAUNCHERS = ("BasicLauncher", "PopulationLauncher")
+
+
+def basic_multirun(hydra_cfg: DictConfig) -> bool:
+    """A multirun of Hydra's basic sweeper (a grid), with any launcher."""
     sweeper = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default=""))
+    return hydra_cfg.mode == RunMode.MULTIRUN and sweeper.endswith("BasicSweeper")
+
+
+def plain_multirun(hydra_cfg: DictConfig) -> bool:
+    """A multirun of Hydra's basic sweeper whose jobs run one after another, here."""
     launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
-    return (
-        hydra_cfg.mode == RunMode.MULTIRUN and sweeper.endswith("BasicSweeper") and launcher.endswith("BasicLauncher")
-    )
+    return basic_multirun(hydra_cfg) and launcher.endswith(IN_PROCESS_LAUNCHERS)
 
 
 def stops_like_a_single_run(err: KDError, hydra_cfg: DictConfig) -> bool:
@@ -134,6 +142,10 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
             print(f"kd: job {hydra_cfg.job.num}: {err}", file=sys.stderr)
             DIVERGED_JOBS.append(int(hydra_cfg.job.num))
             return float("nan")
+        if basic_multirun(hydra_cfg) and not plain_multirun(hydra_cfg):
+            # A grid's job in another process (joblib, SLURM): the sweep's process ends
+            # the sweep with this job's one line and exit code (entry).
+            raise JobStopped.of(hydra_cfg.job.num, err) from None
         if hydra_cfg.mode == RunMode.MULTIRUN and not stops_like_a_single_run(err, hydra_cfg):
             (log.info if isinstance(err, Pruned) else log.error)("%s", err)  # in the job's own log too
             raise  # the sweeper records this trial as failed (or pruned) and goes on
@@ -143,6 +155,8 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
         sys.exit(err.exit_code)
     except OSError as err:  # a destination that cannot be written: what and where, in one line
         debug_traceback()
+        if basic_multirun(hydra_cfg) and not plain_multirun(hydra_cfg):
+            raise JobStopped(f"job {hydra_cfg.job.num}: {unwritable(err)}", StorageError.exit_code) from None
         print(f"kd: error: {unwritable(err)}", file=sys.stderr)
         sys.exit(StorageError.exit_code)
     except KeyboardInterrupt:
@@ -172,12 +186,43 @@ def plugin_refusal(err: Exception) -> str:
     return f"{where}{str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__}"
 
 
+class HeldJobErrorLine:
+    """``sys.stderr`` holding back the line Hydra's basic sweeper writes before re-raising
+    a job's error ("Error executing job with overrides: ..."): an expected stop is shown
+    as kd's one line instead; for a bug, :meth:`release` writes it back."""
+
+    PREFIX = "Error executing job with overrides:"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.held = stream, []
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            self.held.append(text)
+            return len(text)
+        return self.stream.write(text)
+
+    def release(self) -> None:
+        for text in self.held:
+            self.stream.write(text)
+        self.held.clear()
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding ...
+        return getattr(self.stream, name)
+
+
 def entry() -> None:
     """``python run.py``: Hydra's errors re-raised here (``HYDRA_FULL_ERROR``) so that an
     expected stop is one line with its exit code, and only a bug shows a traceback."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    stderr = HeldJobErrorLine(sys.stderr)
     try:
-        main()
+        with contextlib.redirect_stderr(stderr):
+            main()
+    except KDError as err:  # a grid's job in another process, or a launcher, stopped as expected
+        debug_traceback()
+        print(f"kd: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except CompactHydraException as err:  # Hydra refused the command line: bad input
         debug_traceback()
         print(f"kd: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
@@ -192,6 +237,7 @@ def entry() -> None:
         # A sweeper or launcher that refused its keys (Hydra re-raises the plugin's own
         # error with the node's full_key as a note): bad input. Anything else is a bug.
         if not isinstance(err, HydraException) and "full_key: hydra." not in _notes(err):
+            stderr.release()
             raise
         debug_traceback()
         print(f"kd: error: {plugin_refusal(err)}", file=sys.stderr)

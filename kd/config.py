@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,10 @@ def _check_trial_seeds(cfg: DictConfig) -> None:
         raise ConfigError(f"trial.seeds must not repeat a seed, got {list(seeds)!r}")
 
 
+# trainer.device: auto, or a torch device kd runs on, with an optional index (cuda:1).
+DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:[0-9]+)?")
+
+
 def _check_choices(cfg: DictConfig) -> None:
     for key, allowed, said in CHOICES:
         value = OmegaConf.select(cfg, key, default=allowed[0])
@@ -284,7 +289,7 @@ def _check_choices(cfg: DictConfig) -> None:
         if not any(value == a and type(value) is type(a) for a in allowed):
             raise ConfigError(f"{key} must be {said}, got {value!r}")
     device = str(cfg.trainer.device)
-    if device != "auto" and device.split(":")[0] not in ("cpu", "cuda", "mps"):
+    if not DEVICE.fullmatch(device):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
 
 

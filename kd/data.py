@@ -17,6 +17,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from PIL import Image
 
 from kd.errors import DataError
 from kd.identity import content_digest, files_digest
-from kd.storage import build_once, write_json
+from kd.storage import Fits, build_once, tensor_fits, write_json
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ class ImageFolderData(ImageData):
             key = files_digest([*lines, f"skip_bad_images={self.skip_bad_images}", *sized])
             self.split_keys[split] = key
             cache_file = self.cache_dir / "decoded" / f"folder-{split}-{key}.pt"
-            decoded, _ = build_once(cache_file, lambda: self._decode(files))
+            decoded, _ = build_once(cache_file, lambda: self._decode(files), decoded_fits(len(files)))
         skipped = decoded.get("skipped") or self.skipped
         if skipped:
             log.warning(
@@ -403,6 +404,31 @@ class Preprocess:
         return x.contiguous(memory_format=self.memory_format)
 
 
+def decoded_fits(files: int) -> Fits:
+    """A decoded image folder as :meth:`FolderDataset._decode` stores it: uint8 RGB images,
+    one int64 label each, and the skipped files (absent in older entries), that together
+    account for ``files`` files."""
+    images, labels = tensor_fits((None, 3, None, None), (torch.uint8,)), tensor_fits((None,), (torch.int64,))
+
+    def fits(entry: Any) -> str | None:
+        if not isinstance(entry, dict) or not {"images", "labels"} <= set(entry):
+            return "it is not a dict of images and labels"
+        why = images(entry["images"]) or labels(entry["labels"])
+        if why is not None:
+            return why
+        skipped = entry.get("skipped") or []
+        if not isinstance(skipped, list) or not len(entry["images"]) == len(entry["labels"]) == files - len(skipped):
+            return f"its images, labels and skipped files do not add up to the {files} files listed"
+        return None
+
+    return fits
+
+
+def batches_per_epoch(examples: int, batch_size: int) -> int:
+    """Mini-batches in one epoch over ``examples`` (the last one may be short)."""
+    return (examples + batch_size - 1) // batch_size
+
+
 class BatchStream:
     """Shuffled mini-batches ``(example indices, uint8 images, labels)`` of one index set.
 
@@ -426,7 +452,7 @@ class BatchStream:
         self.shuffle = shuffle
 
     def __len__(self) -> int:
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+        return batches_per_epoch(len(self.indices), self.batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The example indices of ``epoch`` in the order they are visited."""

@@ -97,4 +97,9 @@ def select_device(spec: str, job_num: int = 0, gpu_count: int | None = None) -> 
         return torch.device(spec)
     if spec == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.device=mps but MPS is not available; use trainer.device=cpu or auto")
-    return torch.device(spec)
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(
+            f"trainer.device={spec} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps"
+        ) from None

@@ -54,6 +54,23 @@ class Diverged(KDError):
         return (type(self), (self.epoch, self.step, self.value, self.phase))
 
 
+class JobStopped(KDError):
+    """A job of a multirun run in another process (joblib, SLURM) stopped with an expected
+    error: its one line, prefixed with the job number, and its exit code, sent back to
+    the process that ends the sweep."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @classmethod
+    def of(cls, job_num: int, err: KDError) -> "JobStopped":
+        return cls(f"job {job_num}: {err}", err.exit_code)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (type(self), (str(self), self.exit_code))
+
+
 class Pruned(KDError, optuna.TrialPruned):
     """The sweep's pruner stopped this trial early (not a failure)."""
 

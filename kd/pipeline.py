@@ -31,7 +31,7 @@ from kd import identity
 from kd.cluster import ended_before, slurm_job
 from kd.config import build, degenerate_settings, objective_names, run_settings, trial_seeds, validate
 from kd.cost import count_parameters, flops_per_image, measure
-from kd.data import BatchStream, Dataset, Preprocess
+from kd.data import BatchStream, Dataset, Preprocess, batches_per_epoch
 from kd.devices import select_device, threads_per_job, use_cpu, uses_bf16
 from kd.engine import FitResult, TeacherSignal, accuracy, fit, predict_features, predict_logits
 from kd.errors import CheckpointError, ConfigError, Diverged, Pruned
@@ -40,7 +40,7 @@ from kd.models import dropout_generator, seed_dropout
 from kd.models.features import TEACHER_LAYER, check_layers, with_features
 from kd.resume import ResumeFile
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
-from kd.storage import check_writable, file_digest, save_checked, write_json
+from kd.storage import check_writable, dict_fits, file_digest, save_checked, tensor_fits, write_json
 from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint, restore_model
 from kd.tracking import NullLogger
 from kd.views import CachedViews, RandomViews, view_count, view_orders
@@ -198,6 +198,13 @@ def check_phases(schedule: DictConfig, total_steps: int) -> None:
             f"schedule=onecycle over {total_steps} optimiser steps with pct_start={pct_start} leaves its warm-up "
             "no step; train more steps (trainer.epochs, a smaller trainer.batch_size) or change schedule.pct_start"
         )
+
+
+def check_steps(recipe: Recipe, ctx: Context) -> None:
+    """Refuse a recipe whose schedule cannot run over its optimiser steps before any
+    teacher, view or logit work: it needs the training split's size and nothing else."""
+    if recipe.schedule is not None:
+        check_phases(recipe.schedule, recipe.epochs * batches_per_epoch(len(ctx.data.train_idx), recipe.batch_size))
 
 
 def train_model(
@@ -412,8 +419,12 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
         info["teacher_signal"] = "online"
         return TeacherSource(online, info)
 
+    examples, classes = len(ctx.train_images), data.num_classes
     logits, computed = store.logits(
-        checkpoint["digest"], data_key, lambda: predict_logits(teacher, ctx.train_images, ctx.preprocess).cpu()
+        checkpoint["digest"],
+        data_key,
+        lambda: predict_logits(teacher, ctx.train_images, ctx.preprocess).cpu(),
+        tensor_fits((examples, classes), (torch.float32,)),
     )
     logits = logits.to(device)
     log.info("teacher logits: %s", "computed and cached" if computed else "read from cache")
@@ -423,6 +434,7 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
             checkpoint["digest"],
             f"{data_key}\0features:{','.join(feature_names)}",
             lambda: predict_features(teacher, ctx.train_images, ctx.preprocess, feature_names),
+            dict_fits(**{name: tensor_fits((examples, ...), (torch.float16,)) for name in feature_names}),
         )
         features = {name: cached[name].to(device) for name in feature_names}  # float16 on the device
         log.info("teacher features %s: %s", feature_names, "computed and cached" if computed else "read from cache")
@@ -454,7 +466,14 @@ def _cached_views(
         return predict_logits(teacher, ctx.train_images, ctx.preprocess, views=views.to(ctx.device)).half().cpu()
 
     logits, orders = store.view_logits(
-        digest, data_key, view_seed, k, lambda: view_orders(len(ctx.train_images), view_seed), column, on_column
+        digest,
+        data_key,
+        view_seed,
+        k,
+        lambda: view_orders(len(ctx.train_images), view_seed),
+        column,
+        (len(ctx.train_images), ctx.data.num_classes),
+        on_column,
     )
     bar.close()
     logits, orders = logits.to(ctx.device), orders.to(ctx.device)
@@ -797,6 +816,7 @@ def run(
     store = TeacherStore(cfg.paths.store_dir)
     seeds = trial_seeds(cfg)
     ctx = context or make_context(cfg, device)
+    check_steps(run_recipe(cfg, seeds[0]), ctx)
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
     metrics = {**_run_header(cfg, ctx, loss_fn, seeds, int(threads)), "flush_denormal": flushed}

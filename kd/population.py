@@ -48,6 +48,7 @@ from kd.pipeline import (
     Recipe,
     TeacherSource,
     Trained,
+    check_steps,
     make_context,
     new_model,
     new_optimizer,
@@ -406,6 +407,16 @@ def _seed_reporter(reporter: Callable | None, index: int, epochs: int) -> Callab
     return on_epoch
 
 
+def _steps_fit(cfg: DictConfig, ctx: Context) -> bool:
+    """Whether a job's schedule can run over its steps; one that cannot runs alone, and
+    is refused there before its teacher is prepared."""
+    try:
+        check_steps(run_recipe(cfg, trial_seeds(cfg)[0]), ctx)
+    except KDError:
+        return False
+    return True
+
+
 def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[JobShare | None]:
     """Train the seeds of ``configs`` (one population group) as one population.
 
@@ -425,6 +436,10 @@ def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[Job
     first = valid[0]
     use_cpu(first.trainer.num_threads or threads_per_job(1), bool(first.trainer.flush_denormal))
     ctx = make_context(first, select_device(device or str(first.trainer.device)))
+    valid = [cfg for cfg in valid if _steps_fit(cfg, ctx)]  # before any teacher work
+    if len(valid) < 2:
+        return [None] * len(configs)
+    first = valid[0]
     needs_teacher = build(first.loss, first).needs_teacher
     features = tuple(build(first.loss, first).teacher_features)
     teacher = prepare_teacher(ctx, TeacherStore(first.paths.store_dir), features) if needs_teacher else None

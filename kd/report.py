@@ -30,7 +30,9 @@ import optuna
 import yaml
 from optuna.visualization import matplotlib as optuna_plots
 
+from kd.errors import StorageError
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
+from kd.storage import check_writable
 
 MODEL_NAMES = {"DeepNN": "Teacher", "LightNN": "Student"}
 
@@ -365,9 +367,13 @@ def _completed(study: Any) -> list:
 
 
 def _trial_metrics(sweep_dir: Path, number: int) -> dict:
-    """A trial's metrics.json ({} while it is missing)."""
+    """A trial's metrics.json ({} while it is missing or unreadable)."""
     metrics_file = sweep_dir / str(number) / "metrics.json"
-    return json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except (OSError, ValueError):  # missing, or cut short (its run is listed as skipped, with why)
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def _trial_records(sweep_dir: Path, number: int) -> tuple[dict, list[dict]]:
@@ -655,10 +661,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = args.dirs[0].resolve()
         out = args.out or first.with_name(first.name + ".report")
+        if out.exists() and not out.is_dir():
+            raise ReportError(f"--out {out} is a file; name a folder (the report writes report.md and more into it)")
+        check_writable(out, "--out")
         summary = report(args.dirs, out, args.title, args.storage)
     except ReportError as err:
         print(f"kd.report: error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:
+        print(f"kd.report: error: {err}", file=sys.stderr)
+        return StorageError.exit_code
     if summary["rows"]:
         print(runs_markdown(summary["rows"]))
     for sweep in summary["sweeps"]:

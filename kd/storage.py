@@ -166,19 +166,73 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
         yield
 
 
-def build_once(path: str | os.PathLike, build: Callable[[], Any]) -> tuple[Any, bool]:
-    """Return the object stored at ``path``, building and storing it if absent.
+# Why a loaded store entry does not have the form its reader needs (None: it does).
+Fits = Callable[[Any], "str | None"]
+
+
+def tensor_fits(shape: tuple[Any, ...], dtypes: tuple[torch.dtype, ...] = ()) -> Fits:
+    """An entry that is one tensor of ``shape`` (None: any size on that axis; a last
+    ``...``: any further axes), of one of ``dtypes`` (empty: any)."""
+    open_ended = bool(shape) and shape[-1] is Ellipsis
+    axes = shape[:-1] if open_ended else shape
+    wanted = "x".join("*" if n is None else str(n) for n in axes) + ("x..." if open_ended else "")
+
+    def fits(entry: Any) -> str | None:
+        if not isinstance(entry, torch.Tensor):
+            return f"it holds a {type(entry).__name__}, not a tensor"
+        rank_fits = entry.dim() >= len(axes) if open_ended else entry.dim() == len(axes)
+        if not rank_fits or any(n is not None and n != m for n, m in zip(axes, entry.shape, strict=False)):
+            return f"its shape is {'x'.join(map(str, entry.shape))}, not {wanted}"
+        if dtypes and entry.dtype not in dtypes:
+            return f"its dtype is {entry.dtype}, not {' or '.join(map(str, dtypes))}"
+        return None
+
+    return fits
+
+
+def dict_fits(**fields: Fits) -> Fits:
+    """An entry that is a dict with exactly these keys, each value fitting its own check."""
+
+    def fits(entry: Any) -> str | None:
+        if not isinstance(entry, dict):
+            return f"it holds a {type(entry).__name__}, not a dict"
+        if set(entry) != set(fields):
+            return f"its keys are {sorted(map(str, entry))}, not {sorted(fields)}"
+        for name, check in fields.items():
+            if (why := check(entry[name])) is not None:
+                return f"{name}: {why}"
+        return None
+
+    return fits
+
+
+def load_fitting(path: str | os.PathLike, fits: Fits | None = None) -> Any | None:
+    """:func:`load_checked`, and an entry that loads but does not fit (``fits`` says why)
+    is moved aside like damaged bytes: None, so that the caller rebuilds it."""
+    entry = load_checked(path)
+    if entry is None or fits is None:
+        return entry
+    why = fits(entry)
+    if why is None:
+        return entry
+    move_aside(path, why)
+    return None
+
+
+def build_once(path: str | os.PathLike, build: Callable[[], Any], fits: Fits | None = None) -> tuple[Any, bool]:
+    """Return the object stored at ``path``, building and storing it if absent (or if
+    what is stored does not ``fit``: then it is moved aside, not deleted).
 
     Concurrent callers (threads or processes) serialise on a lock next to the file,
     so the object is built exactly once; the others wait and load it. Returns the
     object and whether this call built it.
     """
     path = Path(path)
-    cached = load_checked(path)
+    cached = load_fitting(path, fits)
     if cached is not None:
         return cached, False
     with locked(path.with_name(path.name + ".lock")):
-        cached = load_checked(path)  # another process may have finished meanwhile
+        cached = load_fitting(path, fits)  # another process may have finished meanwhile
         if cached is not None:
             return cached, False
         obj = build()

@@ -25,7 +25,7 @@ import torch
 from kd import identity
 from kd.errors import CheckpointError
 from kd.identity import check_store
-from kd.storage import build_once, file_digest, load_checked, locked, save_checked, sidecar_path
+from kd.storage import Fits, build_once, file_digest, load_fitting, locked, save_checked, sidecar_path, tensor_fits
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +49,26 @@ class TeacherStore:
     def get_or_build(self, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
         """The checkpoint stored under ``key``, built (once) if absent; and whether built."""
         self._check()
-        return build_once(self.checkpoint_path(key), build)
+        return build_once(self.checkpoint_path(key), build, checkpoint_fits)
 
     def publish(self, key: str, checkpoint: dict) -> bool:
         """Store a checkpoint trained elsewhere, unless one is already there."""
         self._check()
         path = self.checkpoint_path(key)
         with locked(path.with_name(path.name + ".lock")):
-            if load_checked(path) is not None:
+            if load_fitting(path, checkpoint_fits) is not None:
                 return False
             save_checked(checkpoint, path)
             return True
 
     def logits(
-        self, checkpoint_digest: str, data_key: str, compute: Callable[[], torch.Tensor]
-    ) -> tuple[torch.Tensor, bool]:
-        """Teacher logits for every training example, computed once per (teacher, data)."""
+        self, checkpoint_digest: str, data_key: str, compute: Callable[[], Any], fits: Fits | None = None
+    ) -> tuple[Any, bool]:
+        """Teacher logits (or features) for every training example, computed once per
+        (teacher, data); a stored entry that does not ``fit`` is moved aside and rebuilt."""
         self._check()
         key = identity.key("logits", checkpoint=checkpoint_digest, data=data_key)
-        return build_once(self.root / "logits" / f"{key}.pt", compute)
+        return build_once(self.root / "logits" / f"{key}.pt", compute, fits)
 
     def view_logits(
         self,
@@ -77,25 +78,30 @@ class TeacherStore:
         k: int,
         orders: Callable[[], torch.Tensor],
         compute: Callable[[torch.Tensor], torch.Tensor],
+        shape: tuple[int, int],
         on_column: Callable[[int, bool], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits for the first ``k`` views of every training example.
 
         ``orders()`` gives each example's seeded order of views (``[N, views]``);
-        ``compute(views)`` the teacher's logits ``[N, classes]`` for view ``views[i]`` of
-        example ``i``. Each view column is one file, built once: an interrupted build
+        ``compute(views)`` the teacher's logits ``[N, classes]`` (``shape``) for view
+        ``views[i]`` of example ``i``. Each view column is one file, built once: an interrupted build
         resumes at the first missing column, and a smaller ``k`` reuses a larger one's.
         Returns logits ``[N, k, classes]`` (float16) and the view ids ``[N, k]``.
         """
         self._check()
         key = identity.key("views", checkpoint=checkpoint_digest, data=data_key, view_seed=view_seed)
         folder = self.root / "views" / key
-        order, _ = build_once(folder / "orders.pt", orders)
+        examples, classes = shape
+        order, _ = build_once(folder / "orders.pt", orders, tensor_fits((examples, None), (torch.int16,)))
         if not 1 <= k <= order.shape[1]:
             raise ValueError(f"k={k} views requested; an image has {order.shape[1]}")
+        column_fits = tensor_fits((examples, classes), (torch.float16,))
         columns = []
         for column in range(k):
-            logits, built = build_once(folder / f"view{column:03d}.pt", lambda c=column: compute(order[:, c]))
+            logits, built = build_once(
+                folder / f"view{column:03d}.pt", lambda c=column: compute(order[:, c]), column_fits
+            )
             columns.append(logits)
             if on_column is not None:
                 on_column(column, built)
@@ -188,6 +194,18 @@ def restore_model(
 
 def _few(keys: list[str]) -> str:
     return "[" + ", ".join(keys[:3]) + (f", ... {len(keys) - 3} more" if len(keys) > 3 else "") + "]"
+
+
+def checkpoint_fits(entry: Any) -> str | None:
+    """Why a stored entry is not a kd checkpoint (see :func:`make_checkpoint`), or None."""
+    if not isinstance(entry, dict):
+        return f"it holds a {type(entry).__name__}, not a checkpoint"
+    state = entry.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "its state_dict is not a dict of tensors"
+    if not isinstance(entry.get("model_target"), str) or not isinstance(entry.get("num_classes"), int):
+        return "it names no model_target and num_classes"
+    return None
 
 
 def make_checkpoint(model: torch.nn.Module, target: str, num_classes: int, **info: Any) -> dict:

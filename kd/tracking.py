@@ -74,12 +74,20 @@ class MLflowLogger(NullLogger):
         mlflow = _optional("mlflow", "mlflow")
         self.mlflow = mlflow
         # MLflow 3 refuses its old file store by default; a local SQLite file is its successor.
-        mlflow.set_tracking_uri(tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+        self.tracking_uri = tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        mlflow.set_tracking_uri(self.tracking_uri)
         self.experiment_name = experiment_name
         self.output_dir = Path(output_dir)
 
     def start(self, config: dict, tags: dict[str, str]) -> None:
-        self.mlflow.set_experiment(self.experiment_name or tags.get("study_name") or "kd")
+        try:  # the first call that opens the tracking store: before any training
+            self.mlflow.set_experiment(self.experiment_name or tags.get("study_name") or "kd")
+        except Exception as err:  # an unknown scheme, an unreachable server, an unusable file
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"logger.tracking_uri={self.tracking_uri} cannot be used ({why[:200]}); give a folder, "
+                "sqlite:///path/mlflow.db or http(s)://server"
+            ) from None
         name = f"trial {tags['trial_number']}" if tags.get("trial_number") is not None else self.output_dir.name
         self.mlflow.start_run(run_name=name, tags={k: str(v) for k, v in tags.items()})
         flat = {k: v for k, v in config.items() if not isinstance(v, (dict, list))}

@@ -87,6 +87,16 @@ def _one_core_per_worker() -> None:
         torch.set_num_threads(1)  # torch sized its pool for every core when it was imported
 
 
+@pytest.fixture(autouse=True)
+def _denormals_as_found() -> None:
+    """A test that trains in this process sets torch's flush-denormal mode (kd.devices.use_cpu);
+    put it back, so that a later test in the same worker (hypothesis draws subnormal
+    floats) does not depend on which tests ran before it."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh directory to run in, with its own cache and teacher store."""

@@ -27,6 +27,9 @@ def test_explicit_devices():
         select_device("cuda:1", 0, gpu_count=1)
     with pytest.raises(ConfigError, match="no CUDA device is available"):
         select_device("cuda", 0, gpu_count=0)
+    # What torch itself cannot parse is a one-line ConfigError too, not its RuntimeError.
+    with pytest.raises(ConfigError, match=r"^trainer.device=cpu:abc is not a device torch knows"):
+        select_device("cpu:abc", 0, gpu_count=0)
 
 
 def test_auto_without_gpu_falls_back():

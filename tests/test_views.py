@@ -93,14 +93,14 @@ def test_the_view_cache_resumes_after_an_interruption_and_serves_smaller_k(tmp_p
         return view_orders(4, seed=0)
 
     with pytest.raises(KeyboardInterrupt):
-        store.view_logits("t", "d", 0, 6, orders, compute_until(2))
+        store.view_logits("t", "d", 0, 6, orders, compute_until(2), (4, 3))
     assert computed == [0, 1]
-    logits, views = store.view_logits("t", "d", 0, 6, orders, compute_until(99))
+    logits, views = store.view_logits("t", "d", 0, 6, orders, compute_until(99), (4, 3))
     assert computed == [0, 1, 2, 3, 4, 5]  # only the four missing view columns were computed
     assert logits.shape == (4, 6, 3) and torch.equal(logits[:, :, 0].long(), views)
-    smaller, smaller_views = store.view_logits("t", "d", 0, 3, orders, compute_until(0))
+    smaller, smaller_views = store.view_logits("t", "d", 0, 3, orders, compute_until(0), (4, 3))
     assert torch.equal(smaller, logits[:, :3]) and torch.equal(smaller_views, views[:, :3])
-    _, other_seed = store.view_logits("t", "d", 1, 1, lambda: view_orders(4, seed=1), compute_until(99))
+    _, other_seed = store.view_logits("t", "d", 1, 1, lambda: view_orders(4, seed=1), compute_until(99), (4, 3))
     assert len(computed) == 7  # another view seed is another cache
 
 

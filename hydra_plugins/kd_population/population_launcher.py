@@ -29,7 +29,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class PopulationLauncher(Launcher):
                 cfg.hydra.job.id = str(initial_job_idx + offset)
                 cfg.hydra.job.num = initial_job_idx + offset
             configs.append(cfg)
+        self._refuse_bad_jobs(configs)
         groups = plan_groups(configs, self.max_members)
         together = [g for g in groups if len(g) > 1]
         log.info(
@@ -138,6 +139,21 @@ class PopulationLauncher(Launcher):
             )
             self._configure_log()
         return results
+
+    def _refuse_bad_jobs(self, configs: list[DictConfig]) -> None:
+        """In a grid (Hydra's basic sweeper), a job whose config kd refuses ends the grid in
+        one line, as a single run would, before any job's teacher, view or logit work.
+        (Under kd_optuna such a job runs alone and its trial is recorded as failed.)"""
+        from kd.config import validate
+        from kd.errors import ConfigError, JobStopped
+
+        if not str(OmegaConf.select(self.config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+            return
+        for cfg in configs:
+            try:
+                validate(cfg)
+            except ConfigError as err:
+                raise JobStopped.of(cfg.hydra.job.num, err) from None
 
     def _task_with(self, share: Any) -> Any:
         """The task function, handed this job's part of its population (``share=``) when

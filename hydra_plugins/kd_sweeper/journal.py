@@ -128,14 +128,20 @@ def heal_journal(path: str | os.PathLike) -> int:
 
 
 def keep_aside(path: Path, data: bytes) -> Path:
-    """Write ``data`` beside ``path`` as ``<name>.torn-<time>-<pid>`` (synced), before the
-    caller removes it from ``path``."""
-    aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    with open(aside, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return aside
+    """Write ``data`` beside ``path`` as ``<name>.torn-<time>-<pid>[-n]`` (a new file,
+    synced), before the caller removes it from ``path``."""
+    stem = f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for n in range(1000):
+        aside = path.with_name(stem if n == 0 else f"{stem}-{n}")
+        try:
+            with open(aside, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return aside
+        except FileExistsError:
+            continue
+    raise DamagedStorage(f"cannot keep the torn tail of {path} aside: {stem}-* all exist; move them away and rerun")
 
 
 def check_sqlite(path: str | os.PathLike) -> None:

@@ -213,6 +213,28 @@ def space_identity(distributions: dict[str, BaseDistribution], fixed: dict[str, 
     }
 
 
+def _location(name: str) -> str:
+    """Where an override's key lands in the config: ``+a.b`` -> ``a.b``, a group
+    ``model@teacher.model`` -> ``teacher.model``."""
+    key = name.lstrip("+~")
+    return key.partition("@")[2] or key
+
+
+def deciding_fixed(fixed: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The fixed parameters that identify a study. An app whose ``validate`` hook returned
+    its result-deciding settings has said which keys matter: a fixed key that lands on
+    none of them (a path, a device, a thread count) is left out, so changing it does not
+    stop a resume. Without such settings every fixed key counts."""
+    if settings is None:
+        return fixed
+    kept = {}
+    for name, value in fixed.items():
+        where = _location(name)
+        if where in settings or any(key.startswith(where + ".") for key in settings):
+            kept[name] = value
+    return kept
+
+
 def describe_differences(recorded: dict, current: dict, what: str) -> list[str]:
     """``key: old -> new`` for each key whose value differs between two flat dicts."""
     lines = []
@@ -385,12 +407,15 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
                 "keep the study's direction or set a new hydra.sweeper.study_name"
             )
         differences = []
+        settings = identity.get(SETTINGS)
         for key, what in ((SPACE, "swept"), (FIXED, "fixed"), (SETTINGS, "setting")):
             if key not in identity:
                 continue
             recorded = study.user_attrs.get(key)
             if recorded is None:
                 study.set_user_attr(key, identity[key])
+            elif key == FIXED:  # an older sweep recorded every fixed key: compare those that decide
+                differences += describe_differences(deciding_fixed(recorded, settings), identity[key], what)
             else:
                 differences += describe_differences(recorded, identity[key], what)
         if differences:
@@ -437,6 +462,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         settings = self._app_settings(distributions, fixed)
         if settings is not None:
             identity[SETTINGS] = settings
+            identity[FIXED] = deciding_fixed(identity[FIXED], settings)
         grid = None
         if self._is_grid():
             try:
