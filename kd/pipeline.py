@@ -787,6 +787,14 @@ def _preflight(cfg: DictConfig, output_dir: Path) -> None:
         log.warning("%s", warning)
 
 
+def _start_tracker(cfg: DictConfig, output_dir: Path, tags: dict[str, Any] | None) -> Any:
+    """The run's tracker (``logger``), started: a destination it cannot use stops the run here."""
+    logger_cfg = OmegaConf.select(cfg, "logger", default=None)
+    tracker = build(logger_cfg, cfg, output_dir=output_dir) if logger_cfg else NullLogger()
+    tracker.start(run_settings(cfg), {"run_dir": str(output_dir), **(tags or {})})
+    return tracker
+
+
 def run(
     cfg: DictConfig,
     output_dir: str | Path,
@@ -816,15 +824,13 @@ def run(
     store = TeacherStore(cfg.paths.store_dir)
     seeds = trial_seeds(cfg)
     ctx = context or make_context(cfg, device)
-    check_steps(run_recipe(cfg, seeds[0]), ctx)
+    check_steps(run_recipe(cfg, seeds[0]), ctx)  # before any teacher work
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
     metrics = {**_run_header(cfg, ctx, loss_fn, seeds, int(threads)), "flush_denormal": flushed}
     if "val_acc" in objective_names(cfg) and not len(ctx.data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
-    logger_cfg = OmegaConf.select(cfg, "logger", default=None)
-    tracker = build(logger_cfg, cfg, output_dir=output_dir) if logger_cfg else NullLogger()
-    tracker.start(run_settings(cfg), {"run_dir": str(output_dir), **(tags or {})})
+    tracker = _start_tracker(cfg, output_dir, tags)
     job = SeedJob(ctx, store, tracker, report, teacher_source, output_dir, metrics["model"], len(seeds), with_baseline)
     per_seed: list[dict] = []
     # One resume file per seed's training; kept until this run's results are written.

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from hydra_plugins.kd_sweeper.study import FAIL_REASON
+from hydra_plugins.kd_sweeper.study import FAIL_REASON, open_storage
 from tests.conftest import REPO
 
 APP = REPO / "examples" / "sphere_app.py"
@@ -189,3 +189,66 @@ def test_a_queued_trial_is_run_even_when_the_target_counts_it(tmp_path):
     trials = study(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert trials[2].params == {"x": 1.0, "y": 0.0} and trials[2].value == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_trial_left_running_without_heartbeats_is_retried_and_the_sweep_ends(tmp_path, kind):
+    """An older sweep (or one with heartbeats off) left trial 0 RUNNING: no heartbeat, no
+    owner record. The resumed sweep waits the stated grace period, fails it, runs it again."""
+    url = f"journal://{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    storage = open_storage(url) if kind == "journal" else url
+    left = optuna.create_study(study_name="sphere", storage=storage, direction="minimize")
+    left.ask(
+        {
+            "x": optuna.distributions.FloatDistribution(-5, 5),
+            "y": optuna.distributions.CategoricalDistribution((0.0, 1.0)),
+        }
+    )
+    proc = sweep(
+        tmp_path,
+        f"hydra.sweeper.storage={url}",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.heartbeat_interval=1",
+        "hydra.sweeper.grace_period=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trial 0 is RUNNING with no heartbeat" in proc.stdout + proc.stderr
+    trials = optuna.load_study(study_name="sphere", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params and trials[1].system_attrs["failed_trial"] == trials[0].number
+
+
+def _damage_middle(path: Path) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = b"not a record\n"
+    path.write_bytes(b"".join(lines))
+
+
+@pytest.mark.parametrize(
+    ("storage", "damage", "needle"),
+    [
+        ("journal://{tmp}/study.log", _damage_middle, "is damaged at line 3"),
+        ("sqlite:///{tmp}/study.db", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "malformed"),
+        ("sqlite:///{tmp}/study.db", lambda p: p.write_text("two\nlines\n"), "is not a SQLite database"),
+    ],
+)
+def test_a_damaged_storage_is_named_in_one_line_with_exit_4_and_left_as_it_was(tmp_path, storage, damage, needle):
+    url = storage.format(tmp=tmp_path)
+    assert sweep(tmp_path, f"hydra.sweeper.storage={url}", "hydra.sweeper.n_trials=3").returncode == 0
+    path = Path(url.split(":///")[-1] if url.startswith("sqlite") else url[len("journal://") :])
+    damage(path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    proc = sweep(tmp_path, f"hydra.sweeper.storage={url}", "hydra.sweeper.n_trials=4")
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("kd_optuna: error: ") and needle in last and str(path) in last, last
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_an_unreachable_database_is_one_line_with_exit_4(tmp_path):
+    proc = sweep(tmp_path, "hydra.sweeper.storage=postgresql://kd:secret@127.0.0.1:1/none", "hydra.sweeper.n_trials=1")
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("kd_optuna: error: storage postgresql://kd:***@127.0.0.1:1/none cannot be used"), last
+    assert "secret" not in proc.stderr

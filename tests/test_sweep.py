@@ -180,3 +180,22 @@ def test_two_workers_share_one_journal_file(workdir):
 
 def test_two_workers_share_one_postgresql_study(workdir):
     _shared_study(workdir, postgres_url())
+
+
+def test_paths_devices_and_threads_are_no_part_of_a_studys_identity(workdir):
+    """docs/sweeps.md: settings that do not change results may change between invocations,
+    from the command line as from the config; a result-deciding one still may not."""
+    first = ["paths.cache_dir=" + str(workdir / "c1"), "trainer.num_threads=1", "trainer.device=cpu"]
+    assert run_py(sweep_args("where", 1, *first), cwd=workdir).returncode == 0
+    moved = [
+        "paths.cache_dir=" + str(workdir / "c2"),
+        "paths.store_dir=" + str(workdir / "s2"),
+        "trainer.num_threads=2",
+        "trainer.device=auto",
+        "trainer.progress=true",
+    ]
+    again = run_py(sweep_args("where", 2, *moved), cwd=workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(counted_trials(load("where", f"sqlite:///{workdir}/multirun/where/optuna.db"))) == 2
+    other = run_py(sweep_args("where", 3, *moved, "trainer.epochs=2"), cwd=workdir)
+    assert other.returncode == 2 and "fixed trainer.epochs: 1 -> 2" in other.stderr.strip().splitlines()[-1]

@@ -220,17 +220,18 @@ def _location(name: str) -> str:
     return key.partition("@")[2] or key
 
 
-def deciding_fixed(fixed: dict[str, Any], settings: dict[str, Any] | None) -> dict[str, Any]:
+def deciding_fixed(fixed: dict[str, Any], settings: dict[str, Any] | None, swept: set[str]) -> dict[str, Any]:
     """The fixed parameters that identify a study. An app whose ``validate`` hook returned
     its result-deciding settings has said which keys matter: a fixed key that lands on
     none of them (a path, a device, a thread count) is left out, so changing it does not
-    stop a resume. Without such settings every fixed key counts."""
+    stop a resume, unless it is a hyperparameter the sweep's ``params`` or the study
+    sweeps (``swept``). Without such settings every fixed key counts."""
     if settings is None:
         return fixed
     kept = {}
     for name, value in fixed.items():
         where = _location(name)
-        if where in settings or any(key.startswith(where + ".") for key in settings):
+        if name in swept or where in settings or any(key.startswith(where + ".") for key in settings):
             kept[name] = value
     return kept
 
@@ -406,17 +407,17 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
                 f"study {study.study_name} was created to {recorded_directions}, but this sweep would {wanted}; "
                 "keep the study's direction or set a new hydra.sweeper.study_name"
             )
+        swept = {*identity[SPACE], *(study.user_attrs.get(SPACE) or {}), *(self.params or {})}
+        identity = {**identity, FIXED: deciding_fixed(identity[FIXED], identity.get(SETTINGS), swept)}
         differences = []
-        settings = identity.get(SETTINGS)
         for key, what in ((SPACE, "swept"), (FIXED, "fixed"), (SETTINGS, "setting")):
             if key not in identity:
                 continue
             recorded = study.user_attrs.get(key)
             if recorded is None:
                 study.set_user_attr(key, identity[key])
-            elif key == FIXED:  # an older sweep recorded every fixed key: compare those that decide
-                differences += describe_differences(deciding_fixed(recorded, settings), identity[key], what)
-            else:
+            else:  # an older sweep recorded every fixed key: compare those that decide
+                recorded = deciding_fixed(recorded, identity.get(SETTINGS), swept) if key == FIXED else recorded
                 differences += describe_differences(recorded, identity[key], what)
         if differences:
             shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
@@ -462,7 +463,6 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         settings = self._app_settings(distributions, fixed)
         if settings is not None:
             identity[SETTINGS] = settings
-            identity[FIXED] = deciding_fixed(identity[FIXED], settings)
         grid = None
         if self._is_grid():
             try:
