@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd.storage import load_checked, remove_checked, save_checked
+from kd.storage import load_checked, move_aside, remove_checked, save_checked
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,10 @@ class ResumeFile:
                 except ValueError as err:
                     damaged.append(f"{slot} is damaged ({err})")
         if not states:
-            if damaged:
-                log.warning("resume checkpoint %s: starting over", "; ".join(damaged))
-                self.remove()
+            if damaged:  # kept for inspection, out of the way of the new run
+                asides = [move_aside(slot, "", say=False) for slot in self.slots if slot.exists()]
+                kept = [aside.name for aside in asides if aside is not None]
+                log.warning("resume checkpoint %s (kept as %s): starting over", "; ".join(damaged), ", ".join(kept))
             return None
         newest = max(states, key=lambda state: state.get("sequence", 0))
         self.sequence = int(newest.get("sequence", 0))

@@ -132,11 +132,13 @@ def load_checked(path: str | os.PathLike) -> Any | None:
         return None
 
 
-def move_aside(path: str | os.PathLike, why: str) -> Path | None:
+def move_aside(path: str | os.PathLike, why: str, say: bool = True) -> Path | None:
     """Rename a damaged store file (and drop its sidecar and stamp) so that it is rebuilt;
-    the bytes are kept beside it for inspection. Returns where they went."""
+    the bytes are kept beside it for inspection (``say``: a warning names where). Returns
+    where they went."""
     path = Path(path)
-    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    stem = f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside = next(a for n in range(10**6) if not (a := path.with_name(stem if n == 0 else f"{stem}-{n}")).exists())
     try:
         os.replace(path, aside)
     except OSError:
@@ -144,7 +146,8 @@ def move_aside(path: str | os.PathLike, why: str) -> Path | None:
     for extra in (sidecar_path(path), _stamp(path)):
         with contextlib.suppress(OSError):
             extra.unlink()
-    log.warning("%s is damaged (%s): moved aside to %s and rebuilt", path, why, aside.name)
+    if say:
+        log.warning("%s is damaged (%s): moved aside to %s and rebuilt", path, why, aside.name)
     return aside
 
 
@@ -235,6 +238,8 @@ def build_once(path: str | os.PathLike, build: Callable[[], Any], fits: Fits | N
         cached = load_fitting(path, fits)  # another process may have finished meanwhile
         if cached is not None:
             return cached, False
+        if path.exists():  # under the lock no writer is midway: these bytes are damaged, kept aside
+            move_aside(path, "its checksum does not match")
         obj = build()
         save_checked(obj, path)
         return obj, True

@@ -100,7 +100,7 @@ def test_a_resume_file_round_trips_every_random_state(tmp_path):
     assert torch.equal(expected[0], again[0]) and expected[1] == again[1] and (expected[2] == again[2]).all()
 
 
-def test_a_damaged_or_foreign_resume_file_is_refused_and_removed(tmp_path, caplog):
+def test_a_damaged_or_foreign_resume_file_is_refused_and_moved_aside(tmp_path, caplog):
     resume = ResumeFile(tmp_path / "d.pt")
     resume.save({"epoch": 2})
     assert resume.load()["epoch"] == 2
@@ -109,8 +109,11 @@ def test_a_damaged_or_foreign_resume_file_is_refused_and_removed(tmp_path, caplo
     resume.path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="kd.resume"):
         assert resume.load() is None
-    assert f"resume checkpoint {resume.path} is damaged (its checksum does not match): starting over" in caplog.text
+    assert f"resume checkpoint {resume.path} is damaged (its checksum does not match) (kept as d.pt.bad-" in caplog.text
+    assert caplog.text.rstrip().endswith("): starting over")
     assert not resume.path.exists()
+    (aside,) = tmp_path.glob("d.pt.bad-*")  # moved aside, never deleted
+    assert aside.read_bytes() == bytes(data)
     from kd.storage import save_checked
 
     save_checked({"weights": torch.zeros(1)}, resume.path)  # a checkpoint, but not a resume file

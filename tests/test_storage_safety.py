@@ -218,6 +218,8 @@ def test_a_store_entry_with_damaged_bytes_is_rebuilt(tmp_path_factory, kind, dam
     path.write_bytes(damage)
     stored, built = build_once(path, build, fits)
     assert built and fits(stored) is None
+    (aside,) = folder.glob("entry.pt.bad-*")  # the damaged bytes are kept, not overwritten
+    assert aside.read_bytes() == damage
 
 
 def test_the_fits_checks_say_what_is_wrong():
