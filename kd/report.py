@@ -30,6 +30,7 @@ import optuna
 import yaml
 from optuna.visualization import matplotlib as optuna_plots
 
+from hydra_plugins.kd_sweeper.journal import DamagedStorage
 from kd.errors import StorageError
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import check_writable
@@ -291,6 +292,7 @@ def _recorded_results(sweep_dir: Path) -> dict:
 def _open_readonly(url: str) -> Any:
     """An Optuna storage to read ``url`` from: a journal file as it is (the sweeper's own
     opening would mend a torn last line), a database URL as given."""
+    from hydra_plugins.kd_sweeper.journal import check_journal
     from hydra_plugins.kd_sweeper.study import JOURNAL
 
     if url.startswith(JOURNAL):
@@ -300,6 +302,7 @@ def _open_readonly(url: str) -> Any:
         path = Path(url[len(JOURNAL) :])
         if not path.is_file():
             raise FileNotFoundError(f"no journal file {path}")
+        check_journal(path)  # names what is wrong with one that is damaged, and changes nothing
         return JournalStorage(JournalFileBackend(str(path)))
     return url
 
@@ -327,6 +330,9 @@ def _load_study(sweep_dir: Path, notes: list[str], storage: str | None = None) -
             notes.append(f"{sweep_dir}: {where} holds no study {name or '(none named)'}: its sweep table is left out.")
             return None
         return optuna.load_study(study_name=name, storage=backend)
+    except DamagedStorage as err:
+        notes.append(f"{sweep_dir}: {err}; its sweep table is left out.")
+        return None
     except Exception as err:  # a storage that is gone, unreachable or not Optuna's
         notes.append(f"{sweep_dir}: its study in {where} cannot be read ({type(err).__name__}): table left out.")
         return None
@@ -374,6 +380,21 @@ def _trial_metrics(sweep_dir: Path, number: int) -> dict:
     except (OSError, ValueError):  # missing, or cut short (its run is listed as skipped, with why)
         return {}
     return metrics if isinstance(metrics, dict) else {}
+
+
+def _unreadable_trial_metrics(sweep_dir: Path, study: Any) -> list[str]:
+    """A note naming the completed trials whose metrics.json is there but cannot be read."""
+    bad = [
+        t.number
+        for t in _completed(study)
+        if (sweep_dir / str(t.number) / "metrics.json").exists() and not _trial_metrics(sweep_dir, t.number)
+    ]
+    if not bad:
+        return []
+    return [
+        f"{sweep_dir}: the metrics.json of trial(s) {', '.join(map(str, bad))} cannot be read (cut short?): "
+        "their seeds, accuracies and test accuracy are shown as n/a."
+    ]
 
 
 def _trial_records(sweep_dir: Path, number: int) -> tuple[dict, list[dict]]:
@@ -606,6 +627,7 @@ def report(dirs: list[Path], out: Path, title: str = "Results", storage: str | N
         study = _load_study(d, notes, storage)  # once per sweep, for its table and its plots
         if study is not None:  # else its trials are reported as runs
             sweeps.append(sweep_table(d, study))
+            notes += _unreadable_trial_metrics(d, study)
             plots += sweep_plots(d, study, out, notes)
             tabled.append(d)
     found = collect(dirs, tabled)

@@ -48,6 +48,10 @@ CASES = [
     (["loss=kd", "teacher.checkpoint={student}"], "holds a kd.models.LightNN, but teacher.model is kd.models.DeepNN"),
     (["loss=kd", "teacher.checkpoint={five_classes}"], "trained for 5 classes, but the data has 10"),
 ]
+CASES += [
+    (["trainer.device=cpu:abc"], "trainer.device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:abc'"),
+    (["logger=mlflow", "logger.tracking_uri=nosuchscheme://x"], "logger.tracking_uri=nosuchscheme://x cannot be used"),
+]
 if not torch.cuda.is_available():
     CASES.append((["trainer.device=cuda"], "trainer.device=cuda but no CUDA device is available"))
 

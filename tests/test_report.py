@@ -69,3 +69,19 @@ def test_a_damaged_study_file_is_named_and_never_written_into(tmp_path, capsys, 
     assert f"{sweep / 'optuna.db'} is " in printed and "left out" in printed
     assert (sweep / "optuna.db").read_bytes() == content and sorted(p.name for p in sweep.iterdir()) == before
     assert (tmp_path / "sweep.report" / "report.md").exists()
+
+
+def test_a_sweep_with_a_metrics_json_cut_short_or_a_damaged_journal_is_reported_in_notes(workdir, capsys):
+    storage = f"journal://{workdir}/study.log"
+    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=sw"]
+    assert run_py([*args, f"hydra.sweeper.storage={storage}"], cwd=workdir).returncode == 0
+    metrics = workdir / "sw" / "0" / "metrics.json"
+    metrics.write_bytes(metrics.read_bytes()[: metrics.stat().st_size // 2])  # a write cut short
+    assert main([str(workdir / "sw"), "--out", str(workdir / "r1")]) == 0
+    assert "the metrics.json of trial(s) 0 cannot be read (cut short?)" in capsys.readouterr().out
+    journal = workdir / "study.log"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join([*lines[:2], b"garbage\n", *lines[2:]]))
+    before = journal.read_bytes()
+    assert main([str(workdir / "sw"), "--out", str(workdir / "r2")]) == 0
+    assert "is damaged at line 3" in capsys.readouterr().out and journal.read_bytes() == before
