@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
+import kd.storage
 from hydra_plugins.kd_sweeper.journal import (
     DamagedStorage,
     check_sqlite,
@@ -29,9 +30,17 @@ from hydra_plugins.kd_sweeper.journal import (
     keep_aside,
     whole_records,
 )
-from hydra_plugins.kd_sweeper.liveness import OWNER, SilentTrials, owner_alive, process_start, this_process
+from hydra_plugins.kd_sweeper.liveness import (
+    OWNER,
+    SilentTrials,
+    has_heartbeat,
+    owner_alive,
+    process_start,
+    start_ticks,
+    this_process,
+)
 from hydra_plugins.kd_sweeper.study import RetryStale, open_storage
-from kd.storage import build_once, dict_fits, load_fitting, save_checked, tensor_fits
+from kd.storage import build_once, dict_fits, load_fitting, move_aside, save_checked, tensor_fits
 from kd.teacher import TeacherStore, checkpoint_fits
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -292,26 +301,77 @@ def _study_with_a_silent_trial(tmp_path: Path, owner: dict | None) -> optuna.Stu
     return study
 
 
-def test_a_trial_whose_owner_cannot_be_checked_is_retried_after_the_grace_period_only(tmp_path):
+def test_the_start_time_is_field_22_even_when_the_process_name_holds_parentheses():
+    fields = " ".join(str(n) for n in range(3, 30))  # field k holds k
+    assert start_ticks(f"42 (a) b) c) {fields}") == 22
+    assert start_ticks(f"42 (plain) {fields}") == 22
+    assert start_ticks("42 (short) S 1 2") is None
+    if Path("/proc/self/stat").exists():
+        own = Path(f"/proc/{os.getpid()}/stat").read_text()
+        assert process_start(os.getpid()) == int(own[own.rfind(")") + 2 :].split()[19])
+        assert this_process(beats=False)["boot"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert process_start(2**22 + 12345) is None  # no such process
+
+
+def test_a_trial_whose_owner_cannot_be_checked_is_retried_after_the_grace_period_only(tmp_path, caplog):
     study = _study_with_a_silent_trial(tmp_path, None)  # an older sweep: no owner, no heartbeat
+    study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), 0.5)  # a finished one: not judged
     silent = SilentTrials(grace=30, retry=RetryStale(max_retry=1))
-    assert silent.retire(study, now=100.0) == []  # first seen: the wait starts
-    assert silent.retire(study, now=129.9) == []
-    assert silent.retire(study, now=130.0) == [0]
+    with caplog.at_level("WARNING", logger="hydra_plugins.kd_sweeper.liveness"):
+        assert silent.retire(study, now=100.0) == []  # first seen: the wait starts, and is named
+        assert silent.retire(study, now=129.9) == []
+        assert silent.retire(study, now=130.0) == [0]
+    assert caplog.messages == [
+        "trial 0 is RUNNING with no heartbeat and a sweeper this machine cannot check (an older sweep, or "
+        "heartbeats off): it is failed and queued again if still RUNNING in 30 s",
+        "trial 0: no heartbeat and still RUNNING after 30 s; failed and queued again with its parameters",
+    ]
     states = [t.state for t in study.trials]
-    assert states == [TrialState.FAIL, TrialState.WAITING]
-    assert study.trials[1].params == study.trials[0].params  # queued again with its parameters
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.WAITING]
+    assert study.trials[2].params == study.trials[0].params  # queued again with its parameters
     assert silent.retire(study, now=500.0) == []  # a WAITING trial is nobody's to judge
 
 
-def test_a_dead_owner_on_this_machine_is_retried_at_once_a_live_one_is_left(tmp_path):
+def _gone_pid() -> int:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead = {**this_process(beats=False), "pid": gone.pid, "started": None}
+    return gone.pid
+
+
+def test_a_dead_owner_on_this_machine_is_retried_at_once_a_live_one_is_left(tmp_path, caplog):
+    dead = {**this_process(beats=False), "pid": _gone_pid(), "started": None}
     study = _study_with_a_silent_trial(tmp_path / "dead", dead)
-    assert SilentTrials(grace=None, retry=RetryStale(max_retry=1)).retire(study, now=0.0) == [0]
+    with caplog.at_level("WARNING", logger="hydra_plugins.kd_sweeper.liveness"):
+        assert SilentTrials(grace=None, retry=RetryStale(max_retry=1)).retire(study) == [0]  # the clock's own now
+    assert caplog.messages == [
+        f"trial 0: its sweeper (process {dead['pid']} on {dead['host']}) is gone; failed and queued again with "
+        "its parameters"
+    ]
     live = _study_with_a_silent_trial(tmp_path / "live", this_process(beats=False))
-    assert SilentTrials(grace=1, retry=RetryStale(max_retry=1)).retire(live, now=1e9) == []
+    judge = SilentTrials(grace=1, retry=RetryStale(max_retry=1))
+    assert judge.retire(live, now=0.0) == [] and judge.retire(live, now=1e9) == []
+
+
+def test_every_running_trial_is_judged_not_only_the_first(tmp_path):
+    study = _study_with_a_silent_trial(tmp_path, this_process(beats=False))  # trial 0: running here
+    dead = {**this_process(beats=False), "pid": _gone_pid(), "started": None}
+    second = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study._storage.set_trial_system_attr(second._trial_id, OWNER, dead)
+    assert SilentTrials(grace=None, retry=RetryStale(max_retry=1)).retire(study, now=0.0) == [1]
+
+
+def test_a_trial_that_ends_while_it_is_judged_is_left_as_it_ended(tmp_path):
+    study = _study_with_a_silent_trial(tmp_path, None)
+
+    class Late(SilentTrials):  # the trial finishes between the verdict and the failing
+        def verdicts(self, study, now):
+            due = super().verdicts(study, now)
+            for trial, _ in due:
+                study.tell(trial.number, 1.0)
+            return due
+
+    assert Late(grace=0, retry=RetryStale(max_retry=1)).retire(study, now=0.0) == []
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
 
 
 def test_with_heartbeats_off_an_uncheckable_trial_is_not_waited_on_and_beating_trials_are_left_to_optuna(tmp_path):
@@ -320,8 +380,73 @@ def test_with_heartbeats_off_an_uncheckable_trial_is_not_waited_on_and_beating_t
     silent = SilentTrials(grace=None, retry=RetryStale(max_retry=1))
     assert silent.retire(study, now=0.0) == [] and silent.retire(study, now=1e9) == []
     beating = _study_with_a_silent_trial(tmp_path / "beat", {**elsewhere, "heartbeat": True})
-    assert SilentTrials(grace=1, retry=RetryStale(max_retry=1)).retire(beating, now=0.0) == []
+    judge = SilentTrials(grace=1, retry=RetryStale(max_retry=1))
+    assert judge.retire(beating, now=0.0) == [] and judge.retire(beating, now=1e9) == []
     stamped = _study_with_a_silent_trial(tmp_path / "stamped", None)
     stamped._storage.record_heartbeat(stamped.trials[0]._trial_id)
     judge = SilentTrials(grace=1, retry=RetryStale(max_retry=1))
-    assert judge.retire(stamped, now=0.0) == [] and judge.retire(stamped, now=time.time() + 1e6) == []
+    assert judge.retire(stamped, now=0.0) == [] and judge.retire(stamped, now=1e9) == []
+
+
+def test_an_rdb_storage_says_whether_a_trial_ever_beat(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=60)
+    study = optuna.create_study(study_name="s", storage=storage)
+    quiet, beating = study.ask(), study.ask()
+    storage.record_heartbeat(beating._trial_id)
+    trials = study.get_trials(deepcopy=False)
+    for seen_as in (storage, study._storage):  # as given, and as the study wraps it
+        assert not has_heartbeat(seen_as, trials[quiet.number]) and has_heartbeat(seen_as, trials[beating.number])
+    judge = SilentTrials(grace=5, retry=RetryStale(max_retry=1))
+    assert judge.retire(study, now=0.0) == [] and judge.retire(study, now=10.0) == [quiet.number]
+
+
+# ----------------------------------------------------------------- names and messages
+def test_what_is_moved_or_kept_aside_is_named_by_time_and_process_and_never_overwritten(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt: f"<{fmt}>")
+    first, second = keep_aside(tmp_path / "j.log", b"one"), keep_aside(tmp_path / "j.log", b"two")
+    assert first.name == f"j.log.torn-<%Y%m%d-%H%M%S>-{os.getpid()}" and second.name == first.name + "-1"
+    for n in (1, 2):
+        (tmp_path / f"e{n}.pt").write_bytes(b"x" * n)
+    moved = [move_aside(tmp_path / f"e{n}.pt", "why") for n in (1, 2)]
+    (tmp_path / "e1.pt").write_bytes(b"again")
+    again = move_aside(tmp_path / "e1.pt", "why")
+    assert moved[0].name == f"e1.pt.bad-<%Y%m%d-%H%M%S>-{os.getpid()}" and again.name == moved[0].name + "-1"
+    assert moved[0].read_bytes() == b"x" and again.read_bytes() == b"again"
+
+
+def test_a_moved_entry_is_named_in_one_warning_with_why(tmp_path, caplog):
+    path = tmp_path / "e.pt"
+    save_checked(torch.zeros(2, 2), path)
+    with caplog.at_level("WARNING", logger="kd.storage"):
+        assert load_fitting(path, tensor_fits((3,))) is None
+    (aside,) = tmp_path.glob("e.pt.bad-*")
+    assert caplog.messages == [f"{path} is damaged (its shape is 2x2, not 3): moved aside to {aside.name} and rebuilt"]
+    assert not (tmp_path / "e.pt.sha256").exists()  # its checksum went with it
+    caplog.clear()
+    path.write_bytes(b"torn")  # no checksum beside it: an unfinished write, under the lock: damaged
+    with caplog.at_level("WARNING", logger="kd.storage"):
+        build_once(path, lambda: torch.ones(1))
+    assert "is damaged (its checksum does not match): moved aside to" in caplog.text
+    assert (tmp_path / "e.pt.lock").exists()  # built under the lock beside it
+
+
+def test_an_entry_finished_by_another_process_while_waiting_for_the_lock_is_loaded_not_rebuilt(tmp_path, monkeypatch):
+    path, real_locked = tmp_path / "e.pt", kd.storage.locked
+
+    def another_process_finishes(lock_path):  # it held the lock and wrote the entry
+        save_checked(torch.ones(3), path)
+        return real_locked(lock_path)
+
+    monkeypatch.setattr(kd.storage, "locked", another_process_finishes)
+    value, built = build_once(path, lambda: pytest.fail("built twice"), tensor_fits((3,)))
+    assert not built and torch.equal(value, torch.ones(3))
+
+
+def test_shapes_name_open_axes_and_every_allowed_dtype():
+    assert tensor_fits((None, 2))(torch.zeros(3, 3)) == "its shape is 3x3, not *x2"
+    two_axes = tensor_fits((6, 2, ...))
+    assert (
+        two_axes(torch.zeros(6, 2, 5)) is None and two_axes(torch.zeros(6, 3, 5)) == "its shape is 6x3x5, not 6x2x..."
+    )
+    halves = tensor_fits((1,), (torch.float16, torch.bfloat16))
+    assert halves(torch.zeros(1)) == "its dtype is torch.float32, not torch.float16 or torch.bfloat16"

@@ -66,6 +66,13 @@ def job_exception(ret: JobReturn) -> BaseException | None:
     return ret._return_value
 
 
+def rdb_storage(storage: Any) -> Any | None:
+    """The RDB storage behind a study's storage (Optuna wraps it in a private cache), or
+    None for any other kind."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, optuna.storages.RDBStorage) else None
+
+
 def rdb_has_heartbeat(storage: Any, trial_id: int) -> bool:
     """Whether an RDB storage holds any heartbeat for the trial (Optuna keeps them in a
     table of its own, with no public reader)."""

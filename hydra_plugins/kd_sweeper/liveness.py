@@ -26,10 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from hydra_plugins.kd_sweeper._compat import rdb_has_heartbeat, study_storage, trial_id
+from hydra_plugins.kd_sweeper._compat import rdb_has_heartbeat, rdb_storage, study_storage, trial_id
 
 OWNER = "kd_optuna:owner"
 HEARTBEAT = "kd_optuna:heartbeat"  # journal storage: trial system attribute, unix time
@@ -44,14 +43,18 @@ def _read(path: str) -> str | None:
         return None
 
 
+def start_ticks(stat: str) -> int | None:
+    """The start time (field 22, clock ticks since boot) in a /proc/<pid>/stat line,
+    whose second field, the process name in parentheses, may itself hold ") "."""
+    fields = stat[stat.rfind(")") + 2 :].split()  # from field 3 (state) on
+    return int(fields[19]) if len(fields) > 19 else None
+
+
 def process_start(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux's /proc), so that a
-    process id reused by a later process is not taken for the owner; None elsewhere."""
+    """When process ``pid`` started (Linux's /proc), so that a process id reused by a
+    later process is not taken for the owner; None where it cannot be read."""
     stat = _read(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (name) ": state is field 3
-    return int(fields[19]) if len(fields) > 19 else None  # field 22: starttime
+    return None if stat is None else start_ticks(stat)
 
 
 def this_process(beats: bool) -> dict[str, Any]:
@@ -91,7 +94,8 @@ def has_heartbeat(storage: Any, trial: FrozenTrial) -> bool:
     """Whether any heartbeat was ever recorded for ``trial``."""
     if HEARTBEAT in trial.system_attrs:
         return True
-    return isinstance(storage, RDBStorage) and rdb_has_heartbeat(storage, trial_id(trial))
+    rdb = rdb_storage(storage)
+    return rdb is not None and rdb_has_heartbeat(rdb, trial_id(trial))
 
 
 class SilentTrials:
