@@ -25,7 +25,7 @@ repetition). Reported per cell and pooled, each with n and a 95% interval: the
 probability that the chosen setting is within 0.25 points of the true best, the mean
 regret (true best minus the chosen setting's true value), and the rate of false
 "distinguishable" claims: a trial left out of the set tied with the chosen one
-(paired, two-sided at the racing level) whose true value is at least the chosen one's.
+(paired, two-sided at the tie level, 0.05) whose true value is at least the chosen one's.
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def one_cell(args: tuple) -> dict:
     best = true_best(f)
     out: dict[str, dict[str, list]] = {}
     strategies = {
-        "tpe_1_seed": lambda o, r: fixed_seeds(o, budget, 1, r, config.level),
-        "tpe_3_seeds": lambda o, r: fixed_seeds(o, budget, 3, r, config.level),
+        "tpe_1_seed": lambda o, r: fixed_seeds(o, budget, 1, r, config.tie_level),
+        "tpe_3_seeds": lambda o, r: fixed_seeds(o, budget, 3, r, config.tie_level),
         "racing": lambda o, r: racing(o, budget, config, r),
     }
     for strategy, run in strategies.items():
@@ -237,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=30, help="seed-runs per sweep")
     parser.add_argument("--shared", type=float, default=0.3, help="share of the seed variance common to all trials")
     parser.add_argument("--min-seeds", type=int, default=1)
-    parser.add_argument("--max-seeds", type=int, default=5)
-    parser.add_argument("--level", type=float, default=0.05)
+    parser.add_argument("--max-seeds", type=int, default=RacingConfig.max_seeds)
+    parser.add_argument("--level", type=float, default=RacingConfig.level, help="racing's elimination level")
+    parser.add_argument("--tie-level", type=float, default=RacingConfig.tie_level, help="level of the tied set")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    config = RacingConfig(min_seeds=args.min_seeds, max_seeds=args.max_seeds, level=args.level)
+    config = RacingConfig(
+        min_seeds=args.min_seeds, max_seeds=args.max_seeds, level=args.level, tie_level=args.tie_level
+    )
     _, fitted_sd, fitted_info = fitted_surface()
     cells = [(name, sd, args.shared, args.reps, args.budget, config) for name in SURFACES for sd in (0.3, 0.5, 0.7)]
     cells.append(("fitted", round(fitted_sd, 3), args.shared, args.reps, args.budget, config))
@@ -263,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "python benchmarks/racing_replay.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "budget_seed_runs": args.budget,
-        "racing": {"min_seeds": config.min_seeds, "max_seeds": config.max_seeds, "level": config.level},
+        "racing": {
+            "min_seeds": config.min_seeds,
+            "max_seeds": config.max_seeds,
+            "level": config.level,
+            "tie_level": config.tie_level,
+        },
         "within": WITHIN,
         "reference": REFERENCE,
         "fitted": fitted_info,

@@ -9,7 +9,8 @@ irace's F-race) does neither:
   trials are compared on the seeds they share, paired.
 * A new trial runs on the first ``min_seeds`` seeds. While it has fewer seeds than the
   incumbent it gets the incumbent's next seed, unless a one-sided paired t-test on their
-  common seeds finds it worse at ``level``: then it gets no more. The test's variance is
+  common seeds finds it worse at ``level`` (a lenient 0.3 by default: a wrong stop costs
+  one contender, a wrong continuation costs seed-runs): then it gets no more. The test's variance is
   pooled over every trial's differences to the incumbent (the settings share one seed
   noise), so that one or two common seeds can already tell a clearly worse trial.
 * A trial that catches up with the incumbent and has the better mean on the same seeds
@@ -32,15 +33,17 @@ MAXIMIZE, MINIMIZE = "maximize", "minimize"
 @dataclass(frozen=True)
 class RacingConfig:
     min_seeds: int = 1  # seeds a new trial runs on before it is compared
-    max_seeds: int = 5  # seeds the incumbent ends with
-    level: float = 0.05  # one-sided level of "significantly worse" (two-sided for "tied")
+    max_seeds: int = 8  # seeds the incumbent ends with
+    level: float = 0.3  # one-sided level at which a trial is "worse" and gets no more seeds
+    tie_level: float = 0.05  # two-sided level of the claims "distinguishable from the incumbent"
     seeds: tuple[int, ...] = ()  # the search seeds, replicate i first (default 0 .. max_seeds-1)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_seeds <= self.max_seeds:
             raise ValueError(f"racing needs 1 <= min_seeds <= max_seeds, got {self.min_seeds} and {self.max_seeds}")
-        if not 0 < self.level < 1:
-            raise ValueError(f"racing.level must be in (0, 1), got {self.level}")
+        for name in ("level", "tie_level"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"racing.{name} must be in (0, 1), got {getattr(self, name)}")
         if self.seeds and len(self.seeds) < self.max_seeds:
             raise ValueError(f"racing.seeds lists {len(self.seeds)} seeds, fewer than max_seeds={self.max_seeds}")
         if len(set(self.seeds)) != len(self.seeds):
@@ -187,8 +190,8 @@ class Race:
         return [] if seed is None else [(self.incumbent, seed)]
 
     def tied_with_incumbent(self) -> list[tuple[int, Comparison]]:
-        """The trials not distinguishable from the incumbent (two-sided at ``level`` on
-        their common seeds), each with its comparison; the incumbent is not listed."""
+        """The trials not distinguishable from the incumbent (two-sided at ``tie_level``
+        on their common seeds), each with its comparison; the incumbent is not listed."""
         if self.incumbent is None:
             return []
         tied = []
@@ -196,7 +199,7 @@ class Race:
             if trial == self.incumbent:
                 continue
             cmp = self.compare_to_incumbent(trial)
-            if cmp.tied(self.config.level):
+            if cmp.tied(self.config.tie_level):
                 tied.append((trial, cmp))
         return tied
 
