@@ -33,7 +33,7 @@ from kd import pipeline, population
 from kd.config import override_hints
 from kd.devices import available_cores
 from kd.errors import ConfigError, Diverged, JobStopped, KDError, Pruned, StorageError
-from kd.tuning import epoch_reporter
+from kd.tuning import epoch_reporter, use_replicate
 
 log = logging.getLogger("kd")
 DIVERGED_JOBS: list[int] = []  # jobs of a plain multirun (all in this process) that diverged
@@ -123,6 +123,7 @@ def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | l
     trained it (the launcher passes it), else None."""
     hydra_cfg = HydraConfig.get()
     try:
+        use_replicate(cfg)  # a racing sweep's seed-run: its seed is its replicate
         metrics = pipeline.run(
             cfg,
             output_dir=hydra_cfg.runtime.output_dir,

@@ -4,9 +4,12 @@
     python examples/sphere_app.py -m hydra/sweeper/sampler=grid 'x=choice(0,1,2)' 'y=choice(0,1)'
     python examples/sphere_app.py -m 'hydra.sweeper.direction=[minimize,minimize]' objectives=2 \\
         '~hydra/sweeper/pruner'                            # two objectives: a Pareto front
+    python examples/sphere_app.py -m noise=0.5 'hydra.sweeper.racing={max_seeds:4}' \\
+        'hydra.sweeper.confirm_seeds=[100,101,102]'        # a noisy objective, raced over seeds
 """
 
 import math
+import random
 
 import hydra
 import optuna
@@ -20,6 +23,11 @@ def main(cfg: DictConfig) -> float | list[float]:
     if cfg.fail_at is not None and abs(cfg.x - cfg.fail_at) < 1e-9:
         return math.nan  # a diverged trial: FAIL with reason kd:diverged, the sweep goes on
     loss = (cfg.x - 2) ** 2 + cfg.y
+    seed = job.replicate()  # in a racing sweep, the seed this run is replicate of; else None
+    if cfg.noise and seed is not None:  # seed noise: part shared by every trial on this seed, part its own
+        loss += random.Random(seed).gauss(0, 0.6 * cfg.noise) + random.Random(f"{seed}:{cfg.x}:{cfg.y}").gauss(
+            0, 0.8 * cfg.noise
+        )
     for step in range(cfg.steps):  # a "training loop" whose loss approaches the final one
         job.report(loss + 1.0 / (step + 1), step)
         if job.should_prune():

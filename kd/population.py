@@ -57,7 +57,7 @@ from kd.pipeline import (
     show_progress,
 )
 from kd.teacher import TeacherStore
-from kd.tuning import epoch_reporter
+from kd.tuning import epoch_reporter, use_replicate
 from kd.views import CachedViews, RandomViews, apply_views
 
 log = logging.getLogger(__name__)
@@ -427,6 +427,7 @@ def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[Job
     valid = []
     for cfg in configs:
         try:
+            use_replicate(cfg)  # a racing sweep's seed-run trains its replicate's seed
             validate(cfg)
             valid.append(cfg)
         except KDError:

@@ -18,13 +18,13 @@ from typing import Any
 
 import optuna
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.kd_sweeper import job
 from hydra_plugins.kd_sweeper.kd_sweeper import build_pruner  # noqa: F401  (re-exported for callers)
 from hydra_plugins.kd_sweeper.study import counted_trials, open_storage  # noqa: F401
 from kd.config import experiment_settings, swept_keys, validate_for_selection
-from kd.errors import Pruned
+from kd.errors import ConfigError, Pruned
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,20 @@ def validate(config: DictConfig, space: Mapping[str, Any], fixed: Mapping[str, A
     for name in space:
         settings.pop(name, None)
     return settings
+
+
+def use_replicate(cfg: DictConfig) -> None:
+    """In a racing sweep (``hydra.sweeper.racing``), run as the job's replicate: kd's seed
+    is the replicate itself (the sweep's ``racing.seeds`` are kd seeds). A launcher that
+    trains jobs in its own process gives each job's environment in ``hydra.job.env_set``."""
+    env = OmegaConf.select(cfg, "hydra.job.env_set", default=None) or {}
+    seed = job.replicate({str(k): str(v) for k, v in env.items()}) if env else None
+    seed = job.replicate() if seed is None else seed
+    if seed is None:
+        return
+    if OmegaConf.select(cfg, "trial.seeds", default=None):
+        raise ConfigError("trial.seeds and hydra.sweeper.racing both choose the seeds; drop trial.seeds")
+    cfg.seed = seed
 
 
 def epoch_reporter(env: Mapping[str, str] | None = None, pruner: Any = None) -> EpochReport | None:

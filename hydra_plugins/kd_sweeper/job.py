@@ -32,6 +32,7 @@ from hydra_plugins.kd_sweeper.study import open_storage
 STORAGE_ENV = "KD_OPTUNA_STORAGE"
 STUDY_ENV = "KD_OPTUNA_STUDY"
 TRIAL_ENV = "KD_OPTUNA_TRIAL"
+REPLICATE_ENV = "KD_OPTUNA_REPLICATE"
 
 _open: dict[tuple[str, str, int], optuna.Trial] = {}
 
@@ -39,6 +40,14 @@ _open: dict[tuple[str, str, int], optuna.Trial] = {}
 def trial_number(env: Mapping[str, str] | None = None) -> int | None:
     """This job's trial number in its study, or None outside a ``kd_optuna`` sweep."""
     value = (os.environ if env is None else env).get(TRIAL_ENV)
+    return int(value) if value not in (None, "") else None
+
+
+def replicate(env: Mapping[str, str] | None = None) -> int | None:
+    """This job's replicate in a racing sweep (``hydra.sweeper.racing``): the seed every
+    trial runs as its i-th replicate, so that trials compare paired. Seed your run with it;
+    None outside a racing sweep."""
+    value = (os.environ if env is None else env).get(REPLICATE_ENV)
     return int(value) if value not in (None, "") else None
 
 

@@ -59,9 +59,18 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
 
 from hydra_plugins.kd_sweeper import _compat
-from hydra_plugins.kd_sweeper.job import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from hydra_plugins.kd_sweeper.job import REPLICATE_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
 from hydra_plugins.kd_sweeper.liveness import OWNER, SilentTrials, this_process
+from hydra_plugins.kd_sweeper.race_loop import (
+    REFERENCE,
+    RaceLoop,
+    check_confirm_seeds,
+    load_race,
+    racing_config,
+    reference_trial,
+)
+from hydra_plugins.kd_sweeper.race_loop import summary as race_summary
 from hydra_plugins.kd_sweeper.study import (
     DIVERGED,
     ERROR,
@@ -92,6 +101,10 @@ class KDOptunaSweeperConf(OptunaSweeperConf):
     validate: str | None = None  # dotted path of the app's check, e.g. kd.tuning.validate
     heartbeat_interval: int | None = 10  # seconds; null: no heartbeats
     grace_period: int | None = None  # seconds without a beat before a trial is stale (2x interval)
+    # Seed-paired racing (race_loop.py): {min_seeds, max_seeds, level, tie_level, seeds,
+    # reference: {param: value}}; null: every trial runs once.
+    racing: Any = None
+    confirm_seeds: Any = None  # fresh seeds the race's incumbent (and the reference) run on at the end
 
 
 @dataclass
@@ -307,6 +320,8 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         validate: str | None = None,
         heartbeat_interval: int | None = None,
         grace_period: int | None = None,
+        racing: Any = None,
+        confirm_seeds: Any = None,
     ) -> None:
         super().__init__(
             sampler,
@@ -325,6 +340,12 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         self.heartbeat = (heartbeat_interval, grace_period)
         self.base_seed = 0
         self.grid: dict[str, Any] | None = None
+        try:
+            self.racing = racing_config(racing)
+            self.confirm_seeds = check_confirm_seeds(confirm_seeds, self.racing)
+        except (ValueError, TypeError) as err:
+            refuse(str(err))
+        self.reference = (racing or {}).get("reference") if self.racing is not None else None
 
     # ------------------------------------------------------------------ set-up
     def _space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, Any], list[str]]:
@@ -459,6 +480,8 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             raise SweepRefused(
                 f"pruning needs one objective, but direction has {len(directions)}; drop hydra/sweeper/pruner"
             )
+        if len(directions) > 1 and self.racing is not None:
+            raise SweepRefused(f"racing needs one objective, but direction has {len(directions)}; drop racing")
         identity = space_identity(distributions, fixed, deletions)
         settings = self._app_settings(distributions, fixed)
         if settings is not None:
@@ -489,6 +512,15 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         heartbeat = Heartbeat(study)
         silent = self._silent_trials(heartbeat)
         failures: list[str] = []
+        if self.racing is not None:
+            try:
+                fail_stale_trials(study)
+                silent.retire(study)
+                self._race(study, (distributions, fixed, deletions), heartbeat, allowed)
+            finally:
+                heartbeat.stop()
+            self._write_results(study, directions)
+            return
         try:
             while True:
                 fail_stale_trials(study)
@@ -501,15 +533,37 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
                 space = (distributions, fixed, deletions)
                 failures += self._run_batch(study, min(to_go, self.n_jobs), space, heartbeat)
                 if len(failures) > allowed:
-                    refuse(
-                        f"{len(failures)} of {self.n_trials} trials failed, more than max_failure_rate="
-                        f"{self.max_failure_rate} allows (last: {failures[-1]}); fix the cause, then rerun the "
-                        "same command to resume",
-                        code=1,
-                    )
+                    self.fail_sweep(failures)
         finally:
             heartbeat.stop()
         self._write_results(study, directions)
+
+    def fail_sweep(self, failures: list[str]) -> None:
+        refuse(
+            f"{len(failures)} of {self.n_trials} trials failed, more than max_failure_rate="
+            f"{self.max_failure_rate} allows (last: {failures[-1]}); fix the cause, then rerun the same command "
+            "to resume",
+            code=1,
+        )
+
+    def _race(self, study: optuna.Study, space: tuple, heartbeat: Heartbeat, allowed: int) -> None:
+        """The sweep with ``racing``: trials race for seed-runs (race_loop.py), the
+        reference setting first, then the incumbent is confirmed on ``confirm_seeds``."""
+        assert self.racing is not None
+        if self.reference and reference_trial(study) is None:
+            study.enqueue_trial(dict(self.reference), user_attrs={REFERENCE: True})
+        _log().info(
+            "racing: a new trial runs on %d seed(s) of %s; one worse than the incumbent (one-sided p < %g) stops; "
+            "the incumbent ends with %d; %d seed-runs so far",
+            self.racing.min_seeds,
+            list(self.racing.search_seeds),
+            self.racing.level,
+            self.racing.max_seeds,
+            load_race(study, self.racing).seed_runs(),
+        )
+        loop = RaceLoop(self, study, self.racing, heartbeat, space)
+        loop.run(allowed)
+        loop.confirm(self.confirm_seeds)
 
     def _silent_trials(self, heartbeat: Heartbeat) -> SilentTrials:
         """The judge of RUNNING trials no heartbeat covers: with heartbeats on, one whose
@@ -562,18 +616,26 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             study.sampler = self._sampler(trial_seed(self.base_seed, trial.number), self.grid)
         return trial
 
+    def _ask_counted(self, study: optuna.Study, heartbeat: Heartbeat) -> optuna.Trial | None:
+        """Ask a trial, beat for it and record this process as its owner; None (the trial
+        FAIL as surplus) when another worker filled the study meanwhile."""
+        trial = self._ask(study)
+        heartbeat.add(trial)
+        _compat.study_storage(study).set_trial_system_attr(
+            _compat.trial_id(trial), OWNER, this_process(beats=bool(heartbeat.interval))
+        )
+        rank = sum(1 for t in counted_trials(study) if t.number < trial.number)
+        if rank >= self.n_trials:
+            self._fail(study, trial, SURPLUS, heartbeat)
+            return None
+        return trial
+
     def _run_batch(self, study: optuna.Study, size: int, space: tuple, heartbeat: Heartbeat) -> list[str]:
         """Ask, launch and tell up to ``size`` trials; returns this batch's failure reasons."""
         trials, overrides = [], []
         for _ in range(size):
-            trial = self._ask(study)
-            heartbeat.add(trial)
-            _compat.study_storage(study).set_trial_system_attr(
-                _compat.trial_id(trial), OWNER, this_process(beats=bool(heartbeat.interval))
-            )
-            rank = sum(1 for t in counted_trials(study) if t.number < trial.number)
-            if rank >= self.n_trials:  # another worker filled the study meanwhile
-                self._fail(study, trial, SURPLUS, heartbeat)
+            trial = self._ask_counted(study, heartbeat)
+            if trial is None:
                 continue
             try:
                 (params,) = self._configure_trials([trial], *space)
@@ -603,16 +665,24 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
                 self._tell(study, trial, heartbeat, state=state, values=values)
         return failures
 
-    def _job_overrides(self, study: optuna.Study, trial: optuna.Trial) -> tuple[str, ...]:
-        """What a job needs to find its trial: Hydra sets ``hydra.job.env_set`` around it."""
-        env = {STUDY_ENV: study.study_name, TRIAL_ENV: trial.number}
+    def _job_overrides(
+        self, study: optuna.Study, trial: Any, seed: int | None = None, reports: bool = True
+    ) -> tuple[str, ...]:
+        """What a job needs to find its trial: Hydra sets ``hydra.job.env_set`` around it.
+        A racing seed-run also gets its replicate (``seed``) and its own folder; only one
+        that ``reports`` (a trial's first) is told its trial, for pruning."""
+        env: dict[str, Any] = {STUDY_ENV: study.study_name}
+        if reports:
+            env[TRIAL_ENV] = trial.number
         if isinstance(self.storage, str):
             env[STORAGE_ENV] = self.storage
+        if seed is not None:
+            env[REPLICATE_ENV] = seed
         return (
             *(f"++hydra.job.env_set.{key}={_quoted(value)}" for key, value in env.items()),
             # A job's sweep dir may be interpolated from values this sweep varies: pin it.
             f"hydra.sweep.dir={_quoted(self.sweep_dir)}",
-            f"hydra.sweep.subdir={trial.number}",
+            f"hydra.sweep.subdir={trial.number if seed is None else f'{trial.number}/seed_{seed}'}",
         )
 
     @staticmethod
@@ -676,7 +746,15 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL),
         }
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if complete and len(directions) == 1:
+        if self.racing is not None:
+            results["racing"] = race_summary(study, self.racing, self.confirm_seeds)
+            _log_race(results["racing"])
+            incumbent = results["racing"].get("incumbent")
+            if incumbent:
+                results.update(
+                    best_params=incumbent["params"], best_value=incumbent["mean"], best_trial=incumbent["trial"]
+                )
+        elif complete and len(directions) == 1:
             best = study.best_trial
             results.update(best_params=best.params, best_value=best.value, best_trial=best.number)
             _log().info("best trial %d: %s -> %s", best.number, best.params, best.value)
@@ -689,6 +767,44 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(_plain(results)), f"{self.sweep_dir}/optimization_results.yaml")
         _log().info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, shown(self.storage))
+
+
+def _log_race(summary: dict) -> None:
+    """The racing sweep's answer, stated with its n and its tied set."""
+    incumbent = summary.get("incumbent")
+    if not incumbent:
+        return
+    se = f" ± {incumbent['se']:.3g}" if incumbent["se"] is not None else ""
+    _log().info(
+        "incumbent: trial %d %s, mean %.4g%s over %d seeds; %d seed-runs in all",
+        incumbent["trial"],
+        incumbent["params"],
+        incumbent["mean"],
+        se,
+        incumbent["n"],
+        summary["seed_runs"],
+    )
+    tied = ", ".join(f"trial {t['trial']} (n={t['n']})" for t in summary["tied"]) or "none"
+    _log().info("not distinguishable from it (paired on common seeds): %s", tied)
+    if "reference" in summary:
+        ref = summary["reference"]
+        _log().info(
+            "against the reference trial %d %s: %s on %d common seeds",
+            ref["trial"],
+            ref["params"],
+            "distinguishable" if ref["distinguishable"] else "not distinguishable",
+            ref["n"],
+        )
+    confirmation = summary.get("confirmation")
+    if confirmation:
+        diff = confirmation.get("incumbent_minus_reference")
+        _log().info(
+            "confirmed on fresh seeds %s: mean %.4g (n=%d)%s",
+            confirmation["seeds"],
+            confirmation["incumbent"]["mean"],
+            confirmation["incumbent"]["n"],
+            f"; minus the reference {diff['mean']:+.3g}, 95% CI {diff['ci95']}" if diff else "",
+        )
 
 
 def _log() -> Any:
