@@ -34,12 +34,15 @@ optuna.logging.disable_default_handler()
 optuna.logging.enable_propagation()
 
 EpochReport = Callable[[int, float], None]
+RACING_AND_SEEDS = "trial.seeds and hydra.sweeper.racing both choose the seeds; drop trial.seeds"
 
 
 def validate(config: DictConfig, space: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
     """The ``kd_optuna`` hook: raise (one line) on a config no trial should run with;
     return every result-deciding setting the sweep does not vary."""
     validate_for_selection(config, swept=set(space) | set(swept_keys(config)))
+    if OmegaConf.select(config, "hydra.sweeper.racing", default=None) and config.trial.seeds:
+        raise ConfigError(RACING_AND_SEEDS)
     settings = experiment_settings(config)
     for name in space:
         settings.pop(name, None)
@@ -56,7 +59,7 @@ def use_replicate(cfg: DictConfig) -> None:
     if seed is None:
         return
     if OmegaConf.select(cfg, "trial.seeds", default=None):
-        raise ConfigError("trial.seeds and hydra.sweeper.racing both choose the seeds; drop trial.seeds")
+        raise ConfigError(RACING_AND_SEEDS)
     cfg.seed = seed
 
 
