@@ -179,7 +179,45 @@ def epoch_cpu() -> str:
     return table([*head, "GFLOP/s", "of the matmul peak"], cells, align="llrrlrrr")
 
 
+def _interval(ci: list[float] | None) -> str:
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+
+
+STRATEGIES = (("tpe_1_seed", "TPE, 1 seed"), ("tpe_3_seeds", "TPE, 3 fixed seeds"), ("racing", "racing"))
+
+
+def racing_replay() -> str:
+    """benchmarks/racing_replay.py: each strategy at each budget of seed-runs, pooled over surfaces and noise."""
+    cells = []
+    for budget in (30, 100):
+        replay = _load(RESULTS / "racing" / f"replay_b{budget}.json")
+        for strategy, label in (
+            ("tpe_1_seed", "TPE, 1 seed"),
+            ("tpe_3_seeds", "TPE, 3 fixed seeds"),
+            ("racing", "racing"),
+        ):
+            r = replay["pooled"][strategy]
+            claims = (
+                f"{100 * r['false_claim_rate']:.1f} % {_interval(r['false_claim_ci95'])} of {r['claims']:,}"
+                if r["claims"]
+                else "none made"
+            )
+            cells.append(
+                [
+                    str(budget),
+                    label,
+                    f"{100 * r['p_within']:.1f} % {_interval(r['p_within_ci95'])}",
+                    f"{r['mean_regret']:.3f} ± {r['mean_regret_se']:.3f}",
+                    claims,
+                    f"{r['n']:,}",
+                ]
+            )
+    head = ["seed-runs", "strategy", "within 0.25 of the best [95% CI]", "mean regret ± SE", "false claims [95% CI]"]
+    return table([*head, "sweeps"], cells, align="rlrrrr")
+
+
 TABLES = {
+    "racing-replay": racing_replay,
     "results-h200": results_h200,
     "study-cpu": study_cpu,
     "performance-cpu": performance_cpu,
@@ -188,7 +226,12 @@ TABLES = {
     "epoch-cpu": epoch_cpu,
 }
 # The documents whose marked tables this script writes.
-DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "pareto.md", ROOT / "docs" / "performance.md")
+DOCUMENTS = (
+    ROOT / "README.md",
+    ROOT / "docs" / "pareto.md",
+    ROOT / "docs" / "performance.md",
+    ROOT / "docs" / "sweeps.md",
+)
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 
 
