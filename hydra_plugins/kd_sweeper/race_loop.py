@@ -46,7 +46,7 @@ def racing_config(cfg: Any) -> RacingConfig | None:
     if not cfg:
         return None
     keys = dict(cfg)
-    unknown = set(keys) - {"min_seeds", "max_seeds", "level", "tie_level", "seeds", "reference"}
+    unknown = set(keys) - {"min_seeds", "max_seeds", "level", "tie_level", "seeds", "reference", "budget"}
     if unknown:
         raise ValueError(f"hydra.sweeper.racing has no key {sorted(unknown)[0]!r}")
     keys.pop("reference", None)
@@ -160,12 +160,25 @@ class RaceLoop:
                 if not runs:
                     break
                 log.info("the target is reached: trial %d runs its remaining seeds", self.race.incumbent)
+            if runs and self._left() < len(runs):  # the budget ends mid-race: those races end here
+                runs = runs[: max(0, int(self._left()))]
+                if not runs:  # spent: the races in flight end where they are
+                    for trial in list(self.active.values()):
+                        self._finish(trial)
+                    break
             if runs:
                 self._run(runs)
             if len(self.failures) > allowed:
                 self.sweeper.fail_sweep(self.failures)
 
+    def _left(self) -> float:
+        """Seed-runs the search may still spend (``racing.budget``)."""
+        budget = self.config.budget
+        return math.inf if budget is None else budget - self.race.seed_runs()
+
     def _to_go(self) -> int:
+        if self._left() <= 0:
+            return 0
         return self.sweeper.n_trials - len(counted_trials(self.study)) + self.sweeper._waiting_count(self.study)
 
     def _fill(self) -> None:

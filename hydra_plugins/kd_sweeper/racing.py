@@ -37,6 +37,7 @@ class RacingConfig:
     level: float = 0.3  # one-sided level at which a trial is "worse" and gets no more seeds
     tie_level: float = 0.05  # two-sided level of the claims "distinguishable from the incumbent"
     seeds: tuple[int, ...] = ()  # the search seeds, replicate i first (default 0 .. max_seeds-1)
+    budget: int | None = None  # seed-runs the search may spend (None: as n_trials races need)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_seeds <= self.max_seeds:
@@ -48,6 +49,8 @@ class RacingConfig:
             raise ValueError(f"racing.seeds lists {len(self.seeds)} seeds, fewer than max_seeds={self.max_seeds}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"racing.seeds repeats a seed: {list(self.seeds)}")
+        if self.budget is not None and (isinstance(self.budget, bool) or self.budget < 1):
+            raise ValueError(f"racing.budget must be a number of seed-runs >= 1 or null, got {self.budget}")
 
     @property
     def search_seeds(self) -> tuple[int, ...]:
