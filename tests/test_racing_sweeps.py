@@ -166,3 +166,13 @@ def test_trial_seeds_and_racing_together_are_refused_before_any_trial(workdir):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "kd_optuna: error: trial.seeds and hydra.sweeper.racing both choose the seeds; drop trial.seeds"
     assert not list((workdir / "multirun" / "both").glob("*/seed_*"))
+
+
+def test_a_seed_run_budget_ends_the_search_where_it_is_spent(tmp_path):
+    budget = ["noise=0.5", "hydra.sweeper.racing={max_seeds:4,budget:7}", "hydra.sweeper.n_trials=8"]
+    proc = sweep(tmp_path, *budget, "~hydra/sweeper/pruner")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(tmp_path / "s")["racing"]
+    assert results["seed_runs"] == 7 == len(list((tmp_path / "s").glob("*/seed_*")))
+    bad = sweep(tmp_path, "noise=0.5", "hydra.sweeper.racing={budget:0}", name="t")
+    assert bad.returncode == 2 and "racing.budget must be a number of seed-runs >= 1" in bad.stderr
