@@ -450,3 +450,53 @@ def test_shapes_name_open_axes_and_every_allowed_dtype():
     )
     halves = tensor_fits((1,), (torch.float16, torch.bfloat16))
     assert halves(torch.zeros(1)) == "its dtype is torch.float32, not torch.float16 or torch.bfloat16"
+
+
+def test_a_journal_starting_with_an_empty_line_is_damaged_there():
+    create, trial = b'{"op_code":0,"worker_id":"w"}\n', b'{"op_code":4,"worker_id":"w"}\n'
+    assert whole_records(b"\n" + create + trial) == (0, 1)
+
+
+def test_the_refusals_say_what_to_do(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(DamagedStorage) as journal:
+        open_storage(f"journal://{tmp_path / 'notes.txt'}")
+    assert str(journal.value) == (
+        f"{tmp_path / 'notes.txt'} is not an Optuna journal (its first line is no study record); it was left "
+        "untouched: check the journal:// path, or name a new file to start a new study"
+    )
+    with pytest.raises(DamagedStorage) as sqlite:
+        check_sqlite(tmp_path / "notes.txt")
+    assert str(sqlite.value) == (
+        f"{tmp_path / 'notes.txt'} is not a SQLite database; it was left untouched: check the sqlite:/// path, "
+        "or name a new file to start a new study"
+    )
+
+
+def test_healing_waits_for_the_journals_own_lock_and_rechecks_under_it(tmp_path, caplog):
+    import threading
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    path = _journal(tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"op_code": 5, "wor')
+    lock = JournalFileSymlinkLock(str(path))  # a worker appending holds it
+    assert lock.acquire()
+    result: list[int] = []
+    healer = threading.Thread(target=lambda: result.append(heal_journal(path)))
+    healer.start()
+    healer.join(0.5)
+    assert healer.is_alive() and path.read_bytes().endswith(b"wor")  # it waits, and cuts nothing meanwhile
+    path.write_bytes(whole)  # the lock holder mended it meanwhile
+    lock.release()
+    healer.join(10)
+    assert result == [0] and path.read_bytes() == whole and not list(tmp_path.glob("study.log.torn-*"))
+    path.write_bytes(whole + b"torn")
+    with caplog.at_level("WARNING", logger="hydra_plugins.kd_sweeper.journal"):
+        assert heal_journal(path) == 4
+    (aside,) = tmp_path.glob("study.log.torn-*")
+    assert caplog.messages == [
+        f"{path}: cut a torn last record (4 bytes, left by a killed worker) back to its last whole one; the cut "
+        f"bytes are in {aside.name}; the study resumes"
+    ]
