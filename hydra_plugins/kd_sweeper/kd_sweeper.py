@@ -179,12 +179,26 @@ def refuse(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+# What a database says when retrying cannot help: a file that is no database, a damaged
+# one, a server that is not there or refuses us. Anything else (workers racing to create
+# one schema: "already exists", "locked", integrity errors) is retried first.
+DAMAGE = (
+    "not a database",
+    "malformed",
+    "unable to open",
+    "connection refused",
+    "could not connect",
+    "connection failed",
+    "could not translate host",
+    "authentication failed",
+    "does not exist",
+)
+
+
 def damaged_database(err: Exception) -> bool:
-    """A database error that retrying cannot mend (a file that is no database, a damaged
-    one), unlike the races of workers creating one study together."""
-    if not isinstance(err, DatabaseError) or isinstance(err, IntegrityError):
-        return False
-    return "locked" not in str(err)
+    """A database error that retrying cannot mend."""
+    text = str(err).lower()
+    return isinstance(err, DatabaseError) and not isinstance(err, IntegrityError) and any(m in text for m in DAMAGE)
 
 
 def build_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner | None:
@@ -412,7 +426,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             except DamagedStorage as err:
                 raise StorageRefused(str(err)) from None
             except Exception as err:
-                if damaged_database(err):
+                if damaged_database(err) or (attempt == 4 and isinstance(err, SQLAlchemyError)):
                     raise unreadable_storage(self.storage, err) from None
                 if attempt == 4:
                     raise
@@ -513,14 +527,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         silent = self._silent_trials(heartbeat)
         failures: list[str] = []
         if self.racing is not None:
-            try:
-                fail_stale_trials(study)
-                silent.retire(study)
-                self._race(study, (distributions, fixed, deletions), heartbeat, allowed)
-            finally:
-                heartbeat.stop()
-            self._write_results(study, directions)
-            return
+            return self._race(study, (distributions, fixed, deletions), heartbeat, allowed, silent, directions)
         try:
             while True:
                 fail_stale_trials(study)
@@ -546,9 +553,26 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             code=1,
         )
 
-    def _race(self, study: optuna.Study, space: tuple, heartbeat: Heartbeat, allowed: int) -> None:
+    def _race(
+        self,
+        study: optuna.Study,
+        space: tuple,
+        heartbeat: Heartbeat,
+        allowed: int,
+        silent: SilentTrials,
+        directions: list[str],
+    ) -> None:
         """The sweep with ``racing``: trials race for seed-runs (race_loop.py), the
         reference setting first, then the incumbent is confirmed on ``confirm_seeds``."""
+        try:
+            fail_stale_trials(study)
+            silent.retire(study)
+            self._race_and_confirm(study, space, heartbeat, allowed)
+        finally:
+            heartbeat.stop()
+        self._write_results(study, directions)
+
+    def _race_and_confirm(self, study: optuna.Study, space: tuple, heartbeat: Heartbeat, allowed: int) -> None:
         assert self.racing is not None
         if self.reference and reference_trial(study) is None:
             study.enqueue_trial(dict(self.reference), user_attrs={REFERENCE: True})
