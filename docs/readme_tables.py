@@ -216,7 +216,24 @@ def racing_replay() -> str:
     return table([*head, "sweeps"], cells, align="rlrrrr")
 
 
+def racing_cifar() -> str:
+    """The racing sweep on the CIFAR-10 copy: the confirmed setting and the reference on fresh seeds."""
+    run = _load(RESULTS / "racing" / "cifar_student_long.json")
+    cells = []
+    for key, label in (("confirmed", "incumbent (confirmed)"), ("reference", "reference")):
+        arm = run[key]
+        trial = run["racing"]["incumbent" if key == "confirmed" else "reference"]
+        params = trial["params"]
+        row = [label, f"{params['loss.temperature']:.3g}, {params['loss.alpha']:.3g}", _seeds(arm["seeds"])]
+        for split in ("val_acc", "test_acc"):
+            row += [fmt_mean_se(arm[split]["kd_summary"]), fmt_difference(arm[split]["kd_minus_ce"])]
+        cells.append(row)
+    head = ["setting", "T, α", "seeds", "val", "val KD − CE [95% CI]", "test", "test KD − CE [95% CI]"]
+    return table(head, cells, align="lllrrrr")
+
+
 TABLES = {
+    "racing-cifar": racing_cifar,
     "racing-replay": racing_replay,
     "results-h200": results_h200,
     "study-cpu": study_cpu,
