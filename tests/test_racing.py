@@ -156,3 +156,12 @@ def test_the_tied_set_holds_the_trials_not_distinguishable_from_the_incumbent():
     assert 1 in tied and 2 not in tied and 0 not in tied
     assert tied[1].n == 4
     assert _race().tied_with_incumbent() == []
+
+
+def test_the_smallest_budget_and_pool_are_accepted_and_used():
+    assert RacingConfig(budget=1).budget == 1
+    for bad in (0, True):
+        with pytest.raises(ValueError, match=f"racing.budget must be a number of seed-runs >= 1 or null, got {bad}"):
+            RacingConfig(budget=bad)
+    two = compare({1: 3.0, 2: 3.0}, {1: 5.0, 2: 5.0}, pooled=(2.0, 1))  # two seeds, variance 2 on 1 df
+    assert two.se == 1.0 and two.difference == -2.0 and two.p_worse == pytest.approx(stats.t.cdf(-2.0, 1))
