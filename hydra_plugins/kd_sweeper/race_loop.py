@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import optuna
@@ -46,7 +46,7 @@ def racing_config(cfg: Any) -> RacingConfig | None:
     if not cfg:
         return None
     keys = dict(cfg)
-    unknown = set(keys) - {"min_seeds", "max_seeds", "level", "tie_level", "seeds", "reference", "budget"}
+    unknown = set(keys) - {f.name for f in fields(RacingConfig)} - {"reference"}
     if unknown:
         raise ValueError(f"hydra.sweeper.racing has no key {sorted(unknown)[0]!r}")
     keys.pop("reference", None)
@@ -116,10 +116,11 @@ class RaceLoop:
             self.race.record(run.trial.number, run.seed, value)
 
     def _save_decisions(self) -> None:
-        if self.race.incumbent is not None and self.study.user_attrs.get(INCUMBENT) != self.race.incumbent:
+        recorded = self.study.user_attrs  # one read of the storage, not one per stopped trial
+        if self.race.incumbent is not None and recorded.get(INCUMBENT) != self.race.incumbent:
             self.study.set_user_attr(INCUMBENT, self.race.incumbent)
         for trial in self.race.stopped:
-            if f"{STOPPED}{trial}" not in self.study.user_attrs:
+            if f"{STOPPED}{trial}" not in recorded:
                 self.study.set_user_attr(f"{STOPPED}{trial}", True)
 
     # ---------------------------------------------------------------- launching
