@@ -32,6 +32,7 @@ from optuna.visualization import matplotlib as optuna_plots
 
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
 from kd.errors import StorageError
+from kd.race_report import race_markdown, race_table, seed_spread_plot
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 from kd.storage import check_writable
 
@@ -499,6 +500,8 @@ def pareto_markdown(sweep: dict) -> str:
 def sweep_markdown(sweep: dict) -> str:
     if "pareto_front" in sweep:
         return pareto_markdown(sweep)
+    if "racing" in sweep:
+        return race_markdown(sweep)
     params = sorted({p for r in sweep["rows"] for p in r["params"]})
     head = ["Trial", *params, f"Objective ({sweep['objective']})", "Val acc", "KD − CE, val [95% CI]", "Test acc"]
     rows = []
@@ -613,6 +616,18 @@ def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None 
     return written
 
 
+def race_plots(race: dict, out: Path) -> list[str]:
+    """A racing sweep's plot: the spread of every trial over its seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    written: list[str] = []
+    if race["rows"]:
+        fig = seed_spread_plot(race)
+        _save(fig, out / f"seed_spread_{race['study_name']}.png", tuple(fig.get_size_inches()), written)
+    return written
+
+
 def report(dirs: list[Path], out: Path, title: str = "Results", storage: str | None = None) -> dict[str, Any]:
     """Write ``out/report.md`` and ``out/summary.json`` for ``dirs``; ``storage`` is the
     Optuna storage of sweeps whose study is not in their own ``optuna.db`` and was not
@@ -625,11 +640,17 @@ def report(dirs: list[Path], out: Path, title: str = "Results", storage: str | N
         if sweep_storage(d, storage) is None:
             continue
         study = _load_study(d, notes, storage)  # once per sweep, for its table and its plots
-        if study is not None:  # else its trials are reported as runs
+        if study is None:  # its trials are reported as runs
+            continue
+        race = race_table(d, study)
+        if race is not None:  # trial values are means over different seeds: the race tells
+            sweeps.append(race)
+            plots += race_plots(race, out)
+        else:
             sweeps.append(sweep_table(d, study))
             notes += _unreadable_trial_metrics(d, study)
             plots += sweep_plots(d, study, out, notes)
-            tabled.append(d)
+        tabled.append(d)
     found = collect(dirs, tabled)
     rows = summarise(found.runs)
     lines = [f"# {title}", ""]

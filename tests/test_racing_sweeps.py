@@ -15,6 +15,7 @@ import optuna
 import pytest
 import yaml
 
+from kd.report import report
 from tests.conftest import FAST, run_py
 from tests.test_any_app import sweep
 
@@ -87,6 +88,12 @@ def test_a_plain_app_races_trials_end_with_different_seed_counts_and_the_incumbe
     recorded = {k for k in study.user_attrs if k.startswith("kd_optuna:race:")}
     assert len(recorded) == sum(counts)  # every seed-run's value is in the study
     assert study.best_trial.number in range(8) and _results(tmp_path / "s")["best_trial"] == incumbent["trial"]
+    # kd.report tells the same answer from the study, and how many seeds each trial ran
+    (race,) = report([tmp_path / "s"], tmp_path / "report")["sweeps"]
+    assert race["racing"]["incumbent"]["trial"] == incumbent["trial"] and race["notes"] == []
+    assert [t["trial"] for t in race["racing"]["tied"]] == [t["trial"] for t in results["tied"]]
+    assert {r["trial"]: r["summary"]["n"] for r in race["rows"]} == {n: c for n, c in enumerate(counts)}
+    assert (tmp_path / "report" / "seed_spread_sphere.png").stat().st_size > 0
 
 
 def test_confirm_seeds_that_overlap_the_search_seeds_are_refused_in_one_line(tmp_path):
@@ -157,6 +164,10 @@ def test_kd_runs_each_seed_run_with_its_replicates_seed_and_confirms_with_ce_pai
     assert reference is None or reference["trial"] == 0
     study = optuna.load_study(study_name="race", storage=f"sqlite:///{sweep_dir}/optuna.db")
     assert study.trials[0].params == {"loss.temperature": 2.0, "loss.alpha": 0.25}
+    (race,) = report([sweep_dir], workdir / "report")["sweeps"]
+    incumbent = results["incumbent"]["trial"]
+    test = json.loads((sweep_dir / str(incumbent) / "seed_9" / "metrics.json").read_text())["test_acc"]
+    assert race["confirmed_test"]["seeds"] == [9] and race["confirmed_test"]["incumbent"]["mean"] == test
 
 
 def test_trial_seeds_and_racing_together_are_refused_before_any_trial(workdir):

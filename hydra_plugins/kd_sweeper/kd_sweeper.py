@@ -68,6 +68,7 @@ from hydra_plugins.kd_sweeper.race_loop import (
     check_confirm_seeds,
     load_race,
     racing_config,
+    record_settings,
     reference_trial,
 )
 from hydra_plugins.kd_sweeper.race_loop import summary as race_summary
@@ -574,6 +575,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
 
     def _race_and_confirm(self, study: optuna.Study, space: tuple, heartbeat: Heartbeat, allowed: int) -> None:
         assert self.racing is not None
+        record_settings(study, self.racing, self.confirm_seeds)
         if self.reference and reference_trial(study) is None:
             study.enqueue_trial(dict(self.reference), user_attrs={REFERENCE: True})
         _log().info(

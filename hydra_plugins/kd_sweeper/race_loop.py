@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import optuna
@@ -29,6 +29,7 @@ CONFIRM = "kd_optuna:confirm:"  # ... per confirmation seed-run: CONFIRM<trial>:
 INCUMBENT = "kd_optuna:race_incumbent"
 STOPPED = "kd_optuna:race_stopped:"  # ... STOPPED<trial> -> true
 REFERENCE = "kd_optuna:reference"  # user attribute of the reference setting's trial (enqueued)
+SETTINGS = "kd_optuna:racing"  # the race's settings and confirm_seeds, so kd.report judges as the sweep did
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +74,23 @@ def check_confirm_seeds(confirm: Any, config: RacingConfig | None) -> tuple[int,
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"hydra.sweeper.confirm_seeds repeats a seed: {list(seeds)}")
     return seeds
+
+
+def record_settings(study: optuna.Study, config: RacingConfig, confirm_seeds: tuple[int, ...]) -> None:
+    """Keep the race's settings in the study (kd.report reads them back)."""
+    settings = {**asdict(config), "seeds": list(config.search_seeds), "confirm_seeds": list(confirm_seeds)}
+    if study.user_attrs.get(SETTINGS) != settings:
+        study.set_user_attr(SETTINGS, settings)
+
+
+def recorded_settings(study: optuna.Study) -> tuple[RacingConfig, tuple[int, ...]] | None:
+    """The race's settings and confirm_seeds as the sweep recorded them (None: not recorded)."""
+    settings = dict(study.user_attrs.get(SETTINGS) or {})
+    if not settings:
+        return None
+    confirm = tuple(settings.pop("confirm_seeds", ()))
+    settings["seeds"] = tuple(settings.get("seeds", ()))
+    return RacingConfig(**settings), confirm
 
 
 def _key_value(attrs: dict, prefix: str) -> dict[int, dict[int, float]]:
