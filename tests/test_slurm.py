@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -336,3 +337,27 @@ def test_a_partition_the_cluster_lacks_is_refused_before_submitting(workdir):
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == ["kd: error: hydra.launcher.partition=gpu: no such partition on this cluster; sinfo lists: debug"]
     assert not (workdir / "sweep" / ".submitit").exists()  # nothing was submitted
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
+def test_on_slurm_a_short_trials_node_starts_the_next_while_a_long_trial_runs(tmp_path):
+    # tests/test_flight.py's gated app: trial 0 runs until trial 3 has started, which only
+    # happens if trials start on the other node while trial 0 is in flight.
+    from tests.test_flight import GATED_APP, GATED_CONF
+
+    env = _cluster()
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "gated.yaml").write_text(GATED_CONF)
+    (tmp_path / "gated.py").write_text(GATED_APP)
+    args = [
+        sys.executable, "gated.py", "-m", f"dir={tmp_path}", "wait_s=240", "hydra.sweeper.n_trials=4",
+        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=10",
+        "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+    ]  # fmt: skip
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "released").exists() and not (tmp_path / "timed_out").exists()
+    nodes = {(tmp_path / f"node_{n}").read_text() for n in range(4)}
+    assert nodes == {"n1", "n2"}

@@ -59,6 +59,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
 
 from hydra_plugins.kd_sweeper import _compat
+from hydra_plugins.kd_sweeper.flight import Flight, runs_in_flight
 from hydra_plugins.kd_sweeper.job import REPLICATE_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
 from hydra_plugins.kd_sweeper.liveness import OWNER, SilentTrials, this_process
@@ -106,6 +107,9 @@ class KDOptunaSweeperConf(OptunaSweeperConf):
     # reference: {param: value}}; null: every trial runs once.
     racing: Any = None
     confirm_seeds: Any = None  # fresh seeds the race's incumbent (and the reference) run on at the end
+    # n_jobs trials in flight, the next started as soon as one ends (flight.py); false:
+    # Hydra's batches of n_jobs, each waiting for its slowest trial
+    asynchronous: bool = True
 
 
 @dataclass
@@ -147,6 +151,7 @@ for _name, _node in [
     ("median", MedianPrunerConf),
     ("percentile", PercentilePrunerConf),
     ("successive_halving", SuccessiveHalvingPrunerConf),
+    ("asha", SuccessiveHalvingPrunerConf),  # Optuna's successive halving is asynchronous (ASHA)
     ("hyperband", HyperbandPrunerConf),
 ]:
     _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="kd_optuna")
@@ -337,6 +342,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         grace_period: int | None = None,
         racing: Any = None,
         confirm_seeds: Any = None,
+        asynchronous: bool = True,
     ) -> None:
         super().__init__(
             sampler,
@@ -361,6 +367,9 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         except (ValueError, TypeError) as err:
             refuse(str(err))
         self.reference = (racing or {}).get("reference") if self.racing is not None else None
+        if not isinstance(asynchronous, bool):
+            refuse(f"hydra.sweeper.asynchronous must be true or false, got {asynchronous!r}")
+        self.asynchronous = asynchronous
 
     # ------------------------------------------------------------------ set-up
     def _space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, Any], list[str]]:
@@ -526,25 +535,37 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         )
         heartbeat = Heartbeat(study)
         silent = self._silent_trials(heartbeat)
-        failures: list[str] = []
         if self.racing is not None:
             return self._race(study, (distributions, fixed, deletions), heartbeat, allowed, silent, directions)
+        space = (distributions, fixed, deletions)
         try:
-            while True:
-                fail_stale_trials(study)
-                silent.retire(study)
-                to_go = self.n_trials - len(counted_trials(study)) + self._waiting_count(study)
-                if to_go <= 0:
-                    if not self._wait_for_others(study, heartbeat):
-                        break
-                    continue
-                space = (distributions, fixed, deletions)
-                failures += self._run_batch(study, min(to_go, self.n_jobs), space, heartbeat)
-                if len(failures) > allowed:
-                    self.fail_sweep(failures)
+            if runs_in_flight(self.launcher, self.asynchronous):
+                log.info("up to %d trials in flight: the next starts as soon as one ends", self.n_jobs)
+                failures = Flight(self, study, space, heartbeat, silent).run(allowed)
+            else:
+                failures = self._run_batches(study, space, heartbeat, silent, allowed)
         finally:
             heartbeat.stop()
+        if len(failures) > allowed:
+            self.fail_sweep(failures)
         self._write_results(study, directions)
+
+    def _run_batches(
+        self, study: optuna.Study, space: tuple, heartbeat: Heartbeat, silent: SilentTrials, allowed: int
+    ) -> list[str]:
+        """Hydra's batches: ``n_jobs`` trials launched together, each batch waiting for its
+        slowest trial (launchers that run jobs in this process, or ``asynchronous=false``)."""
+        failures: list[str] = []
+        while len(failures) <= allowed:
+            fail_stale_trials(study)
+            silent.retire(study)
+            to_go = self.n_trials - len(counted_trials(study)) + self._waiting_count(study)
+            if to_go <= 0:
+                if not self._wait_for_others(study, heartbeat):
+                    break
+                continue
+            failures += self._run_batch(study, min(to_go, self.n_jobs), space, heartbeat)
+        return failures
 
     def fail_sweep(self, failures: list[str]) -> None:
         refuse(
@@ -678,18 +699,20 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             for trial in trials:  # the launcher itself failed: these trials never ran
                 self._fail(study, trial, None, heartbeat)
             raise
-        failures = []
-        for trial, ret in zip(trials, returns, strict=True):
-            state, values, reason = self.outcome(ret, len(study.directions))
-            if state == TrialState.FAIL:
-                failures.append(reason)
-                _log().warning("trial %d failed: %s (its log has the details)", trial.number, reason)
-                self._fail(study, trial, reason, heartbeat)
-            else:
-                if state == TrialState.PRUNED:
-                    _log().info("trial %d pruned", trial.number)
-                self._tell(study, trial, heartbeat, state=state, values=values)
-        return failures
+        reasons = [self.settle(study, trial, ret, heartbeat) for trial, ret in zip(trials, returns, strict=True)]
+        return [r for r in reasons if r is not None]
+
+    def settle(self, study: optuna.Study, trial: optuna.Trial, ret: Any, heartbeat: Heartbeat) -> str | None:
+        """Tell the study a trial's outcome from its job's return; its failure reason, if it failed."""
+        state, values, reason = self.outcome(ret, len(study.directions))
+        if state == TrialState.FAIL:
+            _log().warning("trial %d failed: %s (its log has the details)", trial.number, reason)
+            self._fail(study, trial, reason, heartbeat)
+            return reason
+        if state == TrialState.PRUNED:
+            _log().info("trial %d pruned", trial.number)
+        self._tell(study, trial, heartbeat, state=state, values=values)
+        return None
 
     def _job_overrides(
         self, study: optuna.Study, trial: Any, seed: int | None = None, reports: bool = True

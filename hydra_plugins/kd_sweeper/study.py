@@ -30,6 +30,7 @@ DIVERGED = "kd:diverged"  # the objective was NaN or infinite
 ERROR = "kd:error"  # the job raised, or returned something that is not an objective
 # Reasons of trials that never got an outcome: they do not count.
 SURPLUS = "kd:surplus"  # asked past n_trials in a race between workers
+INTERRUPTED = "kd:interrupted"  # in flight when the sweep stopped (Ctrl-C, an error)
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):

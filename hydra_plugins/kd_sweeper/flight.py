@@ -1,0 +1,140 @@
+"""Trials in flight: with ``n_jobs = k`` the sweeper keeps k trials running, and asks and
+starts the next one as soon as any ends (complete, pruned or failed), instead of waiting
+for the slowest trial of a batch.
+
+Each trial is one launcher call (``launch([its overrides], initial_job_idx=its number)``)
+made from its own thread, so any launcher whose jobs run outside the sweeper's process
+(joblib, submitit's local and SLURM executors, ...) runs them side by side. Only the
+sweeper's thread asks, tells and reads the study; a launch thread only waits for its job.
+Launchers that run jobs inside the sweeper's process (basic, population) cannot overlap
+two jobs and keep Hydra's batches.
+
+The threads are daemons: Ctrl-C (or any error) in the sweeper marks every trial still in
+flight FAIL, so none is left RUNNING, and the process exits without waiting for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any
+
+import optuna
+
+from hydra_plugins.kd_sweeper.study import ERROR, INTERRUPTED, counted_trials, fail_stale_trials
+
+# Launchers that run a job in the sweeper's own process: one job at a time, in batches.
+IN_PROCESS = ("BasicLauncher", "PopulationLauncher")
+log = logging.getLogger(__name__)
+
+
+def runs_in_flight(launcher: Any, asynchronous: bool) -> bool:
+    """Whether trials run in flight (asynchronously) with this launcher."""
+    return asynchronous and type(launcher).__name__ not in IN_PROCESS
+
+
+def _launch_in_thread(launcher: Any, overrides: tuple[str, ...], job_idx: int, name: str) -> Future:
+    """One job, launched from a daemon thread; its JobReturn (or the launcher's error) in the future."""
+    future: Future = Future()
+
+    def launch() -> None:
+        try:
+            (ret,) = launcher.launch([list(overrides)], initial_job_idx=job_idx)
+            future.set_result(ret)
+        except BaseException as err:  # the launcher failed: the sweeper's thread decides
+            future.set_exception(err)
+
+    threading.Thread(target=launch, name=name, daemon=True).start()
+    return future
+
+
+def stop_local_workers() -> None:
+    """Stop the worker processes joblib keeps on this machine. They ignore Ctrl-C: joblib
+    stops them from the call that launched their jobs, which here is a launch thread that
+    never sees the interrupt (without this, exit waits for every job in flight)."""
+    reusable = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(reusable, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=False, kill_workers=True)
+
+
+class Flight:
+    """Runs a sweep's trials in flight for
+    :class:`~hydra_plugins.kd_sweeper.kd_sweeper.KDOptunaSweeperImpl`."""
+
+    def __init__(self, sweeper: Any, study: optuna.Study, space: tuple, heartbeat: Any, silent: Any) -> None:
+        self.sweeper, self.study, self.space = sweeper, study, space
+        self.heartbeat, self.silent = heartbeat, silent
+        self.in_flight: dict[Future, optuna.Trial] = {}
+        self.failures: list[str] = []
+
+    def _to_go(self) -> int:
+        study = self.study
+        return self.sweeper.n_trials - len(counted_trials(study)) + self.sweeper._waiting_count(study)
+
+    def _start(self) -> bool:
+        """Ask one trial and launch it; False when the target is reached (or filled by others)."""
+        if self._to_go() <= 0:
+            return False
+        trial = self.sweeper._ask_counted(self.study, self.heartbeat)
+        if trial is None:
+            return False
+        try:
+            (params,) = self.sweeper._configure_trials([trial], *self.space)
+        except Exception as err:  # e.g. a custom search space that raised: nothing left RUNNING
+            self.sweeper._fail(self.study, trial, f"{ERROR}: {err}", self.heartbeat)
+            raise
+        overrides = (*params, *self.sweeper._job_overrides(self.study, trial))
+        future = _launch_in_thread(self.sweeper.launcher, overrides, trial.number, f"kd_optuna-trial-{trial.number}")
+        self.in_flight[future] = trial
+        return True
+
+    def run(self, allowed: int) -> list[str]:
+        """Keep ``n_jobs`` trials in flight until the target is reached; past ``allowed``
+        failures no trial starts and those in flight finish. Returns the failure reasons."""
+        width = self.sweeper.n_jobs
+        poll = self.heartbeat.interval or None  # wake to retire other workers' stale trials
+        try:
+            while True:
+                if len(self.failures) <= allowed:
+                    while len(self.in_flight) < width and self._start():
+                        pass
+                if not self.in_flight:
+                    if len(self.failures) > allowed or not self.sweeper._wait_for_others(self.study, self.heartbeat):
+                        return self.failures
+                    self._retire()
+                    continue
+                done, _ = wait(list(self.in_flight), timeout=poll, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._settle(future)
+                self._retire()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _retire(self) -> None:
+        fail_stale_trials(self.study)
+        self.silent.retire(self.study)
+
+    def _settle(self, future: Future) -> None:
+        trial = self.in_flight.pop(future)
+        error = future.exception()
+        if error is not None:  # the launcher itself failed: the trial never ran
+            self.sweeper._fail(self.study, trial, None, self.heartbeat)
+            raise error
+        reason = self.sweeper.settle(self.study, trial, future.result(), self.heartbeat)
+        if reason is not None:
+            self.failures.append(reason)
+
+    def _abandon(self) -> None:
+        """The sweep stops with trials in flight: each becomes FAIL (interrupted), so a
+        rerun retries them and none is left RUNNING."""
+        for trial in list(self.in_flight.values()):
+            self.sweeper._fail(self.study, trial, INTERRUPTED, self.heartbeat)
+        if self.in_flight:
+            log.warning("stopped with trials %s in flight: marked failed (interrupted)",
+                        sorted(t.number for t in self.in_flight.values()))  # fmt: skip
+        self.in_flight.clear()
+        stop_local_workers()
