@@ -232,7 +232,36 @@ def racing_cifar() -> str:
     return table(head, cells, align="lllrrrr")
 
 
+def _ms(cell: dict, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    se = f" ± {scale * cell['se']:.{digits}f}" if cell.get("se") is not None else ""
+    return f"{scale * cell['mean']:.{digits}f}{se}{unit}"
+
+
+def async_sleep() -> str:
+    """benchmarks/async_sweep.py: batches against trials in flight, per n_jobs and pruner."""
+    bench = _load(RESULTS / "async" / "sleep.json")
+    cells = []
+    for c in bench["cells"]:
+        for mode in ("batch", "async"):
+            m = c[mode]
+            cells.append(
+                [
+                    str(c["n_jobs"]),
+                    c["pruner"],
+                    "batches" if mode == "batch" else "in flight",
+                    _ms(m["wall_s"], unit=" s"),
+                    _ms(m["waiting"], 100, unit=" %"),
+                    _ms(m["idle"], 100, unit=" %"),
+                    _ms(m["trials_per_hour"], digits=0),
+                    f"{_ms(c['speedup'], digits=2)}x" if mode == "async" else "",
+                ]
+            )
+    head = ["n_jobs", "pruner", "mode", "wall", "waiting", "idle", "trials / hour", "batch ÷ in flight"]
+    return table(head, cells, align="rllrrrrr")
+
+
 TABLES = {
+    "async-sleep": async_sleep,
     "racing-cifar": racing_cifar,
     "racing-replay": racing_replay,
     "results-h200": results_h200,

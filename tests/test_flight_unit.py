@@ -1,0 +1,239 @@
+"""flight.py's scheduling in one process: a launcher whose jobs end when the test says
+so, a real in-memory study, and a stand-in for the sweeper's ask/tell methods."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from optuna.trial import TrialState
+
+from hydra_plugins.kd_sweeper import flight
+from hydra_plugins.kd_sweeper.flight import Flight
+from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials
+
+
+class GatedLauncher:
+    """Each job blocks until the test releases its trial; records the order of launches."""
+
+    def __init__(self) -> None:
+        self.gates: dict[int, threading.Event] = {}
+        self.outcomes: dict[int, Any] = {}
+        self.launched: list[int] = []
+        self.running = self.most_running = 0
+        self.lock = threading.Condition()
+
+    def launch(self, overrides: list, initial_job_idx: int) -> list[JobReturn]:
+        assert len(overrides) == 1  # one trial a call
+        with self.lock:
+            self.launched.append(initial_job_idx)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            gate = self.gates.setdefault(initial_job_idx, threading.Event())
+            self.lock.notify_all()
+        gate.wait(30)
+        with self.lock:
+            self.running -= 1
+        outcome = self.outcomes.get(initial_job_idx, float(initial_job_idx))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        ret = JobReturn(overrides=overrides[0])
+        ret.status, ret.return_value = JobStatus.COMPLETED, outcome
+        if outcome == "fail":
+            ret.status, ret.return_value = JobStatus.FAILED, RuntimeError("on purpose")
+        return [ret]
+
+    def release(self, number: int, outcome: Any = None) -> None:
+        if outcome is not None:
+            self.outcomes[number] = outcome
+        with self.lock:
+            self.gates.setdefault(number, threading.Event()).set()
+
+    def wait_launched(self, count: int) -> list[int]:
+        with self.lock:
+            assert self.lock.wait_for(lambda: len(self.launched) >= count, timeout=30), self.launched
+            return list(self.launched)
+
+
+class Beat:
+    interval = None
+
+
+class Sweeper:
+    """The methods of KDOptunaSweeperImpl that Flight calls, on an in-memory study."""
+
+    def __init__(self, n_trials: int, n_jobs: int) -> None:
+        self.n_trials, self.n_jobs, self.launcher = n_trials, n_jobs, GatedLauncher()
+        self.told: list[tuple[int, TrialState]] = []
+        self.told_changed = threading.Condition()
+
+    def _record(self, number: int, state: TrialState) -> None:
+        with self.told_changed:
+            self.told.append((number, state))
+            self.told_changed.notify_all()
+
+    def wait_told(self, count: int) -> None:
+        with self.told_changed:
+            assert self.told_changed.wait_for(lambda: len(self.told) >= count, timeout=30), self.told
+
+    def _waiting_count(self, study: optuna.Study) -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+    def _ask_counted(self, study: optuna.Study, heartbeat: Any) -> optuna.Trial:
+        return study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+
+    def _configure_trials(self, trials: list, *space: Any) -> list[tuple[str, ...]]:
+        return [(f"x={t.params['x']}",) for t in trials]
+
+    def _job_overrides(self, study: optuna.Study, trial: Any) -> tuple[str, ...]:
+        return (f"hydra.sweep.subdir={trial.number}",)
+
+    def _fail(self, study: optuna.Study, trial: Any, reason: str | None, heartbeat: Any) -> None:
+        if reason is not None:
+            trial.set_user_attr(FAIL_REASON, reason)
+        study.tell(trial, state=TrialState.FAIL)
+        self._record(trial.number, TrialState.FAIL)
+
+    def settle(self, study: optuna.Study, trial: Any, ret: JobReturn, heartbeat: Any) -> str | None:
+        if ret.status == JobStatus.FAILED:
+            self._fail(study, trial, "kd:error: on purpose", heartbeat)
+            return "kd:error: on purpose"
+        study.tell(trial, ret.return_value)
+        self._record(trial.number, TrialState.COMPLETE)
+        return None
+
+    def _wait_for_others(self, study: optuna.Study, heartbeat: Any) -> bool:
+        return False
+
+
+class NoSilent:
+    def retire(self, study: optuna.Study) -> None:
+        pass
+
+
+def _flight(n_trials: int, n_jobs: int) -> tuple[Flight, Sweeper, optuna.Study]:
+    sweeper = Sweeper(n_trials, n_jobs)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    return Flight(sweeper, study, ({}, {}, []), Beat(), NoSilent()), sweeper, study
+
+
+def _run(f: Flight, allowed: int = 0) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["failures"] = f.run(allowed)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_the_next_trial_starts_when_any_ends_not_when_the_slowest_does():
+    f, sweeper, study = _flight(n_trials=5, n_jobs=2)
+    thread, result = _run(f)
+    launcher = sweeper.launcher
+    assert launcher.wait_launched(2) == [0, 1]
+    launcher.release(1)  # trial 0 still runs
+    assert launcher.wait_launched(3) == [0, 1, 2]
+    launcher.release(2)
+    assert launcher.wait_launched(4) == [0, 1, 2, 3]
+    assert study.trials[0].state == TrialState.RUNNING  # the long one, still in flight
+    for number in (0, 3, 4):
+        launcher.release(number)
+    thread.join(30)
+    assert result == {"failures": []}
+    assert launcher.launched == [0, 1, 2, 3, 4]
+    assert [state for _, state in sweeper.told] == [TrialState.COMPLETE] * 5
+    assert [n for n, _ in sweeper.told][:2] == [1, 2]  # told as they ended
+    assert len(counted_trials(study)) == 5
+
+
+def test_no_more_than_n_jobs_trials_are_in_flight():
+    f, sweeper, study = _flight(n_trials=6, n_jobs=3)
+    thread, result = _run(f)
+    launcher = sweeper.launcher
+    assert launcher.wait_launched(3) == [0, 1, 2]
+    for number in range(6):
+        launcher.release(number)
+    thread.join(30)
+    assert result == {"failures": []} and len(study.trials) == 6
+    assert launcher.most_running == 3
+
+
+def test_past_the_allowance_nothing_starts_and_trials_in_flight_finish():
+    f, sweeper, study = _flight(n_trials=6, n_jobs=2)
+    thread, result = _run(f, allowed=0)
+    launcher = sweeper.launcher
+    launcher.wait_launched(2)
+    launcher.release(1, "fail")  # one failure, none allowed: trial 0 finishes, nothing new
+    sweeper.wait_told(1)
+    launcher.release(0)
+    thread.join(30)
+    assert launcher.launched == [0, 1]
+    assert result == {"failures": ["kd:error: on purpose"]}
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_failures_within_the_allowance_are_replaced():
+    f, sweeper, study = _flight(n_trials=3, n_jobs=1)
+    thread, result = _run(f, allowed=1)
+    for number, outcome in enumerate(["fail", None, None]):
+        sweeper.launcher.release(number, outcome)
+        sweeper.wait_told(number + 1)
+    thread.join(30)
+    assert result == {"failures": ["kd:error: on purpose"]}
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+def test_an_interrupt_fails_every_trial_in_flight_and_stops_local_workers(monkeypatch):
+    f, sweeper, study = _flight(n_trials=4, n_jobs=2)
+    stopped = []
+    monkeypatch.setattr(flight, "stop_local_workers", lambda: stopped.append(True))
+    thread, result = _run(f)
+    sweeper.launcher.wait_launched(2)
+    sweeper.launcher.release(0, KeyboardInterrupt())  # as if Ctrl-C reached the sweeper's wait
+    thread.join(30)
+    assert isinstance(result["error"], KeyboardInterrupt)
+    states = [(t.state, t.user_attrs.get(FAIL_REASON)) for t in study.trials]
+    assert states == [(TrialState.FAIL, None), (TrialState.FAIL, "kd:interrupted")]
+    assert stopped == [True] and not f.in_flight
+    sweeper.launcher.release(1)
+
+
+def test_a_launcher_that_fails_fails_its_trial_and_the_sweep():
+    f, sweeper, study = _flight(n_trials=2, n_jobs=1)
+    thread, result = _run(f)
+    sweeper.launcher.release(0, OSError("sbatch: command not found"))
+    thread.join(30)
+    assert isinstance(result["error"], OSError)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert FAIL_REASON not in study.trials[0].user_attrs  # it never ran: it does not count
+    assert counted_trials(study) == []
+
+
+def test_stop_local_workers_shuts_joblibs_reusable_pool_down(monkeypatch):
+    class Pool:
+        def shutdown(self, wait: bool, kill_workers: bool) -> None:
+            self.args = (wait, kill_workers)
+
+    pool = Pool()
+    module = type("M", (), {"_executor": pool})
+    monkeypatch.setitem(flight.sys.modules, "joblib.externals.loky.reusable_executor", module)
+    flight.stop_local_workers()
+    assert pool.args == (False, True)
+    monkeypatch.setitem(flight.sys.modules, "joblib.externals.loky.reusable_executor", None)
+    flight.stop_local_workers()  # joblib never loaded: nothing to stop
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_only_out_of_process_launchers_fly(asynchronous):
+    class SlurmLike:
+        pass
+
+    assert flight.runs_in_flight(SlurmLike(), asynchronous) is asynchronous
