@@ -4,7 +4,10 @@ the study's identity and its differences."""
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import subprocess
+import sys
 import time
 
 import optuna
@@ -133,7 +136,11 @@ def test_differences_name_each_changed_key_with_both_values():
 
 
 def test_trial_seeds_depend_on_seed_and_number_only():
-    assert trial_seed(42, 3) == trial_seed(42, 3)
+    # the same in another process with another hash seed (a str hash would differ there)
+    code = "from hydra_plugins.kd_sweeper.kd_sweeper import trial_seed; print(trial_seed(42, 3))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(other.stdout) == trial_seed(42, 3)
     assert len({trial_seed(42, n) for n in range(100)}) == 100
     assert trial_seed(42, 3) != trial_seed(43, 3)
     assert 0 <= trial_seed(0, 0) < 2**32

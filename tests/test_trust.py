@@ -3,7 +3,9 @@
 import dataclasses
 import importlib
 import json
+import os
 import sqlite3
+import subprocess
 import sys
 
 import optuna
@@ -96,7 +98,11 @@ def test_editing_the_model_class_changes_its_source_digest(tmp_path, monkeypatch
         importlib.invalidate_caches()
         digests.append(source_digest("toy_net.Net"))
     assert digests[0] != digests[1]
-    assert source_digest("kd.models.DeepNN") == source_digest("kd.models.DeepNN")
+    # the same class's digest in another process with another hash seed: an address is stable
+    code = "from kd.identity import source_digest; print(source_digest('kd.models.DeepNN'))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == source_digest("kd.models.DeepNN")
 
 
 def test_the_seed_teacher_run_publishes_the_address_seed_kd_looks_up(compose_cfg):
