@@ -271,13 +271,9 @@ TABLES = {
     "pareto-fronts": pareto_fronts,
     "epoch-cpu": epoch_cpu,
 }
-# The documents whose marked tables this script writes.
-DOCUMENTS = (
-    ROOT / "README.md",
-    ROOT / "docs" / "pareto.md",
-    ROOT / "docs" / "performance.md",
-    ROOT / "docs" / "sweeps.md",
-)
+# The documents whose marked tables this script writes (and test_readme checks): the
+# README and every page of docs/.
+DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 
 

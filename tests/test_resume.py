@@ -171,6 +171,14 @@ def _weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
 
+def _save_times(slots: Path) -> dict[Path, int]:
+    times = {}
+    for path in slots.glob("*.pt") if slots.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # replaced between listing and stat
+            times[path] = path.stat().st_mtime_ns
+    return times
+
+
 def _kill_after_epoch(workdir: Path, epoch: int) -> None:
     proc = start_py([*RUN, "hydra.run.dir=killed"], cwd=workdir)
     log, deadline = workdir / "killed" / "run.log", time.time() + 240
@@ -178,7 +186,17 @@ def _kill_after_epoch(workdir: Path, epoch: int) -> None:
         if log.exists() and f"epoch {epoch}/4: loss" in log.read_text():
             break
         time.sleep(0.1)
-    time.sleep(0.5)  # into the next epoch, past a mid-epoch save
+    # Into the next epoch, past a mid-epoch save: wait for two saves after that line
+    # (the epoch's own save may be the first), not for a guessed time.
+    slots = workdir / "cache" / "store" / "resume"
+    seen = _save_times(slots)
+    saves = 0
+    while saves < 2 and time.time() < deadline and proc.poll() is None:
+        now = _save_times(slots)
+        saves += sum(1 for p, t in now.items() if seen.get(p) != t)
+        seen = now
+        time.sleep(0.02)
+    assert saves >= 2, "no save came after the epoch's end before the run ended"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (workdir / "killed" / "metrics.json").exists(), "the run finished before it was killed"
@@ -229,20 +247,28 @@ KD_RUN = [
 def test_a_run_killed_at_any_point_leaves_nothing_that_blocks_the_next(workdir):
     """SIGKILL at spread-out moments of a KD run, each kill on the store the last one
     left behind; the next run then finishes with the uninterrupted run's metrics."""
-    clean_run = start_py([*KD_RUN, "hydra.run.dir=clean"], workdir, env={"KD_CACHE_DIR": str(workdir / "clean_cache")})
-    start = time.time()  # once started: a worker's first start also starts its fork server
-    clean = clean_run.finish(timeout=300)
+    clean = run_py([*KD_RUN, "hydra.run.dir=clean"], workdir, env={"KD_CACHE_DIR": str(workdir / "clean_cache")})
     assert clean.returncode == 0, clean.stderr[-2000:]
-    duration = time.time() - start
-    killed = 0
-    for i, fraction in enumerate((0.1, 0.2, 0.3, 0.4, 0.5, 0.6)):
+    killed, landed = 0, []
+    # Kill each run once its log has this many lines: moments spread over its phases
+    # (the teacher, its logits, the student, the CE baseline), each on the store the
+    # last kill left, read from the log rather than guessed from a clock.
+    for i, lines in enumerate((1, 2, 3, 4, 5, 6)):
         proc = start_py([*KD_RUN, f"hydra.run.dir=killed{i}"], cwd=workdir)
-        time.sleep(duration * fraction)
+        log = workdir / f"killed{i}" / "run.log"
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= lines:
+                break
+            time.sleep(0.01)
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):  # it may end between poll and kill
                 os.killpg(proc.pid, signal.SIGKILL)
-        killed += proc.wait() == -signal.SIGKILL
+        if proc.wait() == -signal.SIGKILL:
+            killed += 1
+            landed.append(log.read_text().splitlines()[-1].split("] ", 1)[-1][:40] if log.exists() else "")
     assert killed >= 4, f"only {killed} of 6 runs were killed before they finished"
+    assert len(set(landed)) >= 3, f"the kills landed in too few places: {landed}"
     final = run_py([*KD_RUN, "hydra.run.dir=final"], cwd=workdir)
     assert final.returncode == 0, final.stderr[-2000:]
     expected = json.loads((workdir / "clean" / "metrics.json").read_text())

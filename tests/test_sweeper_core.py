@@ -3,9 +3,11 @@ the study's identity and its differences."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from hydra_plugins.kd_sweeper.kd_sweeper import (
     space_identity,
     trial_seed,
 )
+from hydra_plugins.kd_sweeper.liveness import HEARTBEAT
 from hydra_plugins.kd_sweeper.study import (
     FAIL_REASON,
     HeartbeatJournalStorage,
@@ -171,18 +174,37 @@ def test_storages_take_heartbeats_only_when_asked(tmp_path):
     assert quiet.get_heartbeat_interval() is None and quiet.get_heartbeat_stale_trial_callback() is None
 
 
+def _age_beat(study: optuna.Study, trial: optuna.Trial, url: str, seconds: float) -> None:
+    """Move a trial's last heartbeat ``seconds`` into the past, as if its worker had
+    stopped then: no test waits out a grace period on the clock."""
+    if url.startswith("journal://"):
+        study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time() - seconds)
+        return
+    path = url.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, ?) WHERE trial_id = ?",
+            (f"-{seconds} seconds", trial._trial_id),
+        )
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # asked by hand here
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_a_trial_whose_worker_stopped_beating_fails_and_is_queued_again(tmp_path, kind, monkeypatch):
+    # The grace is a multiple of the interval with room for a loaded machine: a beat made
+    # just before the check is never stale; a beat aged past it always is.
+    interval = 1
+    grace = 10 * interval
     url = f"journal://{tmp_path}/s.log" if kind == "journal" else f"sqlite:///{tmp_path}/s.db"
-    study = optuna.create_study(study_name="hb", storage=open_storage(url, heartbeat_interval=1, grace_period=1))
+    study = optuna.create_study(
+        study_name="hb", storage=open_storage(url, heartbeat_interval=interval, grace_period=grace)
+    )
     dead, alive, unbeaten = study.ask(), study.ask(), study.ask()
     for trial in (dead, alive, unbeaten):
         trial.suggest_float("x", 0, 1)
     for trial in (dead, alive):
         study._storage.record_heartbeat(trial._trial_id)
-    time.sleep(2.5)
-    study._storage.record_heartbeat(alive._trial_id)  # the live worker beats on
+    _age_beat(study, dead, url, 3 * grace)  # its worker stopped long ago
     fail_stale_trials(study)
     trials = study.get_trials()
     # A trial with no beat yet (asked a moment ago) is not stale.
@@ -193,8 +215,7 @@ def test_a_trial_whose_worker_stopped_beating_fails_and_is_queued_again(tmp_path
     again = study.ask()
     assert again.number == trials[3].number  # and asked before any new trial
     study._storage.record_heartbeat(again._trial_id)
-    time.sleep(2.5)
-    study._storage.record_heartbeat(alive._trial_id)
+    _age_beat(study, again, url, 3 * grace)
     fail_stale_trials(study)
     states = [t.state for t in study.get_trials()]
     assert states[3] == TrialState.FAIL and len(states) == 4  # retried once only

@@ -24,6 +24,10 @@ samplers (grid included) and one or several objectives. What it adds:
 * **The search space is the study's identity.** The swept keys, their distributions
   and the fixed parameters are stored with the study; resuming with another space is
   refused in one line before any trial is asked.
+* **Trials in flight.** With a launcher whose jobs run in other processes (joblib,
+  submitit), ``n_jobs`` trials run and the next starts as soon as one ends
+  (flight.py); ``asynchronous=false``, and the basic and population launchers, keep
+  Hydra's batches.
 * **Reproducible, collision-free sampling.** Each trial is sampled by a sampler seeded
   from (seed, trial number), built before the trial is asked; parallel TPE uses
   ``constant_liar``.
