@@ -14,7 +14,11 @@ before. Prints mean ± SD per job for both and their ratio.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +33,7 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="an image-folder dataset (default: synthetic data)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default=None, help="cache dir (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     import torch
@@ -65,6 +70,19 @@ def main() -> None:
         print(f"{name}: {statistics.fmean(times):.3f} ± {statistics.stdev(times):.3f} s per job (n={len(times)})")
     base, new = (statistics.fmean(t) for t in results.values())
     print(f"ratio baseline / now: {base / new:.1f}x")
+    if args.out:
+        record = {
+            "command": "python benchmarks/bench_job_overhead.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 threads",
+            "data": args.root or "synthetic",
+            "first_job_s": build,
+            "seconds_per_job": {name: {"values": t, "mean": statistics.fmean(t), "sd": statistics.stdev(t)}
+                                for name, t in results.items()},
+            "ratio": base / new,
+        }  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ first epochs, the median epoch of each and eager / compiled (above 1: compiling 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -43,7 +46,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    record: dict = {"command": "python benchmarks/student_compile.py " + " ".join(sys.argv[1:]), "arms": {}}
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -64,6 +69,17 @@ def main() -> None:
             f"{args.repeats}); eager / compiled {eager / compiled:.2f}",
             flush=True,
         )
+        record["arms"]["bf16" if amp else "float32"] = {
+            "first_epoch_s": first, "epoch_s": times, "median_eager_s": eager, "median_compiled_s": compiled,
+            "eager_over_compiled": eager / compiled,
+        }  # fmt: skip
+    record["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

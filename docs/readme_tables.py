@@ -260,7 +260,29 @@ def async_sleep() -> str:
     return table(head, cells, align="rllrrrrr")
 
 
+def async_kd() -> str:
+    """benchmarks/async_kd.py: one kd sweep with ASHA on the CIFAR-10 copy, batches against in flight."""
+    bench = _load(RESULTS / "async" / "kd_cifar.json")
+    cells = []
+    for r in bench["runs"]:
+        params = r["best_params"]
+        best = f"{r['best_val_acc']:.2f} % (T {params['loss.temperature']:.3g}, α {params['loss.alpha']:.3g})"
+        cells.append(
+            [
+                "batches" if r["mode"] == "batch" else "in flight",
+                str(r["trials"]),
+                str(r["pruned"]),
+                f"{r['wall_s']:.0f} s",
+                f"{r['trials_per_hour']:.0f}",
+                best,
+            ]
+        )
+    head = ["mode", "trials", "pruned", "wall", "trials / hour", "best validation (one seed)"]
+    return table(head, cells, align="lrrrrl") + f"\n\nBatches ÷ in flight: {bench['speedup']:.2f}x (one pair)."
+
+
 TABLES = {
+    "async-kd": async_kd,
     "async-sleep": async_sleep,
     "racing-cifar": racing_cifar,
     "racing-replay": racing_replay,

@@ -188,3 +188,25 @@ def test_launchers_that_run_jobs_in_the_sweepers_process_stay_in_batches():
 
     assert runs_in_flight(Elsewhere(), asynchronous=True)
     assert not runs_in_flight(Elsewhere(), asynchronous=False)
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        ["hydra/sweeper/sampler=grid", "x=choice(0,1,2)", "y=choice(0,1)", "hydra.sweeper.n_trials=6"],
+        ["hydra.sweeper.direction=[minimize,minimize]", "objectives=2", "~hydra/sweeper/pruner",
+         "hydra.sweeper.n_trials=6"],
+    ],
+    ids=["grid", "two-objectives"],
+)  # fmt: skip
+def test_grids_and_several_objectives_run_in_flight_as_in_batches(tmp_path, space):
+    from tests.test_any_app import study, sweep
+
+    proc = sweep(tmp_path, *space, "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "up to 2 trials in flight" in proc.stdout + proc.stderr
+    trials = study(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # the grid: every point once
+    results = (tmp_path / "s" / "optimization_results.yaml").read_text()
+    assert ("solutions:" in results) == ("objectives=2" in space)
