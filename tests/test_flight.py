@@ -193,7 +193,8 @@ def test_launchers_that_run_jobs_in_the_sweepers_process_stay_in_batches():
 @pytest.mark.parametrize(
     "space",
     [
-        ["hydra/sweeper/sampler=grid", "x=choice(0,1,2)", "y=choice(0,1)", "hydra.sweeper.n_trials=6"],
+        ["hydra/sweeper/sampler=grid", "x=choice(0,1,2)", "y=choice(0,1)", "hydra.sweeper.n_trials=6",
+         "~hydra/sweeper/pruner"],
         ["hydra.sweeper.direction=[minimize,minimize]", "objectives=2", "~hydra/sweeper/pruner",
          "hydra.sweeper.n_trials=6"],
     ],
