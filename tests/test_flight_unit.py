@@ -23,6 +23,7 @@ class GatedLauncher:
         self.gates: dict[int, threading.Event] = {}
         self.outcomes: dict[int, Any] = {}
         self.launched: list[int] = []
+        self.threads: list[str] = []
         self.running = self.most_running = 0
         self.lock = threading.Condition()
 
@@ -30,6 +31,7 @@ class GatedLauncher:
         assert len(overrides) == 1  # one trial a call
         with self.lock:
             self.launched.append(initial_job_idx)
+            self.threads.append(threading.current_thread().name)
             self.running += 1
             self.most_running = max(self.most_running, self.running)
             gate = self.gates.setdefault(initial_job_idx, threading.Event())
@@ -62,11 +64,17 @@ class Beat:
     interval = None
 
 
+SPACE = ({"x": "its distribution"}, {"fixed": 1}, ["~deleted"])
+
+
 class Sweeper:
-    """The methods of KDOptunaSweeperImpl that Flight calls, on an in-memory study."""
+    """The methods of KDOptunaSweeperImpl that Flight calls, on an in-memory study; each
+    checks it is handed the study, the heartbeat and the space it expects."""
 
     def __init__(self, n_trials: int, n_jobs: int) -> None:
         self.n_trials, self.n_jobs, self.launcher = n_trials, n_jobs, GatedLauncher()
+        self.study: optuna.Study | None = None
+        self.beat = Beat()
         self.told: list[tuple[int, TrialState]] = []
         self.told_changed = threading.Condition()
 
@@ -80,24 +88,30 @@ class Sweeper:
             assert self.told_changed.wait_for(lambda: len(self.told) >= count, timeout=30), self.told
 
     def _waiting_count(self, study: optuna.Study) -> int:
+        assert study is self.study
         return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
     def _ask_counted(self, study: optuna.Study, heartbeat: Any) -> optuna.Trial:
+        assert study is self.study and heartbeat is self.beat
         return study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
 
     def _configure_trials(self, trials: list, *space: Any) -> list[tuple[str, ...]]:
+        assert space == SPACE
         return [(f"x={t.params['x']}",) for t in trials]
 
     def _job_overrides(self, study: optuna.Study, trial: Any) -> tuple[str, ...]:
+        assert study is self.study
         return (f"hydra.sweep.subdir={trial.number}",)
 
     def _fail(self, study: optuna.Study, trial: Any, reason: str | None, heartbeat: Any) -> None:
+        assert study is self.study and heartbeat is self.beat
         if reason is not None:
             trial.set_user_attr(FAIL_REASON, reason)
         study.tell(trial, state=TrialState.FAIL)
         self._record(trial.number, TrialState.FAIL)
 
     def settle(self, study: optuna.Study, trial: Any, ret: JobReturn, heartbeat: Any) -> str | None:
+        assert study is self.study and heartbeat is self.beat
         if ret.status == JobStatus.FAILED:
             self._fail(study, trial, "kd:error: on purpose", heartbeat)
             return "kd:error: on purpose"
@@ -109,15 +123,27 @@ class Sweeper:
         return False
 
 
-class NoSilent:
+class Silent:
+    """Counts the sweeper's calls to retire other workers' silent trials."""
+
+    def __init__(self) -> None:
+        self.study: optuna.Study | None = None
+        self.calls = 0
+        self.called = threading.Condition()
+
     def retire(self, study: optuna.Study) -> None:
-        pass
+        assert study is self.study
+        with self.called:
+            self.calls += 1
+            self.called.notify_all()
 
 
-def _flight(n_trials: int, n_jobs: int) -> tuple[Flight, Sweeper, optuna.Study]:
-    sweeper = Sweeper(n_trials, n_jobs)
+def _flight(n_trials: int, n_jobs: int, interval: float | None = None) -> tuple[Flight, Sweeper, optuna.Study]:
+    sweeper, silent = Sweeper(n_trials, n_jobs), Silent()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    return Flight(sweeper, study, ({}, {}, []), Beat(), NoSilent()), sweeper, study
+    sweeper.study = silent.study = study
+    sweeper.beat.interval = interval
+    return Flight(sweeper, study, SPACE, sweeper.beat, silent), sweeper, study
 
 
 def _run(f: Flight, allowed: int = 0) -> tuple[threading.Thread, dict]:
@@ -149,6 +175,7 @@ def test_the_next_trial_starts_when_any_ends_not_when_the_slowest_does():
     thread.join(30)
     assert result == {"failures": []}
     assert launcher.launched == [0, 1, 2, 3, 4]
+    assert launcher.threads == [f"kd_optuna-trial-{n}" for n in range(5)]  # named for a stack dump
     assert [state for _, state in sweeper.told] == [TrialState.COMPLETE] * 5
     assert [n for n, _ in sweeper.told][:2] == [1, 2]  # told as they ended
     assert len(counted_trials(study)) == 5
@@ -191,7 +218,7 @@ def test_failures_within_the_allowance_are_replaced():
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
-def test_an_interrupt_fails_every_trial_in_flight_and_stops_local_workers(monkeypatch):
+def test_an_interrupt_fails_every_trial_in_flight_and_stops_local_workers(monkeypatch, caplog):
     f, sweeper, study = _flight(n_trials=4, n_jobs=2)
     stopped = []
     monkeypatch.setattr(flight, "stop_local_workers", lambda: stopped.append(True))
@@ -203,6 +230,7 @@ def test_an_interrupt_fails_every_trial_in_flight_and_stops_local_workers(monkey
     states = [(t.state, t.user_attrs.get(FAIL_REASON)) for t in study.trials]
     assert states == [(TrialState.FAIL, None), (TrialState.FAIL, "kd:interrupted")]
     assert stopped == [True] and not f.in_flight
+    assert "stopped with trials [1] in flight: marked failed (interrupted)" in caplog.text
     sweeper.launcher.release(1)
 
 
@@ -236,4 +264,30 @@ def test_only_out_of_process_launchers_fly(asynchronous):
     class SlurmLike:
         pass
 
+    class BasicLauncher:  # named as Hydra's: its jobs run in the sweeper's process
+        pass
+
     assert flight.runs_in_flight(SlurmLike(), asynchronous) is asynchronous
+    assert flight.runs_in_flight(BasicLauncher(), asynchronous) is False
+
+
+def test_a_queued_trial_runs_even_though_the_target_counts_it():
+    # A dead worker's trial queued again (WAITING) counts toward n_trials, yet must run.
+    f, sweeper, study = _flight(n_trials=1, n_jobs=1)
+    study.enqueue_trial({"x": 0.5})
+    thread, result = _run(f)
+    sweeper.launcher.release(0)
+    thread.join(30)
+    assert result == {"failures": []} and [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_while_trials_run_the_sweeper_wakes_every_interval_to_retire_silent_ones():
+    f, sweeper, study = _flight(n_trials=1, n_jobs=1, interval=0.01)
+    thread, result = _run(f)
+    sweeper.launcher.wait_launched(1)
+    silent = f.silent
+    with silent.called:  # no trial ends meanwhile: only the interval wakes it
+        assert silent.called.wait_for(lambda: silent.calls >= 3, timeout=30)
+    sweeper.launcher.release(0)
+    thread.join(30)
+    assert result == {"failures": []}
