@@ -207,7 +207,8 @@ def test_grids_and_several_objectives_run_in_flight_as_in_batches(tmp_path, spac
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "up to 2 trials in flight" in proc.stdout + proc.stderr
     trials = study(tmp_path).trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+    why = [(t.number, t.state.name, t.user_attrs) for t in trials if t.state != TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, f"{why}\n{proc.stderr[-3000:]}"
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # the grid: every point once
     results = (tmp_path / "s" / "optimization_results.yaml").read_text()
     assert ("solutions:" in results) == ("objectives=2" in space)

@@ -250,3 +250,25 @@ def test_stacked_hyperparameters_live_on_the_asked_device_in_float64():
     stacked = for_members([HintonKD(2.0, 0.1), HintonKD(3.0, 0.2)], device="meta")
     assert stacked.temperature.device.type == "meta" and stacked.alpha.dtype == torch.float64
     assert HintonKD(2.0, 0.1).temperature == 2.0  # the members are untouched
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [[HintonKD(3.3, 0.9), HintonKD(1.7, 0.3)], [DKD(0.7, 8.0, 3.3), DKD(1.0, 2.0, 1.7)],
+     [CosineHidden(0.9), CosineHidden(0.3)]],
+    ids=lambda losses: type(losses[0]).__name__,
+)  # fmt: skip
+def test_a_member_rounds_its_hyperparameters_as_its_single_run_does(losses):
+    """In float32, the dtype training uses, a member's loss is its single run's to the
+    bit: ``1 - alpha`` and ``T ** 2`` are computed in double on both paths and rounded
+    once (rounded per member first, 1 - 0.9 differs from the single run's by 2e-7)."""
+    n, b, c = len(losses), 8, 10
+    gen = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(n, b, c, generator=gen) * 3, torch.randn(n, b, c, generator=gen) * 3
+    labels = torch.randint(0, c, (n, b), generator=gen)
+    s_conv, t_conv = torch.randn(n, b, 4, 2, 2, generator=gen), torch.randn(n, b, 8, 2, 2, generator=gen)
+    progress = Progress(epoch=1, epochs=3, step=2, steps_per_epoch=4)
+    together = for_members(losses)(LossInputs(student, labels, teacher, {"conv": s_conv}, {"conv": t_conv}, progress))
+    for i, loss in enumerate(losses):
+        alone = loss(LossInputs(student[i], labels[i], teacher[i], {"conv": s_conv[i]}, {"conv": t_conv[i]}, progress))
+        assert together["loss"][i].item() == alone["loss"].item(), i

@@ -17,7 +17,11 @@ from kd.losses.base import DistillationLoss, LossInputs
 
 def per_member(value: float | torch.Tensor, like: torch.Tensor, trailing: int = 0) -> float | torch.Tensor:
     """A hyperparameter ready to combine with ``like``: a float as it is, a per-member
-    tensor ``[N]`` in ``like``'s dtype, shaped ``[N, 1, ...]`` with ``trailing`` ones."""
+    tensor ``[N]`` in ``like``'s dtype, shaped ``[N, 1, ...]`` with ``trailing`` ones.
+
+    Do any arithmetic on the hyperparameter itself (``1 - alpha``, ``T ** 2``) before this
+    cast: members hold float64 tensors and a single run Python floats, so both then round
+    the same double to ``like``'s dtype and a member computes what its single run does."""
     if isinstance(value, torch.Tensor):
         return value.to(like.dtype).view(*value.shape, *([1] * trailing))
     return value
@@ -39,8 +43,9 @@ def kl_batchmean(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tenso
 
 def blend(weight: float | torch.Tensor, distill: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
     """``weight * distill + (1 - weight) * ce``, exactly ``ce`` (value and gradient)
-    where the weight is 0, so a weight-0 run is a CE run."""
-    mixed = weight * distill + (1.0 - weight) * ce
+    where the weight is 0, so a weight-0 run is a CE run. ``weight``: a float or a
+    per-member float64 tensor (see :func:`per_member`)."""
+    mixed = per_member(weight, ce) * distill + per_member(1.0 - weight, ce) * ce
     return torch.where(torch.as_tensor(weight, device=ce.device) == 0, ce, mixed)
 
 
@@ -51,7 +56,7 @@ def distillation_divergence(
     t = per_member(temperature, student_logits, 2)
     student_log_probs = F.log_softmax(student_logits / t, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.detach() / t, dim=-1)
-    return kl_batchmean(student_log_probs, teacher_log_probs) * per_member(temperature, student_logits) ** 2
+    return kl_batchmean(student_log_probs, teacher_log_probs) * per_member(temperature**2, student_logits)
 
 
 def standardise(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -94,7 +99,7 @@ def dkd_terms(
     log(0) once the logit gap passes about 87 T in float32, and the 1e-12 clamp this
     replaced stopped the gradient past a gap of about 27.6 T; logsumexp stays exact."""
     target = F.one_hot(labels, student_logits.shape[-1]).bool()
-    t, scale = per_member(temperature, student_logits, 2), per_member(temperature, student_logits) ** 2
+    t, scale = per_member(temperature, student_logits, 2), per_member(temperature**2, student_logits)
     s_scaled, t_scaled = student_logits / t, teacher_logits.detach() / t
     log_b_s = _log_target_and_rest(F.log_softmax(s_scaled, dim=-1), target)
     log_b_t = _log_target_and_rest(F.log_softmax(t_scaled, dim=-1), target)
@@ -138,7 +143,7 @@ class HintonKD(DistillationLoss):
     def terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         ce = cross_entropy(inputs.student_logits, inputs.labels)
         kl = self.soft_target(inputs)
-        return {"loss": blend(per_member(self.alpha, ce), kl, ce), "ce": ce, "kl": kl}
+        return {"loss": blend(self.alpha, kl, ce), "ce": ce, "kl": kl}
 
 
 class StandardisedKD(HintonKD):
@@ -209,7 +214,7 @@ class CosineHidden(FeatureLoss):
             teacher = pooled.view(*teacher.shape[:-1], student.shape[-1])
         cosine = cosine_distance(student, teacher).mean(-1)
         ce = cross_entropy(inputs.student_logits, inputs.labels)
-        return {"loss": blend(per_member(self.weight, ce), cosine, ce), "ce": ce, "cosine": cosine}
+        return {"loss": blend(self.weight, cosine, ce), "ce": ce, "cosine": cosine}
 
 
 class FeatureRegressor(FeatureLoss):
