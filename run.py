@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.kd_sweeper import job
-from kd import pipeline, population
+from kd import pipeline, population_jobs
 from kd.config import override_hints
 from kd.devices import available_cores
 from kd.errors import ConfigError, Diverged, JobStopped, KDError, Pruned, StorageError
@@ -118,7 +118,7 @@ def run_tags(hydra_cfg: DictConfig) -> dict:
     config_name="config",
     execution_whitelist=["kd.tuning.ReportHint", "kd.cluster.CheckSlurmLauncher", "kd.cluster.QuietAccountingPolls"],
 )
-def main(cfg: DictConfig, share: population.JobShare | None = None) -> float | list[float]:
+def main(cfg: DictConfig, share: population_jobs.JobShare | None = None) -> float | list[float]:
     """One run; ``share`` is this job's part of a population when hydra/launcher=population
     trained it (the launcher passes it), else None."""
     hydra_cfg = HydraConfig.get()

@@ -3,7 +3,7 @@
     python benchmarks/bench_job_overhead.py --root ../shared/data/cifar10-jpeg [--repeats 5]
 
 Times, in this process after the imports, the work a job does to find its dataset
-and its stored teacher and teacher logits (kd.pipeline.make_context and
+and its stored teacher and teacher logits (kd.recipes.make_context and
 prepare_teacher), once to build the caches (not counted), then ``--repeats`` times
 warm. It does so twice: with each store and cache file trusted by its verified
 stamp and the dataset's fingerprint read from its manifest (what jobs do), and, as
@@ -41,7 +41,8 @@ def main() -> None:
     from kd import data as data_module
     from kd import storage
     from kd.devices import select_device
-    from kd.pipeline import make_context, prepare_teacher
+    from kd.provision import prepare_teacher
+    from kd.recipes import make_context
     from kd.teacher import TeacherStore
 
     cache = args.cache or tempfile.mkdtemp(prefix="kd-bench-")

@@ -33,7 +33,8 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd.data import BatchStream, ImageFolderData, Preprocess, SyntheticData  # noqa: E402
+from kd.batches import BatchStream, Preprocess  # noqa: E402
+from kd.data import ImageFolderData, SyntheticData  # noqa: E402
 from kd.devices import select_device  # noqa: E402
 from kd.engine import accuracy, fit, predict_features, predict_logits  # noqa: E402
 from kd.losses import DKD, CosineHidden, CrossEntropy, FeatureRegressor, HintonKD, StandardisedKD  # noqa: E402

@@ -8,7 +8,7 @@
 Everything runs in this one process on the same data, device and teacher logits:
 
 1. one at a time: ``--single`` KD trials (T x alpha grid points) through
-   :func:`kd.pipeline.train_model`, plus one CE trial (the KD/CE step-time ratio);
+   :func:`kd.recipes.train_model`, plus one CE trial (the KD/CE step-time ratio);
 2. populations of N = ``--sizes`` KD trials through :func:`kd.population.train_population`
    (peak GPU memory on a GPU);
 3. trials per hour of each and the ratio to one at a time.
@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kd.config import build  # noqa: E402
-from kd.pipeline import make_context, prepare_teacher, run_recipe, train_model  # noqa: E402
 from kd.population import Member, train_population  # noqa: E402
+from kd.provision import prepare_teacher  # noqa: E402
+from kd.recipes import make_context, run_recipe, train_model  # noqa: E402
 from kd.teacher import TeacherStore  # noqa: E402
 
 TEMPERATURES = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]

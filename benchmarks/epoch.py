@@ -11,7 +11,7 @@ In this one process, on the same synthetic images (kd's ``data=synthetic``; with
 the CIFAR-10 copy, and 128 of its test images), model class, optimiser (Adam, lr
 1e-3), batch size and dtype, each repeat times:
 
-- **project**: :func:`kd.pipeline.train_model` for one epoch, as a run calls it (uint8
+- **project**: :func:`kd.recipes.train_model` for one epoch, as a run calls it (uint8
   images gathered per batch and normalised on the device, channels_last, NaN checks,
   the resume checkpoint at the epoch's end), including building the model;
 - **bare**: the loop a PyTorch user writes: the same images already normalised, a
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from kd.config import build  # noqa: E402
 from kd.cost import device_name, seconds_per_call  # noqa: E402
 from kd.devices import bf16_is_native, select_device, use_cpu  # noqa: E402
-from kd.pipeline import Context, make_context, resume_file, run_model_key, run_recipe, train_model  # noqa: E402
+from kd.recipes import Context, make_context, resume_file, run_model_key, run_recipe, train_model  # noqa: E402
 
 MODELS = {"teacher": "teacher", "student": "student"}  # name -> conf/model option
 AMP = {"float32": "off", "bf16": "bf16"}

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.runs import finished, run_logged  # noqa: E402
-from kd.report import seed_records  # noqa: E402
+from kd.run_table import seed_records  # noqa: E402
 from kd.stats import describe  # noqa: E402
 
 # Overrides of a sweep trial that the re-runs set themselves (or must not carry).

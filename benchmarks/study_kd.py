@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.runs import finished  # noqa: E402
-from kd.report import table  # noqa: E402
+from kd.markdown import table  # noqa: E402
 from kd.stats import describe, fmt_difference, fmt_mean_se  # noqa: E402
 
 SEEDS = "[42,43,44]"

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.report import si, table  # noqa: E402
+from kd.markdown import si, table  # noqa: E402
 from kd.stats import describe, fmt_difference, fmt_mean_se  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results"

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kd import identity, schema
@@ -75,13 +75,9 @@ def _is_seed(v: float) -> bool:
     return 0 <= v < 2**32
 
 
-# (key, test, rule, integer): every plain numeric range, checked in this order.
+# (key, test, rule, integer): every plain numeric range, checked in this order. A loss's
+# hyperparameters are checked by the rules its class declares (``ranges``).
 RANGES: tuple[tuple[str, Callable[[float], bool], str, bool], ...] = (
-    # Past 1e3 the softened distributions are uniform to float precision; 1e300 overflows.
-    ("loss.temperature", lambda v: 0 < v <= 1e3, "in (0, 1000]", False),
-    ("loss.beta", lambda v: v >= 0, ">= 0", False),
-    ("loss.weight", lambda v: 0 <= v <= 1, "in [0, 1]", False),
-    ("loss.warmup_epochs", lambda v: v >= 0, ">= 0", False),
     ("trainer.epochs", lambda v: v >= 1, ">= 1", True),
     ("trainer.batch_size", lambda v: v >= 1, ">= 1", True),
     ("trainer.num_threads", lambda v: v >= 1, ">= 1 (or null for automatic)", True),
@@ -142,10 +138,8 @@ def validate(cfg: DictConfig) -> None:
     the wrong type (:mod:`kd.schema`) or out of range (:data:`RANGES` and the checks below)."""
     extra = [str(t) for t in OmegaConf.select(cfg, "extra_targets", default=None) or []]
     schema.check(cfg, trusted=(*TRUSTED_TARGETS, *extra))
-    if str(OmegaConf.select(cfg, "loss._target_", default="")).endswith(".DKD"):
-        _number(cfg, "loss.alpha", lambda v: v >= 0, ">= 0")  # DKD's alpha weights a KL term: any size
-    else:
-        _number(cfg, "loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1]")
+    for name, (test, rule) in getattr(loss_class(cfg), "ranges", {}).items():
+        _number(cfg, f"loss.{name}", test, rule)
     for key, test, rule, integer in RANGES:
         _number(cfg, key, test, rule, integer=integer)
     for key in FLAGS:
@@ -174,15 +168,25 @@ def _check_betas(cfg: DictConfig, key: str) -> None:
 # Legal settings that cannot mean what their user wants: (key, test, why). Warned
 # about at the start of a run, never refused.
 DEGENERATE: tuple[tuple[str, Callable[[float], bool], str], ...] = (
-    ("loss.temperature", lambda v: v < 0.05, "below 0.05 the soft targets are one-hot (the teacher's argmax)"),
-    ("loss.temperature", lambda v: v > 100, "above 100 the soft targets are nearly uniform: KD carries little"),
     ("optim.lr", lambda v: v > 1, "above 1 training almost always diverges"),
     ("optim.lr", lambda v: v < 1e-7, "below 1e-7 the weights barely move"),
 )
 
 
-def _is_kd(cfg: DictConfig) -> bool:
-    return str(OmegaConf.select(cfg, "loss._target_", default="")).endswith(("HintonKD", "StandardisedKD"))
+def loss_class(cfg: DictConfig) -> type | None:
+    """The class ``loss._target_`` names (None where it names none that can be imported:
+    building the loss then says why)."""
+    target = OmegaConf.select(cfg, "loss._target_", default=None)
+    try:
+        return get_class(str(target)) if target else None
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def _reads_cached_logits(cfg: DictConfig) -> bool:
+    """Whether the loss distils the teacher's logits (which per-view caching serves), not features."""
+    loss = build(cfg.loss, cfg) if loss_class(cfg) is not None else None
+    return bool(getattr(loss, "needs_teacher", False)) and not getattr(loss, "teacher_features", ())
 
 
 def _train_images(cfg: DictConfig) -> int:
@@ -194,14 +198,6 @@ def _train_images(cfg: DictConfig) -> int:
 # Degenerate combinations of keys: (test on the whole config, what it means).
 DEGENERATE_RUNS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
     (
-        lambda cfg: _is_kd(cfg) and OmegaConf.select(cfg, "loss.alpha") == 0,
-        "loss.alpha=0 is plain cross-entropy: the teacher is built or loaded but not used",
-    ),
-    (
-        lambda cfg: OmegaConf.select(cfg, "loss.weight", default=None) == 0,
-        "loss.weight=0 is plain cross-entropy: the teacher's features are not used",
-    ),
-    (
         lambda cfg: 0 < _train_images(cfg) <= int(cfg.trainer.batch_size),
         "trainer.batch_size holds the whole training set: one step per epoch",
     ),
@@ -209,7 +205,7 @@ DEGENERATE_RUNS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
         lambda cfg: (
             bool(OmegaConf.select(cfg, "data.augment", default=False))
             and OmegaConf.select(cfg, "teacher.views", default=None) == 1
-            and _is_kd(cfg)
+            and _reads_cached_logits(cfg)
         ),
         "teacher.views=1 with data.augment=true: the student sees one augmented view per image, every epoch",
     ),
@@ -217,10 +213,11 @@ DEGENERATE_RUNS: tuple[tuple[Callable[[DictConfig], bool], str], ...] = (
 
 
 def degenerate_settings(cfg: DictConfig) -> list[str]:
-    """One line per legal but degenerate setting of ``cfg`` (:data:`DEGENERATE` and
-    :data:`DEGENERATE_RUNS`)."""
+    """One line per legal but degenerate setting of ``cfg`` (:data:`DEGENERATE`, the
+    loss class's ``warnings`` and :data:`DEGENERATE_RUNS`)."""
     found = []
-    for key, test, why in DEGENERATE:
+    loss_warnings = [(f"loss.{name}", test, why) for name, test, why in getattr(loss_class(cfg), "warnings", ())]
+    for key, test, why in [*loss_warnings, *DEGENERATE]:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and test(value):
             found.append(f"{key}={value!r}: {why}")
@@ -396,7 +393,7 @@ def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:
 
 
 def _option_keys(path: Path) -> set[str]:
-
+    """The top-level keys an option's YAML file sets (none for an unreadable file)."""
     try:
         node = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kd.data import BatchStream, Preprocess
+from kd.batches import BatchStream, Preprocess
 from kd.errors import Diverged
 from kd.losses import LossInputs, Progress
 from kd.models import SeededDropout

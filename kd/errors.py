@@ -80,3 +80,7 @@ class Pruned(KDError, optuna.TrialPruned):
 
     def __reduce__(self):  # type: ignore[override]
         return (type(self), (self.step, self.value))
+
+
+class ReportError(Exception):
+    """A one-line problem with the directories given to the report."""

@@ -30,34 +30,27 @@ from dataclasses import dataclass
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
-from kd.config import build, run_settings, trial_seeds, validate
-from kd.data import BatchStream
-from kd.devices import autocast_requested, select_device, threads_per_job, use_cpu
+from kd.batches import BatchStream
+from kd.config import build, run_settings
+from kd.devices import autocast_requested
 from kd.engine import FitResult, train_step
-from kd.errors import Diverged, KDError
+from kd.errors import Diverged
 from kd.losses import DistillationLoss, Progress, for_members
 from kd.models import SeededDropout
 from kd.models.features import with_features
-from kd.pipeline import (
+from kd.recipes import (
     Context,
     Recipe,
     TeacherSource,
     Trained,
-    check_steps,
-    make_context,
     new_model,
     new_optimizer,
-    prepare_teacher,
-    run_recipe,
-    show_progress,
 )
-from kd.teacher import TeacherStore
-from kd.tuning import epoch_reporter, use_replicate
 from kd.views import CachedViews, RandomViews, apply_views
 
 log = logging.getLogger(__name__)
@@ -333,7 +326,7 @@ def train_population(
     progress: bool = False,
     log_every_s: float = 30.0,
 ) -> list[Trained | BaseException]:
-    """Train ``members`` together; returns per member a :class:`kd.pipeline.Trained`, or
+    """Train ``members`` together; returns per member a :class:`kd.recipes.Trained`, or
     the exception that stopped it (:class:`Diverged`, or what its ``on_epoch`` raised,
     e.g. :class:`kd.errors.Pruned`). Members must share model, epochs, batch size and
     augmentation (see :func:`population_key`)."""
@@ -362,92 +355,3 @@ def train_population(
         for row, number in enumerate(pop.alive):
             outcomes[number] = pop.trained(number, row, histories[number], train_seconds, test[row])
     return outcomes
-
-
-@dataclass
-class JobShare:
-    """What one job of a trained population gets: the shared data and teacher, and
-    per seed its member's outcome (a trained model, or what stopped it)."""
-
-    context: Context
-    teacher: TeacherSource | None
-    outcomes: dict[int, Trained | BaseException]
-
-
-def _job_members(cfg: DictConfig) -> list[Member]:
-    """A job's members, one per seed, each reporting its epochs to the job's trial."""
-    env = OmegaConf.select(cfg, "hydra.job.env_set", default=None) or {}
-    reporter = epoch_reporter({str(k): str(v) for k, v in env.items()})
-    members = []
-    for index, seed in enumerate(trial_seeds(cfg)):
-        recipe = run_recipe(cfg, seed)
-        desc = f"job {cfg.hydra.job.num} seed {seed}"
-        members.append(
-            Member(recipe, build(cfg.loss, cfg), _seed_reporter(reporter, index, recipe.epochs), desc, id(cfg))
-        )
-    return members
-
-
-def _seed_reporter(reporter: Callable | None, index: int, epochs: int) -> Callable[[dict], None]:
-    """Report seed ``index``'s epochs as a single run does: step ``index x epochs +
-    epoch``, in step order. The seeds of a population train side by side, so a later
-    seed's epochs are held back until the seeds before it have reported all theirs (at
-    its last epoch, which the population hands over after theirs)."""
-    held: list[dict] = []
-
-    def on_epoch(entry: dict) -> None:
-        if reporter is None or "val_acc" not in entry:
-            return
-        held.append(entry)
-        if index == 0 or entry["epoch"] == epochs:
-            for seen in held:
-                reporter(index * epochs + seen["epoch"], seen["val_acc"])
-            held.clear()
-
-    return on_epoch
-
-
-def _steps_fit(cfg: DictConfig, ctx: Context) -> bool:
-    """Whether a job's schedule can run over its steps; one that cannot runs alone, and
-    is refused there before its teacher is prepared."""
-    try:
-        check_steps(run_recipe(cfg, trial_seeds(cfg)[0]), ctx)
-    except KDError:
-        return False
-    return True
-
-
-def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[JobShare | None]:
-    """Train the seeds of ``configs`` (one population group) as one population.
-
-    A job whose config fails validation gets None: it then runs as usual and reports
-    its own error. Each job's trial reporter (``kd_optuna``) sees its members' epochs,
-    so pruning works as in single runs.
-    """
-    valid = []
-    for cfg in configs:
-        try:
-            use_replicate(cfg)  # a racing sweep's seed-run trains its replicate's seed
-            validate(cfg)
-            valid.append(cfg)
-        except KDError:
-            pass
-    if len(valid) < 2:
-        return [None] * len(configs)
-    first = valid[0]
-    use_cpu(first.trainer.num_threads or threads_per_job(1), bool(first.trainer.flush_denormal))
-    ctx = make_context(first, select_device(device or str(first.trainer.device)))
-    valid = [cfg for cfg in valid if _steps_fit(cfg, ctx)]  # before any teacher work
-    if len(valid) < 2:
-        return [None] * len(configs)
-    first = valid[0]
-    needs_teacher = build(first.loss, first).needs_teacher
-    features = tuple(build(first.loss, first).teacher_features)
-    teacher = prepare_teacher(ctx, TeacherStore(first.paths.store_dir), features) if needs_teacher else None
-    jobs = [(cfg, member) for cfg in valid for member in _job_members(cfg)]
-    log.info("training a population of %d students (%d jobs) on %s", len(jobs), len(valid), ctx.device)
-    outcomes = train_population([m for _, m in jobs], ctx, teacher, progress=show_progress(first.trainer.progress))
-    by_job: dict[int, JobShare] = {}
-    for (cfg, member), outcome in zip(jobs, outcomes, strict=True):
-        by_job.setdefault(id(cfg), JobShare(ctx, teacher, {})).outcomes[member.recipe.seed] = outcome
-    return [by_job.get(id(cfg)) for cfg in configs]

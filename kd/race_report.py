@@ -18,6 +18,7 @@ import optuna
 
 from hydra_plugins.kd_sweeper.race_loop import CONFIRM, RUN, _key_value, load_race, recorded_settings, summary
 from hydra_plugins.kd_sweeper.racing import RacingConfig
+from kd.markdown import table
 from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference
 
 
@@ -123,7 +124,6 @@ def race_markdown(sweep: dict) -> str:
     lines = _answer_lines(sweep)
     if sweep["racing"].get("incumbent") is None:
         return "\n\n".join(lines)
-    from kd.report import table  # one table writer for every report section
 
     return "\n".join(lines + ["", table(*_trials_table(sweep["rows"]))] + [f"\n{n}" for n in sweep["notes"]])
 

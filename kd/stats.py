@@ -6,28 +6,14 @@ import math
 import statistics
 from collections.abc import Sequence
 
-# Two-sided 95 % quantiles of Student's t by degrees of freedom (standard tables).
-_T975 = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-    11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-    20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-    29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980,
-}  # fmt: skip
+from scipy.stats import t as student_t
 
 
 def t975(df: int) -> float:
-    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom."""
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (scipy's)."""
     if df < 1:
         raise ValueError("need at least one degree of freedom")
-    if df in _T975:
-        return _T975[df]
-    if df > 120:
-        return 1.960
-    lower = max(k for k in _T975 if k < df)
-    upper = min(k for k in _T975 if k > df)
-    # Interpolate linearly in 1/df, as printed tables advise.
-    w = (1 / lower - 1 / df) / (1 / lower - 1 / upper)
-    return _T975[lower] + w * (_T975[upper] - _T975[lower])
+    return float(student_t.ppf(0.975, df))
 
 
 def describe(values: Sequence[float]) -> dict:

@@ -1,7 +1,7 @@
 """The teacher store: trained teachers addressed by what made them, and their logits.
 
 A teacher is a build artefact. Its address is a fingerprint of its recipe: what
-changes the trained weights and nothing else (see :func:`kd.pipeline.recipe_spec`),
+changes the trained weights and nothing else (see :func:`kd.recipes.recipe_spec`),
 so every KD run that needs the same teacher finds the same file, and a teacher is
 trained at most once per store, even by parallel processes (see
 :func:`kd.storage.build_once`). CE students trained as KD baselines are stored the

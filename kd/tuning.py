@@ -21,8 +21,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.kd_sweeper import job
-from hydra_plugins.kd_sweeper.kd_sweeper import build_pruner  # noqa: F401  (re-exported for callers)
-from hydra_plugins.kd_sweeper.study import counted_trials, open_storage  # noqa: F401
 from kd.config import experiment_settings, swept_keys, validate_for_selection
 from kd.errors import ConfigError, Pruned
 

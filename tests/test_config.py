@@ -4,7 +4,7 @@ import pytest
 
 from kd.config import build, degenerate_settings, validate
 from kd.errors import ConfigError
-from kd.pipeline import check_phases
+from kd.recipes import check_phases
 
 MODELS, LOSSES, DATA = ["teacher", "student"], ["ce", "kd"], ["cifar10", "folder", "synthetic"]
 
@@ -141,9 +141,9 @@ def test_degenerate_but_legal_settings_are_named_and_sensible_ones_are_not(compo
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        (["loss=kd", "loss.alpha=0"], "loss.alpha=0 is plain cross-entropy"),
-        (["loss=kd_std", "loss.alpha=0"], "loss.alpha=0 is plain cross-entropy"),
-        (["loss=cosine", "loss.weight=0"], "loss.weight=0 is plain cross-entropy"),
+        (["loss=kd", "loss.alpha=0"], "loss.alpha=0: plain cross-entropy"),
+        (["loss=kd_std", "loss.alpha=0"], "loss.alpha=0: plain cross-entropy"),
+        (["loss=cosine", "loss.weight=0"], "loss.weight=0: plain cross-entropy"),
         (["data=synthetic", "trainer.batch_size=448"], "one step per epoch"),
         (["loss=kd", "data.augment=true", "teacher.views=1"], "one augmented view per image"),
     ],

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.data import CIFAR10, BatchStream, ImageFolderData, Preprocess, SyntheticData
+from kd.batches import BatchStream, Preprocess
+from kd.data import CIFAR10, ImageFolderData, SyntheticData
 from kd.errors import DataError
 
 

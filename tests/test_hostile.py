@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_object
+from hydra.utils import get_class, get_object
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -144,6 +144,38 @@ def test_every_flag_and_choice_refuses_other_values_in_one_line(base, key):
             validate(cfg)
         except ConfigError as err:
             assert not fine and str(err).startswith(key) and "\n" not in str(err), str(err)
+            return
+        assert fine, f"{key}={value!r} was accepted"
+
+    check()
+
+
+LOSS_OPTIONS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "loss").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", LOSS_OPTIONS)
+def test_every_loss_hyperparameter_refuses_what_breaks_its_class_rule_in_one_line(option):
+    """The rules live on the loss class (``ranges``): config validation knows no method."""
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+        base = compose(config_name="config", overrides=[f"loss={option}"])
+    rules = get_class(str(base.loss._target_)).ranges
+    assert set(rules) <= set(base.loss) and (rules or option == "ce"), option
+    for name, (test, _) in rules.items():
+        _refuses_what_breaks(base, f"loss.{name}", test)
+
+
+def _refuses_what_breaks(base, key: str, test) -> None:
+    @PER_KEY
+    @given(value=HOSTILE)
+    def check(value):
+        cfg = base.copy()
+        OmegaConf.update(cfg, key, value, force_add=True)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fine = number and math.isfinite(value) and test(value)
+        try:
+            validate(cfg)
+        except ConfigError as err:
+            assert "\n" not in str(err) and (fine or str(err).startswith(key)), str(err)
             return
         assert fine, f"{key}={value!r} was accepted"
 

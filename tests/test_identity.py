@@ -11,7 +11,7 @@ import torch
 
 from kd import identity
 from kd.identity import StoreVersionError, check_store, key
-from kd.pipeline import make_context, recipe_spec, run_model_key, teacher_recipe
+from kd.recipes import make_context, recipe_spec, run_model_key, teacher_recipe
 from kd.teacher import TeacherStore
 
 DATA = {

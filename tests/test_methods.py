@@ -8,7 +8,8 @@ import torch
 
 from kd.losses import DKD, CosineHidden, FeatureRegressor, LossInputs, Progress, StandardisedKD
 from kd.models import DeepNN, LightNN
-from kd.pipeline import make_context, prepare_teacher
+from kd.provision import prepare_teacher
+from kd.recipes import make_context
 from kd.storage import save_checked
 from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint
 from tests.conftest import FAST, REPO, read_metrics, run_py
@@ -117,7 +118,7 @@ def test_cached_teacher_features_give_the_online_teachers_loss(compose_cfg, tmp_
     teacher.load_state_dict(load_checkpoint(path)["state_dict"])
     student = LightNN()
     loss_fn = CosineHidden() if method == "cosine" else FeatureRegressor()
-    from kd.data import BatchStream
+    from kd.batches import BatchStream
 
     for idx, images, labels in BatchStream(ctx.train_images, ctx.train_labels, ctx.data.train_idx, 32, seed=3).epoch(1):
         x = ctx.preprocess(images)
@@ -166,9 +167,12 @@ def test_the_documented_new_method_trains_alone_and_in_a_population(workdir):
     m = read_metrics(workdir / "out")
     assert m["loss"] == "topclass" and m["loss_hparams"] == {"temperature": 2.0, "weight": 0.5}
     assert {"loss_ce", "loss_kl"} <= set(m["history"][0]) and m["teacher_source"] == "trained"
-    from kd.report import label
+    from kd.run_table import label
 
-    assert label(m) == "Student + topclass (T=2, w=0.5)"
+    assert label(m) == "Student + top-class KD (T=2, w=0.5)" and m["loss_symbols"] == {
+        "temperature": "T",
+        "weight": "w",
+    }
     sweep = ["-m", *args, "loss.temperature=1,4", "hydra/launcher=population", "hydra.sweep.dir=pop"]
     proc = run_py(sweep, cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

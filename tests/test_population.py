@@ -12,8 +12,10 @@ from optuna.trial import TrialState
 
 from kd.config import build
 from kd.errors import Diverged, Pruned
-from kd.pipeline import make_context, prepare_teacher, run_recipe, train_model
-from kd.population import Member, _seed_reporter, population_key, train_population
+from kd.population import Member, population_key, train_population
+from kd.population_jobs import seed_reporter
+from kd.provision import prepare_teacher
+from kd.recipes import make_context, run_recipe, train_model
 from kd.teacher import TeacherStore
 
 SMALL = [
@@ -219,7 +221,7 @@ def test_the_seeds_of_one_job_stop_together_and_report_in_single_run_order(compo
             raise Pruned(step, value)
 
     for index, member in enumerate(members[:2]):  # one job of two seeds; the third member is another job
-        member.job, member.on_epoch = "job", _seed_reporter(reporter, index, 2)
+        member.job, member.on_epoch = "job", seed_reporter(reporter, index, 2)
     outcomes = train_population(members, ctx, teacher)
     # Seed 0 reports steps 1, 2 as it goes; seed 1's steps 3, 4 wait until seed 0 is done.
     assert reported == [1, 2, 3]

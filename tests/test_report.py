@@ -85,3 +85,23 @@ def test_a_sweep_with_a_metrics_json_cut_short_or_a_damaged_journal_is_reported_
     before = journal.read_bytes()
     assert main([str(workdir / "sw"), "--out", str(workdir / "r2")]) == 0
     assert "is damaged at line 3" in capsys.readouterr().out and journal.read_bytes() == before
+
+
+def test_the_report_counts_failed_trials_as_the_sweeper_does(tmp_path):
+    """Surplus trials and trials failed by a heartbeat (no reason) are no trials of the
+    sweep: the report's failed count is the sweeper's n_failed, not every FAIL."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from hydra_plugins.kd_sweeper.study import ERROR, FAIL_REASON, SURPLUS, counted_trials
+    from kd.sweep_report import sweep_table
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    for reason in (f"{ERROR}: ValueError", SURPLUS, None):
+        trial = study.ask()
+        if reason is not None:
+            trial.set_user_attr(FAIL_REASON, reason)
+        study.tell(trial, state=TrialState.FAIL)
+    study.tell(study.ask(), 1.0)
+    swept_failed = sum(1 for t in counted_trials(study) if t.state == TrialState.FAIL)
+    assert swept_failed == 1 and sweep_table(tmp_path, study)["failed"] == swept_failed

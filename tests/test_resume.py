@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd.data import BatchStream, Preprocess
+from kd.batches import BatchStream, Preprocess
 from kd.engine import fit
 from kd.losses import CrossEntropy
 from kd.resume import ResumeFile, rng_state, set_rng_state

@@ -16,16 +16,17 @@ from kd.stats import describe, fmt_difference, fmt_mean_se, paired_difference, t
 
 @pytest.mark.parametrize(
     ("df", "quantile"),
-    [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042), (120, 1.980), (1000, 1.960)],
-)
+    # printed tables (df <= 120), then rows they skip: 121 and 200 lie between 1.980 and 1.960
+    [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042), (35, 2.030), (120, 1.980), (121, 1.980),
+     (200, 1.972), (1000, 1.962), (10**6, 1.960)],
+)  # fmt: skip
 def test_t_quantiles_match_the_tables(df, quantile):
     assert t975(df) == pytest.approx(quantile, abs=5e-4)
 
 
-def test_t_quantiles_between_table_rows_interpolate_in_one_over_df():
-    w = (1 / 30 - 1 / 35) / (1 / 30 - 1 / 40)
-    assert t975(35) == pytest.approx(2.042 + w * (2.021 - 2.042))
-    assert 2.021 < t975(35) < 2.042
+def test_t_quantiles_fall_as_degrees_of_freedom_grow_and_need_one():
+    quantiles = [t975(df) for df in (1, 2, 5, 30, 119, 120, 121, 150, 10**4)]
+    assert quantiles == sorted(quantiles, reverse=True) and len(set(quantiles)) == len(quantiles)
     with pytest.raises(ValueError, match="at least one degree of freedom"):
         t975(0)
 
@@ -44,11 +45,11 @@ def test_paired_difference_against_hand_computed_values():
     assert d["diffs"] == [2.0, 3.0, 2.0] and d["n"] == 3
     assert d["mean"] == pytest.approx(7 / 3)
     assert d["se"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))  # sd of (2, 3, 2) is sqrt(1/3)
-    half = 4.303 * (1 / 3)
+    half = 4.302653 * (1 / 3)  # t(0.975, df 2)
     assert d["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half])
     assert d["distinguishable"] is True
     straddling = paired_difference([1.0, 0.0], [0.0, 1.0])  # differences +1, -1
-    assert straddling["ci95"] == pytest.approx([-12.706, 12.706]) and straddling["distinguishable"] is False
+    assert straddling["ci95"] == pytest.approx([-12.706205, 12.706205]) and straddling["distinguishable"] is False
     with pytest.raises(ValueError, match="paired samples must have the same length"):
         paired_difference([1.0], [1.0, 2.0])
 
@@ -86,7 +87,7 @@ def test_the_same_seeds_in_two_directories_count_once(tmp_path):
     (row,) = summary["rows"]
     diff = row["kd_minus_ce"]["val_acc"]
     assert row["seeds"] == [1, 2] and diff["n"] == 2 and row["val_acc"]["n"] == 2
-    half = 12.706 * 0.15  # se = |0.8 - 0.5| / 2
+    half = 12.706205 * 0.15  # t(0.975, df 1); se = |0.8 - 0.5| / 2
     assert diff["ci95"] == pytest.approx([0.65 - half, 0.65 + half])  # [-1.26, +2.56], not [+0.37, +0.93]
     assert diff["distinguishable"] is False
     kept = str(tmp_path / "B" / "run")  # the newer copy

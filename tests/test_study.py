@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kd.pipeline import make_context, recipe_spec, run_recipe, teacher_recipe
+from kd.recipes import make_context, recipe_spec, run_recipe, teacher_recipe
 
 STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study_kd.py"
 

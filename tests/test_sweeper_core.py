@@ -19,16 +19,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
-from hydra_plugins.kd_sweeper.kd_sweeper import (
-    FIXED,
-    SPACE,
-    KDOptunaSweeperImpl,
-    describe_differences,
-    failure_allowance,
-    space_identity,
-    trial_seed,
-)
+from hydra_plugins.kd_sweeper.config import failure_allowance
+from hydra_plugins.kd_sweeper.kd_sweeper import KDOptunaSweeperImpl
 from hydra_plugins.kd_sweeper.liveness import HEARTBEAT
+from hydra_plugins.kd_sweeper.space import FIXED, SPACE, describe_differences, space_identity, trial_seed
 from hydra_plugins.kd_sweeper.study import (
     FAIL_REASON,
     HeartbeatJournalStorage,
@@ -140,7 +134,7 @@ def test_differences_name_each_changed_key_with_both_values():
 
 def test_trial_seeds_depend_on_seed_and_number_only():
     # the same in another process with another hash seed (a str hash would differ there)
-    code = "from hydra_plugins.kd_sweeper.kd_sweeper import trial_seed; print(trial_seed(42, 3))"
+    code = "from hydra_plugins.kd_sweeper.space import trial_seed; print(trial_seed(42, 3))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(other.stdout) == trial_seed(42, 3)

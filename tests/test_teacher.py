@@ -9,7 +9,8 @@ from kd.engine import predict_logits
 from kd.errors import CheckpointError
 from kd.losses import HintonKD, LossInputs
 from kd.models import DeepNN, LightNN
-from kd.pipeline import make_context, prepare_teacher
+from kd.provision import prepare_teacher
+from kd.recipes import make_context
 from kd.storage import build_once, save_checked
 from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint
 
@@ -26,7 +27,7 @@ def test_cached_logits_give_the_same_kd_loss_as_the_online_teacher(compose_cfg, 
     teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
     teacher.eval()
     student, loss_fn = LightNN(), HintonKD(4.0, 0.5)
-    from kd.data import BatchStream
+    from kd.batches import BatchStream
 
     stream = BatchStream(ctx.train_images, ctx.train_labels, ctx.data.train_idx, batch_size=32, seed=7)
     batches = 0

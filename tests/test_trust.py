@@ -18,7 +18,8 @@ from kd.config import default_study_name, experiment_settings
 from kd.errors import CheckpointError
 from kd.identity import key, source_digest
 from kd.models import DeepNN
-from kd.pipeline import make_context, prepare_teacher, recipe_spec, run_recipe, teacher_recipe
+from kd.provision import prepare_teacher
+from kd.recipes import make_context, recipe_spec, run_recipe, teacher_recipe
 from kd.report import report
 from kd.storage import save_checked
 from kd.teacher import TeacherStore, make_checkpoint
@@ -182,7 +183,7 @@ def test_a_three_seed_trial_records_each_seed_and_the_paired_difference(workdir)
     assert m["kd_minus_ce"]["val_acc"]["diffs"] == pytest.approx(diffs)
     # The 95 % t interval with 2 degrees of freedom, computed independently.
     mean, se = sum(diffs) / 3, torch.tensor(diffs, dtype=torch.float64).std().item() / 3**0.5
-    assert m["kd_minus_ce"]["val_acc"]["ci95"] == pytest.approx([mean - 4.303 * se, mean + 4.303 * se])
+    assert m["kd_minus_ce"]["val_acc"]["ci95"] == pytest.approx([mean - 4.302653 * se, mean + 4.302653 * se])
     assert all((workdir / "out" / f"model_seed{s}.pt").is_file() for s in (1, 2, 3))
     # The baselines are stored: a second run reuses them instead of training again.
     again = run_py([*FAST, "loss=kd", "loss.alpha=0.5", "trial.seeds=[1,2,3]", "hydra.run.dir=out2"], cwd=workdir)

@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 
-from kd.data import BatchStream, Preprocess
+from kd.batches import BatchStream, Preprocess
 from kd.engine import fit
 from kd.losses import CrossEntropy
 from kd.models import LightNN

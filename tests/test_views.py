@@ -10,7 +10,9 @@ import torch
 from kd.config import validate
 from kd.errors import ConfigError
 from kd.models import DeepNN
-from kd.pipeline import make_context, prepare_teacher, recipe_spec, run, run_recipe, teacher_recipe
+from kd.pipeline import run
+from kd.provision import prepare_teacher
+from kd.recipes import make_context, recipe_spec, run_recipe, teacher_recipe
 from kd.teacher import TeacherStore, load_checkpoint
 from kd.views import CachedViews, RandomViews, apply_views, view_count, view_orders
 
@@ -61,7 +63,7 @@ def test_cached_view_logits_equal_the_online_teacher_on_the_same_augmented_batch
     teacher = DeepNN().to(memory_format=torch.channels_last).eval()
     teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])
     augment = CachedViews(source.views, seed=11)
-    from kd.data import BatchStream
+    from kd.batches import BatchStream
 
     slots_seen = set()
     for idx, images, _ in BatchStream(ctx.train_images, ctx.train_labels, ctx.data.train_idx, 16, seed=2).epoch(1):

@@ -92,7 +92,8 @@ class PopulationLauncher(Launcher):
         )
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-
+        """Train the jobs in populations, then run each job through Hydra (its own folder,
+        config and log) with its share of the training handed in."""
         setup_globals()
         self._configure_log()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -163,14 +164,14 @@ class PopulationLauncher(Launcher):
         return functools.partial(self.task_function, share=share)
 
     def _train_group(self, configs: list[DictConfig], number: int, gpus: int) -> list[Any]:
-        """Train one group; returns per job what its run needs (see kd.population.JobShare)."""
-        from kd import population
+        """Train one group; returns per job what its run needs (see kd.population_jobs.JobShare)."""
+        from kd import population_jobs
 
         device = None
         if gpus > 1 and str(configs[0].trainer.device) in ("auto", "cuda"):
             device = f"cuda:{number % gpus}"  # spread the groups over the GPUs
         try:
-            return population.train_jobs(configs, device=device)
+            return population_jobs.train_jobs(configs, device=device)
         except Exception:  # e.g. out of memory: lose nothing, run the group's jobs one by one
             log.exception("population of %d jobs failed; running them one at a time instead", len(configs))
             return [None] * len(configs)

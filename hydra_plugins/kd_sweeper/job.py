@@ -27,6 +27,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 
 from hydra_plugins.kd_sweeper._compat import live_trial
+from hydra_plugins.kd_sweeper.config import build_pruner
 from hydra_plugins.kd_sweeper.study import open_storage
 
 STORAGE_ENV = "KD_OPTUNA_STORAGE"
@@ -58,8 +59,6 @@ def study_name(env: Mapping[str, str] | None = None) -> str | None:
 
 def _pruner() -> optuna.pruners.BasePruner:
     """The sweep's pruner, as configured in ``hydra.sweeper.pruner`` of this job's config."""
-    from hydra_plugins.kd_sweeper.kd_sweeper import build_pruner  # here: kd_sweeper imports this module
-
     pruner_cfg = HydraConfig.get().sweeper.get("pruner") if HydraConfig.initialized() else None
     return build_pruner(pruner_cfg) or optuna.pruners.NopPruner()
 

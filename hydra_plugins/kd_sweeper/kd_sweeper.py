@@ -38,297 +38,73 @@ samplers (grid included) and one or several objectives. What it adds:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import math
-import os
 import random
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
-from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from hydra_plugins.kd_sweeper import _compat
+from hydra_plugins.kd_sweeper.config import (
+    SAMPLERS,
+    available_cores,
+    build_pruner,
+    check_sweeper_values,
+    failure_allowance,
+)
 from hydra_plugins.kd_sweeper.flight import Flight, runs_in_flight
-from hydra_plugins.kd_sweeper.job import REPLICATE_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
-from hydra_plugins.kd_sweeper.liveness import OWNER, SilentTrials, this_process
+from hydra_plugins.kd_sweeper.liveness import Heartbeat, SilentTrials
 from hydra_plugins.kd_sweeper.race_loop import (
     REFERENCE,
     RaceLoop,
     check_confirm_seeds,
     load_race,
+    log_race,
     racing_config,
     record_settings,
     reference_trial,
 )
 from hydra_plugins.kd_sweeper.race_loop import summary as race_summary
+from hydra_plugins.kd_sweeper.refusals import (
+    StorageRefused,
+    SweepRefused,
+    damaged_database,
+    refuse,
+    unreadable_storage,
+)
+from hydra_plugins.kd_sweeper.space import (
+    BASE_SEED,
+    FIXED,
+    SETTINGS,
+    SPACE,
+    deciding_fixed,
+    describe_differences,
+    plain,
+    space_identity,
+)
 from hydra_plugins.kd_sweeper.study import (
-    DIVERGED,
-    ERROR,
-    FAIL_REASON,
-    SURPLUS,
-    RetryStale,
     counted_trials,
     fail_stale_trials,
     open_storage,
     shown,
 )
+from hydra_plugins.kd_sweeper.trials import TrialRunner
 
-SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
-MAX_FAILURE_RATE = 0.25  # the one default, here and in every YAML that sets it
-SPACE = "kd_optuna:space"  # study user attributes: the search space ...
-FIXED = "kd_optuna:fixed"  # ... the fixed parameters ...
-SETTINGS = "kd:settings"  # ... and what the app's validate hook returned
-BASE_SEED = "kd:base_seed"
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class KDOptunaSweeperConf(OptunaSweeperConf):
-    _target_: str = "hydra_plugins.kd_sweeper.kd_sweeper.KDOptunaSweeper"
-    # An app picks a pruner with `override hydra/sweeper/pruner: median` (none by default).
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": None}])
-    max_failure_rate: float = MAX_FAILURE_RATE
-    pruner: Any = None
-    validate: str | None = None  # dotted path of the app's check, e.g. kd.tuning.validate
-    heartbeat_interval: int | None = 10  # seconds; null: no heartbeats
-    grace_period: int | None = None  # seconds without a beat before a trial is stale (2x interval)
-    # Seed-paired racing (race_loop.py): {min_seeds, max_seeds, level, tie_level, seeds,
-    # reference: {param: value}}; null: every trial runs once.
-    racing: Any = None
-    confirm_seeds: Any = None  # fresh seeds the race's incumbent (and the reference) run on at the end
-    # n_jobs trials in flight, the next started as soon as one ends (flight.py); false:
-    # Hydra's batches of n_jobs, each waiting for its slowest trial
-    asynchronous: bool = True
-
-
-@dataclass
-class MedianPrunerConf:
-    _target_: str = "optuna.pruners.MedianPruner"
-    n_startup_trials: int = 4  # trials that finish before any is pruned
-    n_warmup_steps: int = 2  # steps a trial always runs
-    interval_steps: int = 1
-
-
-@dataclass
-class PercentilePrunerConf:
-    _target_: str = "optuna.pruners.PercentilePruner"
-    percentile: float = 25.0
-    n_startup_trials: int = 4
-    n_warmup_steps: int = 2
-    interval_steps: int = 1
-
-
-@dataclass
-class SuccessiveHalvingPrunerConf:
-    _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
-    min_resource: Any = "auto"
-    reduction_factor: int = 4
-    min_early_stopping_rate: int = 0
-
-
-@dataclass
-class HyperbandPrunerConf:
-    _target_: str = "optuna.pruners.HyperbandPruner"
-    min_resource: int = 1
-    max_resource: Any = "auto"
-    reduction_factor: int = 3
-
-
-_store = ConfigStore.instance()
-_store.store(group="hydra/sweeper", name="kd_optuna", node=KDOptunaSweeperConf, provider="kd_optuna")
-for _name, _node in [
-    ("median", MedianPrunerConf),
-    ("percentile", PercentilePrunerConf),
-    ("successive_halving", SuccessiveHalvingPrunerConf),
-    ("asha", SuccessiveHalvingPrunerConf),  # Optuna's successive halving is asynchronous (ASHA)
-    ("hyperband", HyperbandPrunerConf),
-]:
-    _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="kd_optuna")
-
-
-class SweepRefused(Exception):
-    """The sweep cannot start (or go on) as configured; ``str`` is the one line shown."""
-
-    code = 2
-
-
-class StorageRefused(SweepRefused):
-    """The study's storage cannot be used as it is (left untouched)."""
-
-    code = 4
-
-
-def unreadable_storage(url: Any, err: Exception) -> StorageRefused:
-    """A storage whose database refused to open or answer, as one line: where, why, and
-    how to go on."""
-    cause = str(getattr(err, "orig", None) or err).strip().splitlines()
-    return StorageRefused(
-        f"storage {shown(url)} cannot be used ({cause[0] if cause else type(err).__name__}); nothing was changed: "
-        "check the URL and that its server is up, or if the file is damaged move it aside to start a new study "
-        "(sqlite3's .recover may save its trials)"
-    )
-
-
-def refuse(message: str, code: int = 2) -> None:
-    print(f"kd_optuna: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-# What a database says when retrying cannot help: a file that is no database, a damaged
-# one, a server that is not there or refuses us. Anything else (workers racing to create
-# one schema: "already exists", "locked", integrity errors) is retried first.
-DAMAGE = (
-    "not a database",
-    "malformed",
-    "unable to open",
-    "connection refused",
-    "could not connect",
-    "connection failed",
-    "could not translate host",
-    "authentication failed",
-    "does not exist",
-)
-
-
-def damaged_database(err: Exception) -> bool:
-    """A database error that retrying cannot mend."""
-    text = str(err).lower()
-    return isinstance(err, DatabaseError) and not isinstance(err, IntegrityError) and any(m in text for m in DAMAGE)
-
-
-def build_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner | None:
-    """The sweeper's ``pruner`` config as an Optuna pruner (only optuna.pruners.* may be
-    named), built the same way by the sweeper and by each job; None when unset."""
-    if not pruner_cfg:
-        return None
-    return instantiate(pruner_cfg, _execution_whitelist_="optuna.pruners.*")
-
-
-def failure_allowance(max_failure_rate: float, n_trials: int) -> int:
-    """How many trials may fail in one invocation: ``max_failure_rate`` of ``n_trials``,
-    rounded up (0.25 of 3 allows one; a rate of 0 allows none)."""
-    return math.ceil(round(max_failure_rate * n_trials, 9))
-
-
-def trial_seed(base_seed: int, trial_number: int) -> int:
-
-    digest = hashlib.sha256(f"{base_seed}:{trial_number}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def _quoted(value: Any) -> str:
-    """``value`` as a quoted Hydra override value."""
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _plain(value: Any) -> Any:
-
-    return json.loads(json.dumps(value, default=str))
-
-
-def space_identity(distributions: dict[str, BaseDistribution], fixed: dict[str, Any], deletions: list[str]) -> dict:
-    """What a study records of its search space: swept keys with their distributions,
-    and the keys fixed (or deleted) on the command line or in ``params``."""
-    return {
-        SPACE: {name: distribution_to_json(d) for name, d in sorted(distributions.items())},
-        FIXED: {**{name: str(v) for name, v in sorted(fixed.items())}, **{d: "<deleted>" for d in deletions}},
-    }
-
-
-def _location(name: str) -> str:
-    """Where an override's key lands in the config: ``+a.b`` -> ``a.b``, a group
-    ``model@teacher.model`` -> ``teacher.model``."""
-    key = name.lstrip("+~")
-    return key.partition("@")[2] or key
-
-
-def deciding_fixed(fixed: dict[str, Any], settings: dict[str, Any] | None, swept: set[str]) -> dict[str, Any]:
-    """The fixed parameters that identify a study. An app whose ``validate`` hook returned
-    its result-deciding settings has said which keys matter: a fixed key that lands on
-    none of them (a path, a device, a thread count) is left out, so changing it does not
-    stop a resume, unless it is a hyperparameter the sweep's ``params`` or the study
-    sweeps (``swept``). Without such settings every fixed key counts."""
-    if settings is None:
-        return fixed
-    kept = {}
-    for name, value in fixed.items():
-        where = _location(name)
-        if name in swept or where in settings or any(key.startswith(where + ".") for key in settings):
-            kept[name] = value
-    return kept
-
-
-def describe_differences(recorded: dict, current: dict, what: str) -> list[str]:
-    """``key: old -> new`` for each key whose value differs between two flat dicts."""
-    lines = []
-    for key in sorted(set(recorded) | set(current)):
-        old, new = recorded.get(key, "<unset>"), current.get(key, "<unset>")
-        if old != new:
-            lines.append(f"{what} {key}: {_short(old)} -> {_short(new)}")
-    return lines
-
-
-def _short(value: Any) -> str:
-
-    if isinstance(value, str) and value.startswith("{"):
-        try:  # a distribution's JSON: show its attributes, not its escaping
-            parsed = json.loads(value)
-            return f"{parsed['name']}{parsed['attributes']}"
-        except (ValueError, KeyError):
-            pass
-    text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class Heartbeat:
-    """Beats for the trials this sweeper is running, from a background thread."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        storage = _compat.study_storage(study)
-        self.interval = storage.get_heartbeat_interval() if isinstance(storage, _compat.BaseHeartbeat) else None
-        self.storage, self.trial_ids, self.lock = storage, set(), threading.Lock()
-        self.stopped = threading.Event()
-        if self.interval:
-            threading.Thread(target=self._run, name="kd_optuna-heartbeat", daemon=True).start()
-
-    def add(self, trial: optuna.Trial) -> None:
-        if self.interval:
-            with self.lock:
-                self.trial_ids.add(_compat.trial_id(trial))
-            self.storage.record_heartbeat(_compat.trial_id(trial))
-
-    def remove(self, trial: optuna.Trial) -> None:
-        with self.lock:
-            self.trial_ids.discard(_compat.trial_id(trial))
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            with self.lock:
-                ids = list(self.trial_ids)
-            for trial_id in ids:
-                with contextlib.suppress(Exception):  # a busy database: the next beat comes soon
-                    self.storage.record_heartbeat(trial_id)
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-
-class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
+class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
     def __init__(
         self,
         sampler: Any,
@@ -396,7 +172,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
             settings = check(self.config, distributions, fixed)
         except Exception as err:
             raise SweepRefused(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
-        return _plain(settings) if settings is not None else None
+        return plain(settings) if settings is not None else None
 
     def _sampler(self, seed: int | None, grid: dict | None) -> optuna.samplers.BaseSampler:
         """The configured sampler, seeded with ``seed`` (where it takes a seed)."""
@@ -527,7 +303,6 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         self._settle_base_seed(study)
         fail_stale_trials(study)
         allowed = failure_allowance(self.max_failure_rate, self.n_trials)
-        log = _log()
         log.info(
             "study %s (%s): %d of %d trials there; up to %d may fail in this run%s",
             study.study_name,
@@ -603,7 +378,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         record_settings(study, self.racing, self.confirm_seeds)
         if self.reference and reference_trial(study) is None:
             study.enqueue_trial(dict(self.reference), user_attrs={REFERENCE: True})
-        _log().info(
+        log.info(
             "racing: a new trial runs on %d seed(s) of %s; one worse than the incumbent (one-sided p < %g) stops; "
             "the incumbent ends with %d; %d seed-runs so far",
             self.racing.min_seeds,
@@ -615,178 +390,6 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         loop = RaceLoop(self, study, self.racing, heartbeat, space)
         loop.run(allowed)
         loop.confirm(self.confirm_seeds)
-
-    def _silent_trials(self, heartbeat: Heartbeat) -> SilentTrials:
-        """The judge of RUNNING trials no heartbeat covers: with heartbeats on, one whose
-        owner cannot be checked is retired after the grace period; with them off, only
-        those whose owner is known dead."""
-        interval, grace = self.heartbeat
-        bound = (grace or 2 * heartbeat.interval) if heartbeat.interval else None
-        return SilentTrials(bound, RetryStale(max_retry=1))
-
-    @staticmethod
-    def _waiting_count(study: optuna.Study) -> int:
-        """Trials queued to run again (a dead worker's, retried): they count, but this
-        worker still has to ask them (``ask`` takes them first)."""
-        return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-    def _wait_for_others(self, study: optuna.Study, heartbeat: Heartbeat) -> bool:
-        """The target is reached, counting trials that other workers run. Whether to wait
-        for them: with heartbeats, a trial whose worker died becomes FAIL after the grace
-        period and is queued again, and then this worker runs it."""
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not running:
-            return False
-        if not heartbeat.interval:
-            _log().warning(
-                "trials %s are still RUNNING elsewhere (or were killed); without heartbeats this worker "
-                "cannot tell which: it stops here",
-                [t.number for t in running],
-            )
-            return False
-        if not getattr(self, "_waiting", False):
-            _log().info(
-                "waiting for trials %s of other (or killed) workers: a dead worker's trial is retried after %s s "
-                "without a heartbeat",
-                [t.number for t in running],
-                self.heartbeat[1] or 2 * heartbeat.interval,
-            )
-            self._waiting = True
-        time.sleep(min(heartbeat.interval, 2))
-        return True
-
-    def _ask(self, study: optuna.Study) -> optuna.Trial:
-        """Ask the next trial with a sampler seeded from (seed, its number), built first."""
-        if self.grid is not None:  # the grid's order is shuffled by its seed: one seed for every trial
-            study.sampler = self._sampler(self.base_seed, self.grid)
-            return _compat.ask(study)
-        predicted = len(study.get_trials(deepcopy=False))
-        study.sampler = self._sampler(trial_seed(self.base_seed, predicted), self.grid)
-        trial = _compat.ask(study)
-        if trial.number != predicted:  # another worker asked meanwhile: seed by the real number
-            study.sampler = self._sampler(trial_seed(self.base_seed, trial.number), self.grid)
-        return trial
-
-    def _ask_counted(self, study: optuna.Study, heartbeat: Heartbeat) -> optuna.Trial | None:
-        """Ask a trial, beat for it and record this process as its owner; None (the trial
-        FAIL as surplus) when another worker filled the study meanwhile."""
-        trial = self._ask(study)
-        heartbeat.add(trial)
-        _compat.study_storage(study).set_trial_system_attr(
-            _compat.trial_id(trial), OWNER, this_process(beats=bool(heartbeat.interval))
-        )
-        rank = sum(1 for t in counted_trials(study) if t.number < trial.number)
-        if rank >= self.n_trials:
-            self._fail(study, trial, SURPLUS, heartbeat)
-            return None
-        return trial
-
-    def _run_batch(self, study: optuna.Study, size: int, space: tuple, heartbeat: Heartbeat) -> list[str]:
-        """Ask, launch and tell up to ``size`` trials; returns this batch's failure reasons."""
-        trials, overrides = [], []
-        for _ in range(size):
-            trial = self._ask_counted(study, heartbeat)
-            if trial is None:
-                continue
-            try:
-                (params,) = self._configure_trials([trial], *space)
-            except Exception as err:  # e.g. a custom search space that raised: nothing left RUNNING
-                self._fail(study, trial, f"{ERROR}: {err}", heartbeat)
-                raise
-            trials.append(trial)
-            overrides.append((*params, *self._job_overrides(study, trial)))
-        if not trials:
-            return []
-        try:
-            returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-        except BaseException:
-            for trial in trials:  # the launcher itself failed: these trials never ran
-                self._fail(study, trial, None, heartbeat)
-            raise
-        reasons = [self.settle(study, trial, ret, heartbeat) for trial, ret in zip(trials, returns, strict=True)]
-        return [r for r in reasons if r is not None]
-
-    def settle(self, study: optuna.Study, trial: optuna.Trial, ret: Any, heartbeat: Heartbeat) -> str | None:
-        """Tell the study a trial's outcome from its job's return; its failure reason, if it failed."""
-        state, values, reason = self.outcome(ret, len(study.directions))
-        if state == TrialState.FAIL:
-            _log().warning("trial %d failed: %s (its log has the details)", trial.number, reason)
-            self._fail(study, trial, reason, heartbeat)
-            return reason
-        if state == TrialState.PRUNED:
-            _log().info("trial %d pruned", trial.number)
-        self._tell(study, trial, heartbeat, state=state, values=values)
-        return None
-
-    def _job_overrides(
-        self, study: optuna.Study, trial: Any, seed: int | None = None, reports: bool = True
-    ) -> tuple[str, ...]:
-        """What a job needs to find its trial: Hydra sets ``hydra.job.env_set`` around it.
-        A racing seed-run also gets its replicate (``seed``) and its own folder; only one
-        that ``reports`` (a trial's first) is told its trial, for pruning."""
-        env: dict[str, Any] = {STUDY_ENV: study.study_name}
-        if reports:
-            env[TRIAL_ENV] = trial.number
-        if isinstance(self.storage, str):
-            env[STORAGE_ENV] = self.storage
-        if seed is not None:
-            env[REPLICATE_ENV] = seed
-        return (
-            *(f"++hydra.job.env_set.{key}={_quoted(value)}" for key, value in env.items()),
-            # A job's sweep dir may be interpolated from values this sweep varies: pin it.
-            f"hydra.sweep.dir={_quoted(self.sweep_dir)}",
-            f"hydra.sweep.subdir={trial.number if seed is None else f'{trial.number}/seed_{seed}'}",
-        )
-
-    @staticmethod
-    def outcome(ret: Any, n_objectives: int) -> tuple[TrialState, list[float] | None, str]:
-        """A job's return as (state, values, failure reason)."""
-        error = _compat.job_exception(ret)
-        if isinstance(error, optuna.TrialPruned):
-            return TrialState.PRUNED, None, ""
-        if error is not None:
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            return TrialState.FAIL, None, f"{ERROR}: {type(error).__name__}: {first_line}".rstrip(": ")
-        value = ret.return_value
-        raw = [value] if n_objectives == 1 else value
-        try:
-            values = [float(v) for v in raw]
-        except (TypeError, ValueError):
-            return TrialState.FAIL, None, f"{ERROR}: the job returned {value!r}, not {n_objectives} number(s)"
-        if len(values) != n_objectives:
-            return (
-                TrialState.FAIL,
-                None,
-                f"{ERROR}: the job returned {len(values)} values for {n_objectives} objectives",
-            )
-        if not all(math.isfinite(v) for v in values):
-            return TrialState.FAIL, None, f"{DIVERGED}: objective {values if n_objectives > 1 else values[0]}"
-        return TrialState.COMPLETE, values, ""
-
-    def _fail(self, study: optuna.Study, trial: optuna.Trial, reason: str | None, heartbeat: Heartbeat) -> None:
-        if reason is not None:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                trial.set_user_attr(FAIL_REASON, reason[:500])
-        self._tell(study, trial, heartbeat, state=TrialState.FAIL)
-
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, heartbeat: Heartbeat, **kwargs: Any) -> None:
-        """``study.tell`` that a busy database cannot turn into the end of the sweep."""
-        heartbeat.remove(trial)
-        for attempt in range(5):
-            try:
-                study.tell(trial, **kwargs)
-                return
-            except optuna.exceptions.UpdateFinishedTrialError:
-                return  # failed meanwhile as stale by another worker
-            except RuntimeError as err:
-                if "Study.stop" in str(err):  # the grid sampler says the grid is done: recorded all the same
-                    return
-                raise
-            except Exception as err:
-                if attempt == 4:
-                    _log().warning("could not record trial %d (%s); a rerun redoes it", trial.number, err)
-                    return
-                time.sleep(0.5 * (attempt + 1))
 
     def _write_results(self, study: optuna.Study, directions: list[str]) -> None:
         trials = counted_trials(study)
@@ -801,7 +404,7 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if self.racing is not None:
             results["racing"] = race_summary(study, self.racing, self.confirm_seeds)
-            _log_race(results["racing"])
+            log_race(results["racing"])
             incumbent = results["racing"].get("incumbent")
             if incumbent:
                 results.update(
@@ -810,83 +413,16 @@ class KDOptunaSweeperImpl(_compat.OptunaSweeperImpl):
         elif complete and len(directions) == 1:
             best = study.best_trial
             results.update(best_params=best.params, best_value=best.value, best_trial=best.number)
-            _log().info("best trial %d: %s -> %s", best.number, best.params, best.value)
+            log.info("best trial %d: %s -> %s", best.number, best.params, best.value)
         elif complete:
             front = study.best_trials
             results["solutions"] = [{"number": t.number, "params": t.params, "values": t.values} for t in front]
-            _log().info("Pareto front: %d trials", len(front))
+            log.info("Pareto front: %d trials", len(front))
             for t in front:
-                _log().info("    trial %d: values %s, params %s", t.number, t.values, t.params)
+                log.info("    trial %d: values %s, params %s", t.number, t.values, t.params)
         Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(_plain(results)), f"{self.sweep_dir}/optimization_results.yaml")
-        _log().info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, shown(self.storage))
-
-
-def _log_race(summary: dict) -> None:
-    """The racing sweep's answer, stated with its n and its tied set."""
-    incumbent = summary.get("incumbent")
-    if not incumbent:
-        return
-    se = f" ± {incumbent['se']:.3g}" if incumbent["se"] is not None else ""
-    _log().info(
-        "incumbent: trial %d %s, mean %.4g%s over %d seeds; %d seed-runs in all",
-        incumbent["trial"],
-        incumbent["params"],
-        incumbent["mean"],
-        se,
-        incumbent["n"],
-        summary["seed_runs"],
-    )
-    tied = ", ".join(f"trial {t['trial']} (n={t['n']})" for t in summary["tied"]) or "none"
-    _log().info("not distinguishable from it (paired on common seeds): %s", tied)
-    if "reference" in summary:
-        ref = summary["reference"]
-        _log().info(
-            "against the reference trial %d %s: %s on %d common seeds",
-            ref["trial"],
-            ref["params"],
-            "distinguishable" if ref["distinguishable"] else "not distinguishable",
-            ref["n"],
-        )
-    confirmation = summary.get("confirmation")
-    if confirmation:
-        diff = confirmation.get("incumbent_minus_reference")
-        _log().info(
-            "confirmed on fresh seeds %s: mean %.4g (n=%d)%s",
-            confirmation["seeds"],
-            confirmation["incumbent"]["mean"],
-            confirmation["incumbent"]["n"],
-            f"; minus the reference {diff['mean']:+.3g}, 95% CI {diff['ci95']}" if diff else "",
-        )
-
-
-def _log() -> Any:
-
-    return logging.getLogger(__name__)
-
-
-def _check_sweeper_values(n_trials: Any, n_jobs: Any, max_failure_rate: Any, heartbeat: tuple) -> None:
-    def integer(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not integer(n_trials) or n_trials < 1:
-        refuse(f"hydra.sweeper.n_trials must be an integer >= 1, got {n_trials!r}")
-    if not integer(n_jobs) or n_jobs == 0:
-        refuse(
-            f"hydra.sweeper.n_jobs must be an integer >= 1 (trials launched together; -1: one per core), got {n_jobs!r}"
-        )
-    if isinstance(max_failure_rate, bool) or not isinstance(max_failure_rate, (int, float)):
-        refuse(f"hydra.sweeper.max_failure_rate must be a number in [0, 1], got {max_failure_rate!r}")
-    if not 0.0 <= max_failure_rate <= 1.0:
-        refuse(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {max_failure_rate!r}")
-    for name, value in zip(("heartbeat_interval", "grace_period"), heartbeat, strict=True):
-        if value is not None and (not integer(value) or value < 1):
-            refuse(f"hydra.sweeper.{name} must be an integer >= 1 (seconds) or null, got {value!r}")
-
-
-def _available_cores() -> int:
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        OmegaConf.save(OmegaConf.create(plain(results)), f"{self.sweep_dir}/optimization_results.yaml")
+        log.info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, shown(self.storage))
 
 
 class KDOptunaSweeper(OptunaSweeper):
@@ -896,8 +432,8 @@ class KDOptunaSweeper(OptunaSweeper):
 
     def __init__(self, *, n_trials: int, n_jobs: int, max_failure_rate: float, **keys: Any) -> None:
         heartbeat = (keys.get("heartbeat_interval", 10), keys.get("grace_period"))
-        _check_sweeper_values(n_trials, n_jobs, max_failure_rate, heartbeat)
+        check_sweeper_values(n_trials, n_jobs, max_failure_rate, heartbeat)
         if n_jobs < 0:  # joblib's convention: -1 is every core, -2 all but one, ...
-            n_jobs = max(1, _available_cores() + 1 + n_jobs)
+            n_jobs = max(1, available_cores() + 1 + n_jobs)
         keys.setdefault("heartbeat_interval", 10)
         self.sweeper = KDOptunaSweeperImpl(n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate, **keys)

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hydra_plugins.kd_sweeper import _compat
 from hydra_plugins.kd_sweeper._compat import rdb_has_heartbeat, rdb_storage, study_storage, trial_id
 
 OWNER = "kd_optuna:owner"
@@ -145,3 +147,36 @@ class SilentTrials:
                 self.retry(study, study_storage(study).get_trial(trial_id(trial)))
                 retired.append(trial.number)
         return retired
+
+
+class Heartbeat:
+    """Beats for the trials this sweeper is running, from a background thread."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage = _compat.study_storage(study)
+        self.interval = storage.get_heartbeat_interval() if isinstance(storage, _compat.BaseHeartbeat) else None
+        self.storage, self.trial_ids, self.lock = storage, set(), threading.Lock()
+        self.stopped = threading.Event()
+        if self.interval:
+            threading.Thread(target=self._run, name="kd_optuna-heartbeat", daemon=True).start()
+
+    def add(self, trial: optuna.Trial) -> None:
+        if self.interval:
+            with self.lock:
+                self.trial_ids.add(_compat.trial_id(trial))
+            self.storage.record_heartbeat(_compat.trial_id(trial))
+
+    def remove(self, trial: optuna.Trial) -> None:
+        with self.lock:
+            self.trial_ids.discard(_compat.trial_id(trial))
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for beating in ids:
+                with contextlib.suppress(Exception):  # a busy database: the next beat comes soon
+                    self.storage.record_heartbeat(beating)
+
+    def stop(self) -> None:
+        self.stopped.set()

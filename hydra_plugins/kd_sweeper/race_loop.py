@@ -349,3 +349,41 @@ def _t95(df: int) -> float:
     from scipy import stats
 
     return float(stats.t.ppf(0.975, df)) if df >= 1 else math.nan
+
+
+def log_race(summary: dict) -> None:
+    """The racing sweep's answer, stated with its n and its tied set."""
+    incumbent = summary.get("incumbent")
+    if not incumbent:
+        return
+    se = f" ± {incumbent['se']:.3g}" if incumbent["se"] is not None else ""
+    log.info(
+        "incumbent: trial %d %s, mean %.4g%s over %d seeds; %d seed-runs in all",
+        incumbent["trial"],
+        incumbent["params"],
+        incumbent["mean"],
+        se,
+        incumbent["n"],
+        summary["seed_runs"],
+    )
+    tied = ", ".join(f"trial {t['trial']} (n={t['n']})" for t in summary["tied"]) or "none"
+    log.info("not distinguishable from it (paired on common seeds): %s", tied)
+    if "reference" in summary:
+        ref = summary["reference"]
+        log.info(
+            "against the reference trial %d %s: %s on %d common seeds",
+            ref["trial"],
+            ref["params"],
+            "distinguishable" if ref["distinguishable"] else "not distinguishable",
+            ref["n"],
+        )
+    confirmation = summary.get("confirmation")
+    if confirmation:
+        diff = confirmation.get("incumbent_minus_reference")
+        log.info(
+            "confirmed on fresh seeds %s: mean %.4g (n=%d)%s",
+            confirmation["seeds"],
+            confirmation["incumbent"]["mean"],
+            confirmation["incumbent"]["n"],
+            f"; minus the reference {diff['mean']:+.3g}, 95% CI {diff['ci95']}" if diff else "",
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -19,7 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.kd_sweeper._compat import BaseHeartbeat, quiet_experimental, trial_id
-from hydra_plugins.kd_sweeper.journal import check_sqlite, heal_journal
+from hydra_plugins.kd_sweeper.journal import check_journal, check_sqlite, heal_journal
 from hydra_plugins.kd_sweeper.liveness import HEARTBEAT
 
 JOURNAL = "journal://"
@@ -93,6 +94,33 @@ def open_storage(url: Any, heartbeat_interval: int | None = None, grace_period: 
             grace_period=grace_period,
             heartbeat_stale_trial_callback=callback,
         )
+
+
+def open_readonly(url: str) -> Any:
+    """A storage to read ``url`` from without changing it: a journal file as it is (the
+    sweeper's own opening would mend a torn last line; a damaged one raises
+    :class:`~hydra_plugins.kd_sweeper.journal.DamagedStorage`), an SQLite file through a
+    read-only URI, any other database URL as given."""
+    if url.startswith(JOURNAL):
+        path = Path(url[len(JOURNAL) :])
+        if not path.is_file():
+            raise FileNotFoundError(f"no journal file {path}")
+        check_journal(path)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith(SQLITE) and not url.startswith(SQLITE + "file:"):
+        return f"{SQLITE}file:{Path(url[len(SQLITE) :]).resolve()}?mode=ro&uri=true"
+    return url
+
+
+def masked(url: str) -> bool:
+    """Whether ``url`` is one :func:`shown` wrote down: its password replaced by ``***``."""
+    from sqlalchemy.engine import make_url  # optuna's own dependency
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password == "***"
+    except ArgumentError:
+        return False
 
 
 def shown(url: Any) -> str | None:

@@ -4,7 +4,7 @@ A new method is one class (here, or in a module of your own listed in
 ``extra_targets``) plus one ``conf/loss/<name>.yaml`` naming it in ``_target_``.
 """
 
-from kd.losses.base import DistillationLoss, LossInputs, Progress, for_members
+from kd.losses.base import DistillationLoss, LossInputs, Progress, for_members, method_named
 from kd.losses.methods import (
     DKD,
     CosineHidden,
@@ -28,6 +28,7 @@ __all__ = [
     "DistillationLoss",
     "FeatureRegressor",
     "HintonKD",
+    "method_named",
     "LossInputs",
     "Progress",
     "StandardisedKD",

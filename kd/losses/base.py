@@ -16,7 +16,9 @@ population's N members at once (terms ``[N]``, see :func:`for_members`).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -47,15 +49,43 @@ class LossInputs:
     progress: Progress = field(default_factory=Progress)
 
 
+# A rule on one hyperparameter: (test, what the test asks for / what the value means).
+Rule = tuple[Callable[[float], bool], str]
+TEMPERATURE: Rule = (lambda v: 0 < v <= 1e3, "in (0, 1000]")  # past 1e3 softmax(x/T) is uniform in float32
+WEIGHT: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
+NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
+SOFT_TARGET_WARNINGS: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("temperature", lambda v: v < 0.05, "below 0.05 the soft targets are one-hot (the teacher's argmax)"),
+    ("temperature", lambda v: v > 100, "above 100 the soft targets are nearly uniform: KD carries little"),
+)
+
+
 class DistillationLoss(nn.Module):
     """Base class of every training loss. Subclasses set the class attributes and
-    implement :meth:`terms`."""
+    implement :meth:`terms`. What a method knows about itself lives here, so that the
+    config checks, the run header and the report name no method: a new method is its
+    class and its YAML file."""
 
     name: str = "loss"
+    title: ClassVar[str] = ""  # as tables name the method ("KD"); empty: its name
     needs_teacher: bool = False
     student_features: tuple[str, ...] = ()  # feature names the method reads from the student
     teacher_features: tuple[str, ...] = ()  # ... and from the teacher
     hparam_names: tuple[str, ...] = ()  # constructor arguments reported and swept
+    # Each hyperparameter's legal range, checked before any training: name -> Rule.
+    ranges: ClassVar[dict[str, Rule]] = {}
+    # Legal values that cannot mean what the user wants, warned about at the start of a
+    # run: (name, test, why).
+    warnings: ClassVar[tuple[tuple[str, Callable[[float], bool], str], ...]] = ()
+    # How tables write each hyperparameter (``temperature`` -> ``T``), in this order.
+    symbols: ClassVar[dict[str, str]] = {}
+    # Hyperparameters metrics.json also carries at its top level, for every method (None
+    # where a method has none), so that scripts can read them across methods.
+    header_fields: ClassVar[tuple[str, ...]] = ("temperature", "alpha")
+
+    @classmethod
+    def display_name(cls) -> str:
+        return cls.title or cls.name
 
     def hparams(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.hparam_names}
@@ -89,3 +119,17 @@ def for_members(losses: list[DistillationLoss], device: torch.device | str = "cp
         values = [float(getattr(loss, name)) for loss in losses]  # float64: cast to the logits' dtype in use
         setattr(stacked, name, torch.tensor(values, dtype=torch.float64, device=device))
     return stacked
+
+
+def method_named(name: str) -> type[DistillationLoss] | None:
+    """The loss class whose ``name`` is ``name``, among those imported (None if none is)."""
+    pending, seen = [DistillationLoss], set()
+    while pending:
+        cls = pending.pop()
+        if cls.name == name and cls is not DistillationLoss:
+            return cls
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                pending.append(sub)
+    return None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import ConfigError
-from kd.losses.base import DistillationLoss, LossInputs
+from kd.losses.base import NON_NEGATIVE, SOFT_TARGET_WARNINGS, TEMPERATURE, WEIGHT, DistillationLoss, LossInputs
 
 
 def per_member(value: float | torch.Tensor, like: torch.Tensor, trailing: int = 0) -> float | torch.Tensor:
@@ -129,8 +129,15 @@ class HintonKD(DistillationLoss):
     """Hinton et al. (2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
 
     name = "kd"
+    title = "KD"
     needs_teacher = True
     hparam_names = ("temperature", "alpha")
+    ranges = {"temperature": TEMPERATURE, "alpha": WEIGHT}
+    warnings = (
+        *SOFT_TARGET_WARNINGS,
+        ("alpha", lambda v: v == 0, "plain cross-entropy: the teacher is built or loaded but not used"),
+    )
+    symbols = {"temperature": "T", "alpha": "α"}
 
     def __init__(self, temperature: float = 2.0, alpha: float = 0.25) -> None:
         super().__init__()
@@ -150,6 +157,7 @@ class StandardisedKD(HintonKD):
     """Hinton KD on z-score-standardised student and teacher logits (logit standardisation)."""
 
     name = "kd_std"
+    title = "KD (standardised logits)"
 
     def soft_target(self, inputs: LossInputs) -> torch.Tensor:
         return distillation_divergence(
@@ -162,8 +170,13 @@ class DKD(DistillationLoss):
     linearly from 0 to 1 over ``warmup_epochs`` (by training progress, step by step)."""
 
     name = "dkd"
+    title = "DKD"
     needs_teacher = True
     hparam_names = ("alpha", "beta", "temperature", "warmup_epochs")
+    # alpha weights a KL term (TCKD) here, not a mix with CE: any size.
+    ranges = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "temperature": TEMPERATURE, "warmup_epochs": NON_NEGATIVE}
+    warnings = SOFT_TARGET_WARNINGS
+    symbols = {"temperature": "T", "alpha": "α", "beta": "β", "warmup_epochs": "warm-up"}
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup_epochs: float = 1.0):
         super().__init__()
@@ -200,6 +213,9 @@ class CosineHidden(FeatureLoss):
 
     name = "cosine"
     hparam_names = ("weight",)
+    ranges = {"weight": WEIGHT}
+    warnings = (("weight", lambda v: v == 0, "plain cross-entropy: the teacher's features are not used"),)
+    symbols = {"weight": "w"}
 
     def __init__(self, weight: float = 0.25, student_layer: str = "conv", teacher_layer: str = "conv") -> None:
         super().__init__(student_layer, teacher_layer)
@@ -225,6 +241,9 @@ class FeatureRegressor(FeatureLoss):
 
     name = "regressor"
     hparam_names = ("weight",)
+    ranges = {"weight": WEIGHT}
+    warnings = (("weight", lambda v: v == 0, "plain cross-entropy: the teacher's features are not used"),)
+    symbols = {"weight": "w"}
 
     def __init__(
         self,

@@ -29,6 +29,8 @@ class FeatureNet(nn.Module):
 class DeepNN(FeatureNet):
     """Teacher: 4 conv, 2 max-pool, 2 linear, dropout 0.1 (1,186,986 parameters for 10 classes)."""
 
+    title = "Teacher"  # as report tables name it
+
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
@@ -56,6 +58,8 @@ class LightNN(FeatureNet):
 
     ``width`` multiplies every layer's channels and hidden units (16 and 256 at 1.0), a
     knob that moves the student along the cost axis."""
+
+    title = "Student"
 
     def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
