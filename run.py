@@ -4,7 +4,7 @@
     python run.py model=teacher                     # the teacher alone
     python run.py loss=kd loss.temperature=4        # distil (teacher trained once, stored)
     python run.py -m loss=kd loss.temperature=1,2,4,8
-    python run.py -m hparams_search=kd_optuna       # Optuna over temperature and alpha
+    python run.py -m hparams_search=kd       # Optuna over temperature and alpha
 
 Returns the sweep objective named by ``objective`` (validation accuracy; with
 ``trial.seeds`` its mean over the seeds).

@@ -3,7 +3,7 @@
     python benchmarks/async_kd.py --data-root ../shared/data/cifar10-jpeg [--trials 8] \\
         [--out docs/results/async/kd_cifar.json]
 
-Runs ``hparams_search=kd_optuna experiment=seed_kd data.val_size=5000`` (LightNN distilled from the seed
+Runs ``hparams_search=kd experiment=seed_kd data.val_size=5000`` (LightNN distilled from the seed
 recipe's DeepNN, 10 epochs) with ASHA pruning on joblib, 2 workers, the same sampler
 seed and n_trials, once with ``hydra.sweeper.asynchronous=false`` and once in flight.
 Each sweep resumes if the script is stopped and started again (its study is in its
@@ -32,7 +32,7 @@ OUT = ROOT / "docs" / "results" / "async" / "kd_cifar.json"
 def sweep(mode: str, args: argparse.Namespace) -> dict:
     sweep_dir = args.work / mode
     overrides = [
-        "hparams_search=kd_optuna", "experiment=seed_kd", "data=folder", f"data.root={args.data_root}",
+        "hparams_search=kd", "experiment=seed_kd", "data=folder", f"data.root={args.data_root}",
         "data.val_size=5000",
         "hydra/sweeper/pruner=asha", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
         f"hydra.sweeper.n_trials={args.trials}", "hydra.sweeper.sampler.seed=0",

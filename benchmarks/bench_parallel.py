@@ -58,7 +58,7 @@ def main() -> None:
     for jobs in args.jobs:
         seconds = run(
             [
-                "hparams_search=kd_optuna",
+                "hparams_search=kd",
                 "hydra/launcher=joblib",
                 f"hydra.launcher.n_jobs={jobs}",
                 f"hydra.sweeper.n_jobs={jobs}",

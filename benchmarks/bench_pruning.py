@@ -63,7 +63,7 @@ def main() -> None:
     print(f"warm-up (teacher, logits, CE baseline): {warm:.1f}s", flush=True)
     sweep = [
         "-m",
-        "hparams_search=kd_optuna",
+        "hparams_search=kd",
         *common,
         f"hydra.sweeper.n_trials={trials}",
         f"hydra.sweeper.n_jobs={jobs}",

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 420 python3 benchmarks/bench_kd.py --synthetic --sweep-trials 3 --sweep-epochs 2 --threads 16 \
   --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
-timeout 150 python3 run.py -m hparams_search=kd_optuna data=synthetic data.train_size=20000 data.test_size=2000 \
+timeout 150 python3 run.py -m hparams_search=kd data=synthetic data.train_size=20000 data.test_size=2000 \
   data.val_size=2000 trainer.epochs=2 trainer.progress=false hydra/launcher=joblib hydra.launcher.n_jobs=2 \
   hydra.sweeper.n_jobs=2 hydra.sweeper.n_trials=4 hydra.sweeper.study_name=gpu2 hydra.sweep.dir=/tmp/gpusweep \
   > "$OUT/sweep_gpu.log" 2>&1

@@ -23,7 +23,7 @@ stamp start
   $PY run.py experiment=seed_kd $D trainer.progress=false "$SEEDS" "$@" hydra.run.dir="$OUT/seed_kd"
   stamp seed_kd done
 ) >"$OUT/pipeline.log" 2>&1 &
-$PY run.py -m hparams_search=kd_optuna $D trainer.progress=false "$SEEDS" "$@" \
+$PY run.py -m hparams_search=kd $D trainer.progress=false "$SEEDS" "$@" \
   hydra.sweeper.n_trials="$TRIALS" hydra.sweeper.n_jobs="$JOBS" \
   hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" hydra.sweep.dir="$OUT/sweep" >"$OUT/sweep.log" 2>&1
 stamp sweep done

@@ -21,7 +21,7 @@ from hydra_plugins.kd_sweeper import job
 @hydra.main(config_path="conf", config_name="sphere")
 def main(cfg: DictConfig) -> float | list[float]:
     if cfg.fail_at is not None and abs(cfg.x - cfg.fail_at) < 1e-9:
-        return math.nan  # a diverged trial: FAIL with reason kd:diverged, the sweep goes on
+        return math.nan  # a diverged trial: FAIL with reason kd_optuna:diverged, the sweep goes on
     loss = (cfg.x - 2) ** 2 + cfg.y
     seed = job.replicate()  # in a racing sweep, the seed this run is replicate of; else None
     if cfg.noise and seed is not None:  # seed noise: part shared by every trial on this seed, part its own

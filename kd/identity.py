@@ -14,13 +14,16 @@ model class's source) are computed here too.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import importlib.metadata
 import inspect
 import json
 import os
-from collections.abc import Iterable
+import sys
+import textwrap
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +130,38 @@ def source_digest(target: str) -> str:
     """SHA-256 of the source of a model class and its own base classes (not torch's):
     editing the network's code gives its teachers a new address. For a factory function
     (``kd.models.torchvision_model``), its own source and the versions of torch and
-    torchvision, whose classes it builds, and of the packages it names in its
-    ``builds_from`` attribute (timm, torchdistill)."""
+    torchvision, whose classes it builds, and of every other package it builds from
+    (:func:`builds_from`: timm, torchdistill)."""
     built = get_object(target)
     if not inspect.isclass(built):
         parts = [_source(built), f"torch {torch.__version__}", f"torchvision {_version('torchvision')}"]
-        parts += [f"{package} {_version(package)}" for package in getattr(built, "builds_from", ())]
+        parts += [f"{package} {_version(package)}" for package in builds_from(built)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     parts = [_source(cls) for cls in built.__mro__ if cls.__module__.split(".")[0] not in ("torch", "builtins")]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+ALWAYS_COUNTED = ("torch", "torchvision", "kd")  # in every factory's address already (kd: by its source)
+
+
+def builds_from(factory: Callable) -> tuple[str, ...]:
+    """The third-party packages a model factory builds from, read from its code: those it
+    imports in its body and those of the module-level names it uses (a wrapper needs no
+    flag to say so). Standard-library modules, torch, torchvision and kd are left out."""
+    found = set()
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(factory)))
+    except (OSError, TypeError, SyntaxError):
+        tree = None
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    for value in inspect.getclosurevars(factory).globals.values():
+        found.add(value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None) or "")
+    packages = {name.split(".")[0] for name in found if name}
+    return tuple(sorted(p for p in packages if p not in ALWAYS_COUNTED and p not in sys.stdlib_module_names))
 
 
 def _source(obj: object) -> str:

@@ -86,7 +86,7 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
         "model": model_name,
         "loss": loss_fn.name,
         "loss_title": loss_fn.display_name(),
-        "loss_symbols": dict(loss_fn.symbols),
+        "loss_symbols": [[name, symbol] for name, symbol in loss_fn.symbols.items()],  # in the method's order
         "loss_hparams": hparams,
         **{name: hparams.get(name) for name in loss_fn.header_fields},
         "epochs": int(cfg.trainer.epochs),

@@ -62,7 +62,7 @@ def label(run: dict) -> str:
         return name
     method = method_named(run["loss"])
     title = run.get("loss_title") or (method.display_name() if method else run["loss"])
-    symbols = run.get("loss_symbols") or (method.symbols if method else {})
+    symbols = dict(run.get("loss_symbols") or (method.symbols if method else {}))
     hparams = run.get("loss_hparams") or {k: run[k] for k in ("temperature", "alpha") if run.get(k) is not None}
     order = list(symbols)  # metrics.json stores keys sorted; show them in the method's order
     ranked = sorted(hparams.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.kd_sweeper import job
-from kd.config import experiment_settings, swept_keys, validate_for_selection
+from kd.config import experiment_settings, loss_class, swept_keys, validate_for_selection
 from kd.errors import ConfigError, Pruned
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,45 @@ def validate(config: DictConfig, space: Mapping[str, Any], fixed: Mapping[str, A
     """The ``kd_optuna`` hook: raise (one line) on a config no trial should run with;
     return every result-deciding setting the sweep does not vary."""
     validate_for_selection(config, swept=set(space) | set(swept_keys(config)))
+    check_space_ranges(config, space)
+    note_deprecated_preset(OmegaConf.select(config, "hydra.runtime.choices.hparams_search", default=None))
     if OmegaConf.select(config, "hydra.sweeper.racing", default=None) and config.trial.seeds:
         raise ConfigError(RACING_AND_SEEDS)
     settings = experiment_settings(config)
     for name in space:
         settings.pop(name, None)
     return settings
+
+
+def check_space_ranges(config: DictConfig, space: Mapping[str, Any]) -> None:
+    """Refuse, before any trial, a swept loss hyperparameter whose range reaches values
+    its method refuses (the loss class's ``ranges``): every trial there would fail."""
+    rules = getattr(loss_class(config), "ranges", {})
+    for key, distribution in space.items():
+        name = key.removeprefix("loss.")
+        if not key.startswith("loss.") or name not in rules:
+            continue
+        test, rule = rules[name]
+        values = getattr(distribution, "choices", None)
+        if values is None:  # an interval: its ends
+            values = (getattr(distribution, "low", None), getattr(distribution, "high", None))
+        bad = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and not test(v)]
+        if bad:
+            raise ConfigError(f"{key}: the search space reaches {bad[0]!r}, and {key} must be {rule}; narrow it")
+
+
+# Search-space presets renamed so that none shares the sweeper plugin's name
+# (hydra/sweeper=kd_optuna): old name -> new name. The old files still compose.
+RENAMED_PRESETS = {f"{method}_optuna": method for method in ("kd", "dkd", "cosine", "kd_std", "regressor")}
+
+
+def note_deprecated_preset(choice: str | None) -> str | None:
+    """Log (once per sweep) that an old preset name was used; returns the note."""
+    if choice not in RENAMED_PRESETS:
+        return None
+    note = f"hparams_search={choice} is now hparams_search={RENAMED_PRESETS[choice]} (the old name still works)"
+    log.warning("%s", note)
+    return note
 
 
 def use_replicate(cfg: DictConfig) -> None:

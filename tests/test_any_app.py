@@ -67,7 +67,7 @@ def test_a_nan_trial_fails_with_a_reason_and_the_sweep_goes_on(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     by_x = {t.params["x"]: t for t in study(tmp_path).trials}
-    assert by_x[3].state == TrialState.FAIL and by_x[3].user_attrs[FAIL_REASON] == "kd:diverged: objective nan"
+    assert by_x[3].state == TrialState.FAIL and by_x[3].user_attrs[FAIL_REASON] == "kd_optuna:diverged: objective nan"
     assert by_x[1].state == TrialState.COMPLETE
 
 
@@ -76,7 +76,7 @@ def test_too_many_failures_end_the_sweep_in_one_line(tmp_path):
     proc = sweep(tmp_path, "x=choice(3)", "fail_at=3", "hydra.sweeper.n_trials=4", rate)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("kd_optuna: error: 2 of 4 trials failed") and "kd:diverged" in last
+    assert last.startswith("kd_optuna: error: 2 of 4 trials failed") and "kd_optuna:diverged" in last
     assert [t.state for t in study(tmp_path).trials] == [TrialState.FAIL] * 2
 
 

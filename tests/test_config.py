@@ -1,4 +1,5 @@
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_optuna_search_composes(compose_cfg):
     from tests.conftest import CONF
 
     with initialize_config_dir(config_dir=str(CONF)):
-        cfg = compose(config_name="config", overrides=["hparams_search=kd_optuna"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["hparams_search=kd"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("KDOptunaSweeper")
     assert sweeper.direction == "maximize" and sweeper.sampler.seed == 42
@@ -202,3 +203,24 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(monkeypatc
         MLflowLogger(tmp_path)
     with pytest.raises(ConfigError, match=r"logger=tensorboard needs .*: pip install 'kd\[tensorboard\]'"):
         TensorBoardLogger(tmp_path)
+
+
+def test_old_search_space_names_compose_the_renamed_presets_with_a_note(caplog):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kd.tuning import RENAMED_PRESETS, note_deprecated_preset
+
+    def space(option: str) -> dict:
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+            cfg = compose(config_name="config", overrides=[f"hparams_search={option}"], return_hydra_config=True)
+        return OmegaConf.to_container(cfg.hydra.sweeper.params)
+
+    for old, new in RENAMED_PRESETS.items():
+        assert space(old) == space(new) and space(new)
+        assert (
+            note_deprecated_preset(old)
+            == f"hparams_search={old} is now hparams_search={new} (the old name still works)"
+        )
+        assert note_deprecated_preset(new) is None
+    assert "hparams_search=kd_optuna is now hparams_search=kd" in caplog.text

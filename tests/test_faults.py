@@ -160,7 +160,7 @@ def test_an_unwritable_run_directory_is_one_line_with_exit_code_4(workdir):
 
 
 def _sweep(*extra: str, study: str = "s") -> list[str]:
-    return ["-m", "hparams_search=kd_optuna", *FAST, f"hydra.sweeper.study_name={study}", *extra]
+    return ["-m", "hparams_search=kd", *FAST, f"hydra.sweeper.study_name={study}", *extra]
 
 
 @pytest.mark.slow
@@ -216,7 +216,7 @@ def test_a_stopped_sweep_resumes_once_the_cause_is_fixed(workdir):
     root = workdir / "imgs"  # missing at first: every trial fails
     args = [
         "-m",
-        "hparams_search=kd_optuna",
+        "hparams_search=kd",
         "data=folder",
         f"data.root={root}",
         "data.val_size=4",
@@ -299,7 +299,7 @@ def test_a_store_entry_whose_forged_checksum_matches_unloadable_bytes_is_moved_a
             "kd: error: hydra.launcher: hydra.launcher.max_members must be >= 1, got 0",
         ),
         (
-            ["hparams_search=kd_optuna", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_warmup_steps=-3"],
+            ["hparams_search=kd", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_warmup_steps=-3"],
             "kd: error: hydra.sweeper.pruner: Number of warmup steps cannot be negative, but got n_warmup_steps=-3.",
         ),
     ],

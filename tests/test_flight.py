@@ -140,7 +140,7 @@ def test_ctrl_c_fails_the_trials_in_flight_and_a_rerun_finishes_the_sweep(tmp_pa
     assert err.strip().splitlines()[-1].startswith("kd_optuna: interrupted; rerun the same command")
     trials = _trials(tmp_path)
     assert TrialState.RUNNING not in [t.state for t in trials]
-    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"] == "kd:interrupted"
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"] == "kd_optuna:interrupted"
     (tmp_path / "started_3").touch()  # let the long trial end this time
     again = _start(tmp_path, "hydra.sweeper.n_trials=3", "wait_s=600")
     _, err = again.communicate(timeout=300)

@@ -113,8 +113,8 @@ class Sweeper:
     def settle(self, study: optuna.Study, trial: Any, ret: JobReturn, heartbeat: Any) -> str | None:
         assert study is self.study and heartbeat is self.beat
         if ret.status == JobStatus.FAILED:
-            self._fail(study, trial, "kd:error: on purpose", heartbeat)
-            return "kd:error: on purpose"
+            self._fail(study, trial, "kd_optuna:error: on purpose", heartbeat)
+            return "kd_optuna:error: on purpose"
         study.tell(trial, ret.return_value)
         self._record(trial.number, TrialState.COMPLETE)
         return None
@@ -203,7 +203,7 @@ def test_past_the_allowance_nothing_starts_and_trials_in_flight_finish():
     launcher.release(0)
     thread.join(30)
     assert launcher.launched == [0, 1]
-    assert result == {"failures": ["kd:error: on purpose"]}
+    assert result == {"failures": ["kd_optuna:error: on purpose"]}
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
 
 
@@ -214,7 +214,7 @@ def test_failures_within_the_allowance_are_replaced():
         sweeper.launcher.release(number, outcome)
         sweeper.wait_told(number + 1)
     thread.join(30)
-    assert result == {"failures": ["kd:error: on purpose"]}
+    assert result == {"failures": ["kd_optuna:error: on purpose"]}
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
 
 
@@ -228,7 +228,7 @@ def test_an_interrupt_fails_every_trial_in_flight_and_stops_local_workers(monkey
     thread.join(30)
     assert isinstance(result["error"], KeyboardInterrupt)
     states = [(t.state, t.user_attrs.get(FAIL_REASON)) for t in study.trials]
-    assert states == [(TrialState.FAIL, None), (TrialState.FAIL, "kd:interrupted")]
+    assert states == [(TrialState.FAIL, None), (TrialState.FAIL, "kd_optuna:interrupted")]
     assert stopped == [True] and not f.in_flight
     assert "stopped with trials [1] in flight: marked failed (interrupted)" in caplog.text
     sweeper.launcher.release(1)

@@ -118,3 +118,24 @@ def test_marking_creates_missing_parents_and_a_store_that_cannot_be_marked_is_re
     with pytest.raises(StoreVersionError) as err:
         check_store(tmp_path / "store")
     assert str(err.value).endswith('write {"version": 1} into it if the store is kd\'s')
+
+
+def test_a_factory_is_addressed_by_the_packages_it_builds_from_without_a_flag(tmp_path, monkeypatch):
+    from kd.identity import builds_from
+    from kd.models.wrn import wide_resnet
+    from kd.models.zoo import timm_model, torchvision_model
+
+    assert (builds_from(timm_model), builds_from(wide_resnet), builds_from(torchvision_model)) == (
+        ("timm",),
+        ("torchdistill",),
+        (),
+    )
+    (tmp_path / "myzoo.py").write_text(
+        "import json\nfrom yaml import safe_load\nimport torch\n\n"
+        "def inside(n):\n    import numpy\n    return json.dumps(n)\n\n"
+        "def outside(n):\n    return safe_load(str(n)), torch.zeros(n)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import myzoo
+
+    assert builds_from(myzoo.inside) == ("numpy",) and builds_from(myzoo.outside) == ("yaml",)

@@ -19,7 +19,7 @@ from tests.test_data import make_folder
 pytestmark = pytest.mark.slow
 
 USER_BYTES = b"SQLite format 2 -- a user's own notes, not kd's\n" * 40
-SWEEP = ["-m", "hparams_search=kd_optuna", "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=mine"]
+SWEEP = ["-m", "hparams_search=kd", "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=mine"]
 
 # Each path-valued key: the command that points it at the user's file {file}, and the
 # exit code (2: bad input, 4: a destination or storage that cannot be used).
@@ -55,7 +55,7 @@ def test_every_path_valued_key_is_covered():
     """A new path-valued key fails here until it has a case above."""
     found = set()
     for overrides in (
-        ["data=folder", "data.root=/x", "logger=mlflow", "hparams_search=kd_optuna"],
+        ["data=folder", "data.root=/x", "logger=mlflow", "hparams_search=kd"],
         ["logger=tensorboard"],
     ):
         with initialize_config_dir(config_dir=str(CONF)):

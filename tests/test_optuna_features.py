@@ -32,7 +32,7 @@ def _study(path):
 
 PRUNING = [
     "-m",
-    "hparams_search=kd_optuna",
+    "hparams_search=kd",
     *FAST,
     "trainer.epochs=3",
     "optim.lr=choice(0.001,0.0000001)",  # one learning rate that barely learns: easy to prune
@@ -127,7 +127,7 @@ def test_mlflow_logger_makes_one_experiment_per_sweep(workdir):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{workdir}/mlflow.db"
-    args = ["-m", "hparams_search=kd_optuna", *FAST, "trainer.epochs=2", "logger=mlflow", f"logger.tracking_uri={uri}"]
+    args = ["-m", "hparams_search=kd", *FAST, "trainer.epochs=2", "logger=mlflow", f"logger.tracking_uri={uri}"]
     proc = run_py([*args, "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=tracked"], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(uri)

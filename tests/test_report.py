@@ -39,7 +39,7 @@ def test_multirun_table_pools_seeds_and_lists_skipped_runs(workdir):
 
 def test_sweep_report_writes_every_plot(workdir, capsys):
     proc = run_py(
-        ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=optuna_sweep"],
+        ["-m", "hparams_search=kd", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=optuna_sweep"],
         cwd=workdir,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -73,7 +73,7 @@ def test_a_damaged_study_file_is_named_and_never_written_into(tmp_path, capsys, 
 
 def test_a_sweep_with_a_metrics_json_cut_short_or_a_damaged_journal_is_reported_in_notes(workdir, capsys):
     storage = f"journal://{workdir}/study.log"
-    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=sw"]
+    args = ["-m", "hparams_search=kd", *FAST, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=sw"]
     assert run_py([*args, f"hydra.sweeper.storage={storage}"], cwd=workdir).returncode == 0
     metrics = workdir / "sw" / "0" / "metrics.json"
     metrics.write_bytes(metrics.read_bytes()[: metrics.stat().st_size // 2])  # a write cut short

@@ -221,7 +221,7 @@ def test_a_job_run_again_after_it_ended_keeps_its_results(workdir):
 def _sweep_args(study: str, storage: str, n_trials: int, *extra: str) -> list[str]:
     return [
         "-m",
-        "hparams_search=kd_optuna",
+        "hparams_search=kd",
         *FAST,
         *ON_SLURM,
         f"hydra.sweeper.n_trials={n_trials}",

@@ -23,7 +23,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def sweep_args(study: str, n_trials: int, *extra: str, storage: str | None = None) -> list[str]:
     args = [
         "-m",
-        "hparams_search=kd_optuna",
+        "hparams_search=kd",
         *FAST,
         f"hydra.sweeper.study_name={study}",
         f"hydra.sweeper.n_trials={n_trials}",
@@ -199,3 +199,25 @@ def test_paths_devices_and_threads_are_no_part_of_a_studys_identity(workdir):
     assert len(counted_trials(load("where", f"sqlite:///{workdir}/multirun/where/optuna.db"))) == 2
     other = run_py(sweep_args("where", 3, *moved, "trainer.epochs=2"), cwd=workdir)
     assert other.returncode == 2 and "fixed trainer.epochs: 1 -> 2" in other.stderr.strip().splitlines()[-1]
+
+
+def test_a_search_space_past_the_methods_range_is_refused_before_any_trial(workdir):
+    proc = run_py(sweep_args("past", 2, "loss.alpha=interval(0.0, 1.5)"), cwd=workdir)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "loss.alpha: the search space reaches 1.5" in last and "[0, 1]" in last, last
+    assert not list(workdir.rglob("metrics.json"))  # no trial ran
+
+
+def test_the_space_check_reads_interval_ends_and_choices_against_the_loss_class(compose_cfg):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from kd.errors import ConfigError
+    from kd.tuning import check_space_ranges
+
+    kd, dkd = compose_cfg("loss=kd"), compose_cfg("loss=dkd")
+    check_space_ranges(kd, {"loss.alpha": FloatDistribution(0.0, 1.0), "loss.temperature": FloatDistribution(1, 20)})
+    check_space_ranges(dkd, {"loss.alpha": FloatDistribution(0.0, 4.0)})  # DKD's alpha weights a KL term
+    check_space_ranges(kd, {"optim.lr": FloatDistribution(-1.0, 1.0)})  # not a loss key: run.py checks it
+    for space in ({"loss.alpha": FloatDistribution(-0.5, 1.0)}, {"loss.temperature": CategoricalDistribution([2, 0])}):
+        with pytest.raises(ConfigError, match="narrow it"):
+            check_space_ranges(kd, space)

@@ -146,9 +146,7 @@ def _sweep_root(*overrides: str):
     import kd.config  # noqa: F401  (registers the study-name resolver)
 
     with initialize_config_dir(config_dir=str(CONF)):
-        return compose(
-            config_name="config", overrides=["hparams_search=kd_optuna", *overrides], return_hydra_config=True
-        )
+        return compose(config_name="config", overrides=["hparams_search=kd", *overrides], return_hydra_config=True)
 
 
 def test_default_study_name_follows_the_unswept_settings():
@@ -197,7 +195,7 @@ def test_a_three_seed_trial_records_each_seed_and_the_paired_difference(workdir)
 @pytest.mark.parametrize("extra", [["data.val_size=0"], ["experiment=seed_kd"]])
 def test_a_sweep_that_would_select_on_test_is_refused(workdir, extra):
     fast = [a for a in FAST if not a.startswith("data.val_size")]
-    proc = run_py(["-m", "hparams_search=kd_optuna", *fast, *extra, "hydra.sweep.dir=sweep"], cwd=workdir)
+    proc = run_py(["-m", "hparams_search=kd", *fast, *extra, "hydra.sweep.dir=sweep"], cwd=workdir)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("kd_optuna: error:") and "data.val_size=0" in lines[-1]
@@ -207,7 +205,7 @@ def test_a_sweep_that_would_select_on_test_is_refused(workdir, extra):
 
 @pytest.mark.slow
 def test_naming_the_test_objective_explicitly_allows_it(workdir):
-    args = ["-m", "hparams_search=kd_optuna", *FAST, "data.val_size=0", "objective=test_acc"]
+    args = ["-m", "hparams_search=kd", *FAST, "data.val_size=0", "objective=test_acc"]
     proc = run_py([*args, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=sweep"], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = read_metrics(workdir / "sweep" / "0")
@@ -216,7 +214,7 @@ def test_naming_the_test_objective_explicitly_allows_it(workdir):
 
 @pytest.mark.slow
 def test_resuming_a_study_with_other_settings_is_refused(workdir):
-    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.study_name=mine", "hydra.sweeper.n_trials=1"]
+    args = ["-m", "hparams_search=kd", *FAST, "hydra.sweeper.study_name=mine", "hydra.sweeper.n_trials=1"]
     first = run_py(args, cwd=workdir)
     assert first.returncode == 0, first.stderr[-2000:]
     second = run_py([*args, "hydra.sweeper.n_trials=2", "data.num_classes=5"], cwd=workdir)
@@ -241,7 +239,7 @@ def test_report_groups_by_every_setting_but_the_seed(workdir):
 
 @pytest.mark.slow
 def test_sweep_report_orders_by_the_objective_and_hides_voided_trials(workdir):
-    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=sw"]
+    args = ["-m", "hparams_search=kd", *FAST, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=sw"]
     proc = run_py(args, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # As the sweeper voids a trial whose result was lost: FAIL, though its folder remains.
@@ -264,7 +262,7 @@ def test_sweep_report_orders_by_the_objective_and_hides_voided_trials(workdir):
 
 @pytest.mark.slow
 def test_resuming_with_a_swept_key_now_fixed_is_refused(workdir):
-    args = ["-m", "hparams_search=kd_optuna", *FAST, "hydra.sweeper.study_name=fix", "hydra.sweeper.n_trials=1"]
+    args = ["-m", "hparams_search=kd", *FAST, "hydra.sweeper.study_name=fix", "hydra.sweeper.n_trials=1"]
     assert run_py(args, cwd=workdir).returncode == 0
     second = run_py([*args, "hydra.sweeper.n_trials=2", "loss.alpha=0.5"], cwd=workdir)
     assert second.returncode == 2

@@ -60,7 +60,7 @@ def test_a_run_ends_naming_its_results_and_a_redirected_log_is_plain(workdir):
 
 @pytest.mark.slow
 def test_a_sweep_log_is_plain_and_ends_with_the_report_command(workdir):
-    args = ["-m", "hparams_search=kd_optuna", *FAST[:-2], "trainer.device=cpu", "hydra.sweeper.n_trials=2"]
+    args = ["-m", "hparams_search=kd", *FAST[:-2], "trainer.device=cpu", "hydra.sweeper.n_trials=2"]
     proc = run_py([*args, "hydra.sweep.dir=sw"], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not ESCAPES.search(proc.stdout + proc.stderr)

@@ -8,12 +8,12 @@ samplers (grid included) and one or several objectives. What it adds:
   the study holds count, so the same command resumes a killed sweep, and workers
   sharing one storage stop together. A trial counts once it has an outcome (COMPLETE,
   PRUNED, or FAIL in its job) or runs or waits; one asked past the target in a race
-  is FAIL with reason ``kd:surplus`` and does not count.
+  is FAIL with reason ``kd_optuna:surplus`` and does not count.
 * **Heartbeats.** With a storage, the sweeper beats for its running trials every
   ``heartbeat_interval`` seconds; a trial whose worker stopped beating for
   ``grace_period`` seconds becomes FAIL and is queued again with its parameters.
 * **One failure rule.** A job that raised, returned a non-finite objective or the wrong
-  number of values is FAIL with a reason (``kd:error: ...``, ``kd:diverged``) and counts
+  number of values is FAIL with a reason (``kd_optuna:error: ...``, ``kd_optuna:diverged``) and counts
   as a trial. Up to ceil(``max_failure_rate`` x ``n_trials``) trials may fail in one
   invocation; one more ends it in one line naming the last failure (a rerun after the
   fix resumes with a fresh allowance). A pruned trial is no failure.

@@ -27,11 +27,12 @@ JOURNAL = "journal://"
 SQLITE = "sqlite:///"
 FAIL_REASON = "fail_reason"  # trial user attribute: why a FAIL trial failed
 # Reasons of trials that ran and failed: they count as trials of the sweep.
-DIVERGED = "kd:diverged"  # the objective was NaN or infinite
-ERROR = "kd:error"  # the job raised, or returned something that is not an objective
+DIVERGED = "kd_optuna:diverged"  # the objective was NaN or infinite
+ERROR = "kd_optuna:error"  # the job raised, or returned something that is not an objective
+COUNTED = (DIVERGED, ERROR, "kd:diverged", "kd:error")  # with the labels of studies from before 2026-12
 # Reasons of trials that never got an outcome: they do not count.
-SURPLUS = "kd:surplus"  # asked past n_trials in a race between workers
-INTERRUPTED = "kd:interrupted"  # in flight when the sweep stopped (Ctrl-C, an error)
+SURPLUS = "kd_optuna:surplus"  # asked past n_trials in a race between workers
+INTERRUPTED = "kd_optuna:interrupted"  # in flight when the sweep stopped (Ctrl-C, an error)
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
@@ -150,7 +151,7 @@ def counts(trial: FrozenTrial) -> bool:
     outcome (its worker died and the heartbeat failed it, or an older version voided
     it) and does not count, nor does a surplus trial."""
     if trial.state == TrialState.FAIL:
-        return str(trial.user_attrs.get(FAIL_REASON, "")).startswith((DIVERGED, ERROR))
+        return str(trial.user_attrs.get(FAIL_REASON, "")).startswith(COUNTED)
     return True
 
 

@@ -1,8 +1,9 @@
 """Intermediate features of any model, by layer name, for the feature-based losses.
 
-``conv`` is the last feature map of the built-in networks (their ``forward_with_features``);
-any other name is a submodule path of the model (``layer3``, ``features.4``), read with
-a forward hook, so torchvision, timm and torchdistill models work unchanged.
+A model may declare named features of its own (``feature_layers``, returned by its
+``forward_with_features``: the built-in networks' ``conv``, their last feature map); any
+other name is a submodule path of the model (``layer3``, ``features.4``), read with a
+forward hook, so torchvision, timm and torchdistill models work unchanged.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from kd.errors import ConfigError
 
 # A forward pass that also returns named features: inputs -> (logits, {name: tensor}).
 FeatureForward = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-OWN_FEATURES = ("conv",)  # what the built-in networks' forward_with_features returns
 STUDENT_LAYER, TEACHER_LAYER = "loss.student_layer", "loss.teacher_layer"  # the keys that name them
 
 
+def own_features(model: nn.Module) -> tuple[str, ...]:
+    """The named features ``model`` returns from its ``forward_with_features`` (none without one)."""
+    return tuple(getattr(model, "feature_layers", ())) if hasattr(model, "forward_with_features") else ()
+
+
 def layer_names(model: nn.Module, depth: int = 2) -> list[str]:
-    """The names a feature loss may read: ``conv`` where the model provides it, then its
+    """The names a feature loss may read: the features the model declares, then its
     submodules down to ``depth`` dots deep."""
-    own = list(OWN_FEATURES) if hasattr(model, "forward_with_features") else []
+    own = list(own_features(model))
     return own + [name for name, _ in model.named_modules() if name and name.count(".") < depth]
 
 
@@ -46,7 +51,7 @@ def with_features(model: nn.Module, names: tuple[str, ...], key: str = STUDENT_L
     check_layers(model, names, key)
     if not names:
         return lambda x: (model(x), {})
-    if hasattr(model, "forward_with_features") and set(names) <= set(OWN_FEATURES):
+    if own_features(model) and set(names) <= set(own_features(model)):
         return model.forward_with_features
     layers = {name: model.get_submodule(name) for name in names}
 

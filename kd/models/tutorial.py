@@ -16,6 +16,9 @@ class FeatureNet(nn.Module):
 
     features: nn.Module
     classifier: nn.Module
+    # The features forward_with_features returns, by name: what a feature loss may read
+    # besides any submodule (``loss.student_layer=conv``).
+    feature_layers: tuple[str, ...] = ("conv",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))

@@ -73,8 +73,6 @@ def timm_model(name: str, num_classes: int = 10, weights: str | os.PathLike | No
     return model
 
 
-timm_model.builds_from = ("timm",)  # type: ignore[attr-defined]  # its version is in the model's address
-
 
 def _load_weights(model: nn.Module, path: str | os.PathLike, name: str) -> None:
     # Imported here: kd.teacher imports the store, which the model zoo otherwise never needs.
