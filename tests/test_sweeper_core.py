@@ -60,7 +60,11 @@ def raised(error: BaseException) -> JobReturn:
         (returned([1.0, math.inf]), 2, (TrialState.FAIL, None, "kd_optuna:diverged: objective [1.0, inf]")),
         (returned(None), 1, (TrialState.FAIL, None, "kd_optuna:error: the job returned None, not 1 number(s)")),
         (returned([1.0]), 2, (TrialState.FAIL, None, "kd_optuna:error: the job returned 1 values for 2 objectives")),
-        (returned([1.0, 2.0, 3.0]), 2, (TrialState.FAIL, None, "kd_optuna:error: the job returned 3 values for 2 objectives")),
+        (
+            returned([1.0, 2.0, 3.0]),
+            2,
+            (TrialState.FAIL, None, "kd_optuna:error: the job returned 3 values for 2 objectives"),
+        ),
         (raised(RuntimeError("boom\nmore")), 1, (TrialState.FAIL, None, "kd_optuna:error: RuntimeError: boom")),
         (raised(ValueError()), 1, (TrialState.FAIL, None, "kd_optuna:error: ValueError")),
         (raised(optuna.TrialPruned()), 1, (TrialState.PRUNED, None, "")),
