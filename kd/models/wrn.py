@@ -18,4 +18,3 @@ def wide_resnet(depth: int = 16, width: int = 2, dropout: float = 0.0, num_class
     if width < 1:
         raise ConfigError(f"model.width must be >= 1, got {width}")
     return _torchdistill_wide_resnet(depth, width, dropout, num_classes, False, False)
-

@@ -73,7 +73,6 @@ def timm_model(name: str, num_classes: int = 10, weights: str | os.PathLike | No
     return model
 
 
-
 def _load_weights(model: nn.Module, path: str | os.PathLike, name: str) -> None:
     # Imported here: kd.teacher imports the store, which the model zoo otherwise never needs.
     from kd.teacher import load_checkpoint, restore_model
