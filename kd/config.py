@@ -136,6 +136,9 @@ CHOICES: tuple[tuple[str, tuple[Any, ...], str], ...] = (
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first setting of ``cfg`` that is undeclared, of
     the wrong type (:mod:`kd.schema`) or out of range (:data:`RANGES` and the checks below)."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+    if missing:
+        raise ConfigError(f"{missing[0]} needs a value (its YAML says ???): add {missing[0]}=... to the command")
     extra = [str(t) for t in OmegaConf.select(cfg, "extra_targets", default=None) or []]
     schema.check(cfg, trusted=(*TRUSTED_TARGETS, *extra))
     for name, (test, rule) in getattr(loss_class(cfg), "ranges", {}).items():
@@ -349,11 +352,18 @@ def experiment_settings(root: DictConfig) -> dict[str, Any]:
     return run_settings(root, exclude=swept_keys(root))
 
 
+# Search-space presets renamed so that none shares the sweeper plugin's name
+# (hydra/sweeper=kd_optuna): old name -> new name. The old files still compose, and a
+# study keeps its old name, so a sweep started under either name resumes under both.
+RENAMED_PRESETS = {f"{method}_optuna": method for method in ("kd", "dkd", "cosine", "kd_std", "regressor")}
+
+
 def default_study_name(*, _root_: DictConfig) -> str:
     """``${kd_study_name:}``: the experiment's name plus its settings' fingerprint, so two
     different experiments never share a study by accident."""
     choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) or {}
     name = choices.get("experiment") or choices.get("hparams_search") or "kd"
+    name = {new: old for old, new in RENAMED_PRESETS.items()}.get(name, name)
     return f"{str(name).replace('/', '-')}-{identity.key('study', settings=experiment_settings(_root_))}"
 
 
@@ -392,6 +402,21 @@ def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build {target}: {lines[-1] if lines else type(err).__name__}") from None
 
 
+def _option_hint(arg: str, conf_dir: Path) -> str | None:
+    """For ``group=option`` naming no option of the group: the near misses and the list."""
+    name, eq, value = arg.lstrip("+~").partition("=")
+    group = name.split("@")[0]
+    if not eq or "." in group or not value or not (conf_dir / group).is_dir() or "," in value:
+        return None
+    options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    if value in options or value == "null":
+        return None
+    ratio = {option: difflib.SequenceMatcher(None, value, option).ratio() for option in options}
+    close = sorted((o for o in options if ratio[o] >= 0.6), key=lambda o: (-round(ratio[o], 6), len(o), o))[:3]
+    near = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"{group} has no option {value!r}: {near}its options: {', '.join(options)}"
+
+
 def _option_keys(path: Path) -> set[str]:
     """The top-level keys an option's YAML file sets (none for an unreadable file)."""
     try:
@@ -418,7 +443,7 @@ def override_hints(args: list[str], conf_dir: Path) -> list[str]:
         name, _, value = arg.lstrip("+~").partition("=")
         if value and "." not in name and (conf_dir / name).is_dir():
             chosen[name] = value
-    hints = []
+    hints = [hint for arg in args if (hint := _option_hint(arg, conf_dir))]
     for arg in args:
         key, eq, _ = arg.lstrip("+~").partition("=")
         group, dot, rest = key.partition(".")

@@ -77,6 +77,18 @@ def stored_ce_model(recipe: Recipe, ctx: Context, store: TeacherStore, desc: str
     return checkpoint, built
 
 
+def near_chance(val_acc: float | None, num_classes: int) -> str | None:
+    """A warning when the teacher's validation accuracy is within 1.5x of guessing: its
+    soft targets then carry little (a short teacher.epochs on hard data)."""
+    chance = 100.0 / num_classes
+    if val_acc is None or not math.isfinite(val_acc) or val_acc >= 1.5 * chance:
+        return None
+    return (
+        f"the teacher's validation accuracy is {val_acc:.1f} %, near chance ({chance:.1f} %): distilling from it "
+        "teaches little; train it longer (teacher.epochs) or give teacher.checkpoint"
+    )
+
+
 def check_teacher_split(checkpoint: dict, ctx: Context) -> str | None:
     """Refuse a teacher that trained on this run's validation images; return a warning
     when that cannot be checked (a checkpoint with no record, or other data)."""
@@ -145,6 +157,10 @@ def _load_teacher(ctx: Context, store: TeacherStore) -> tuple[nn.Module, dict, d
     )
     accs = ", ".join(f"{k} {checkpoint[k]:.2f}%" for k in ("val_acc", "test_acc") if checkpoint.get(k) is not None)
     log.info("teacher: %s (%s%s)", checkpoint["path"], source, f"; {accs}" if accs else "")
+    warning = near_chance(checkpoint.get("val_acc"), data.num_classes)
+    if warning:
+        log.warning("%s", warning)
+        info["teacher_warning"] = "; ".join(filter(None, [info.get("teacher_warning"), warning]))
     return teacher, checkpoint, info
 
 

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.kd_sweeper import job
-from kd.config import experiment_settings, loss_class, swept_keys, validate_for_selection
+from kd.config import RENAMED_PRESETS, experiment_settings, loss_class, swept_keys, validate_for_selection
 from kd.errors import ConfigError, Pruned
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,6 @@ def check_space_ranges(config: DictConfig, space: Mapping[str, Any]) -> None:
         bad = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and not test(v)]
         if bad:
             raise ConfigError(f"{key}: the search space reaches {bad[0]!r}, and {key} must be {rule}; narrow it")
-
-
-# Search-space presets renamed so that none shares the sweeper plugin's name
-# (hydra/sweeper=kd_optuna): old name -> new name. The old files still compose.
-RENAMED_PRESETS = {f"{method}_optuna": method for method in ("kd", "dkd", "cosine", "kd_std", "regressor")}
 
 
 def note_deprecated_preset(choice: str | None) -> str | None:

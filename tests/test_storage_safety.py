@@ -500,3 +500,30 @@ def test_healing_waits_for_the_journals_own_lock_and_rechecks_under_it(tmp_path,
         f"{path}: cut a torn last record (4 bytes, left by a killed worker) back to its last whole one; the cut "
         f"bytes are in {aside.name}; the study resumes"
     ]
+
+
+def test_the_read_only_opener_changes_nothing_and_refuses_what_it_cannot_read(tmp_path):
+    import optuna
+
+    from hydra_plugins.kd_sweeper.journal import DamagedStorage
+    from hydra_plugins.kd_sweeper.study import masked, open_readonly
+
+    journal = tmp_path / "s.log"
+    study = optuna.create_study(study_name="s", storage=open_storage(f"journal://{journal}"))
+    study.tell(study.ask(), 1.0)
+    torn = journal.read_bytes() + b'{"op_code": 4, "worker_id": "w", "trial_id'
+    journal.write_bytes(torn)
+    reader = open_readonly(f"journal://{journal}")
+    assert [t.value for t in optuna.load_study(study_name="s", storage=reader).trials] == [1.0]
+    assert journal.read_bytes() == torn  # the sweeper's opening would have cut the torn tail
+    with pytest.raises(FileNotFoundError, match="no journal file"):
+        open_readonly(f"journal://{tmp_path / 'absent.log'}")
+    (tmp_path / "bad.log").write_bytes(b"not a journal\n")
+    with pytest.raises(DamagedStorage):
+        open_readonly(f"journal://{tmp_path / 'bad.log'}")
+    db = tmp_path / "o.db"
+    assert open_readonly(f"sqlite:///{db}") == f"sqlite:///file:{db.resolve()}?mode=ro&uri=true"
+    uri = f"sqlite:///file:{db}?mode=ro&uri=true"
+    assert open_readonly(uri) == uri and open_readonly("postgresql://u@h/d") == "postgresql://u@h/d"
+    assert masked("postgresql://u:***@h/d") and not masked("postgresql://u:pw@h/d")
+    assert not masked(f"sqlite:///{db}") and not masked("not a url")

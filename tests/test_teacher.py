@@ -153,3 +153,11 @@ def test_a_different_dataset_gets_fresh_logits_from_the_same_teacher(compose_cfg
         expected = predict_logits(teacher, ctx.train_images[:8], ctx.preprocess)
         torch.testing.assert_close(signal(torch.arange(8), None, None)[0], expected, rtol=1e-4, atol=1e-5)
     assert len(list((store_dir / "logits").glob("*.pt"))) == 2
+
+
+def test_a_teacher_near_chance_is_warned_about():
+    from kd.provision import near_chance
+
+    assert near_chance(14.9, 10).startswith("the teacher's validation accuracy is 14.9 %, near chance (10.0 %)")
+    assert near_chance(15.0, 10) is None and near_chance(None, 10) is None and near_chance(float("nan"), 10) is None
+    assert near_chance(1.4, 100) is not None and near_chance(1.6, 100) is None

@@ -152,7 +152,12 @@ def _sweep_root(*overrides: str):
 def test_default_study_name_follows_the_unswept_settings():
     base = _sweep_root("data=synthetic")
     name = default_study_name(_root_=base)
-    assert name.startswith("kd_optuna-")
+    assert name.startswith("kd_optuna-")  # hparams_search=kd keeps the name it had as kd_optuna: studies resume
+    with initialize_config_dir(config_dir=str(CONF)):
+        old = compose(
+            config_name="config", overrides=["hparams_search=kd_optuna", "data=synthetic"], return_hydra_config=True
+        )
+    assert default_study_name(_root_=old) == name
     assert default_study_name(_root_=_sweep_root("data=synthetic", "data.num_classes=5")) != name
     # The swept keys' own values are not part of the experiment's identity.
     assert default_study_name(_root_=_sweep_root("data=synthetic", "loss.temperature=9")) == name

@@ -35,6 +35,8 @@ def test_help_lists_every_group_and_examples(tmp_path):
     [
         (["loss.alpha=1.5"], "loss.alpha is a key of loss=kd"),
         (["loss=kd", "loss.temprature=4"], "did you mean loss.temperature?"),
+        (["model=resnet9"], "model has no option 'resnet9': did you mean resnet8 or resnet20"),
+        (["loss=kdd"], "did you mean kd or dkd"),
     ],
 )
 def test_a_refused_key_gets_a_hint_naming_where_it_lives(tmp_path, args, hint):
@@ -42,7 +44,8 @@ def test_a_refused_key_gets_a_hint_naming_where_it_lives(tmp_path, args, hint):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     # kd's one line first, then the hint (Hydra's own "+key" advice is not shown).
-    assert lines[0].startswith("kd: error: Could not override") and "To append" not in proc.stderr
+    assert lines[0].startswith(("kd: error: Could not override", "kd: error: In 'config': Could not find"))
+    assert "To append" not in proc.stderr
     assert lines[1].startswith("kd: hint: ") and hint in lines[1]
 
 
@@ -134,3 +137,10 @@ def test_a_degenerate_sweep_gets_a_note_not_an_empty_chart(tmp_path):
     assert "param_importances.png" not in summary["plots"]
     assert any("No parameter-importance plot" in n for n in summary["notes"])
     assert "No parameter-importance plot" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_missing_mandatory_value_is_one_line_naming_the_key(tmp_path):
+    proc = run_py(["data=folder"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "kd: error: data.root needs a value (its YAML says ???): add data.root=... to the command"
+    ]
