@@ -30,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.kd_sweeper import job
 from kd import pipeline, population_jobs
-from kd.config import override_hints
 from kd.devices import available_cores
 from kd.errors import ConfigError, Diverged, JobStopped, KDError, Pruned, StorageError
+from kd.hints import override_hints
 from kd.tuning import epoch_reporter, use_replicate
 
 log = logging.getLogger("kd")
