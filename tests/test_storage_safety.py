@@ -527,3 +527,26 @@ def test_the_read_only_opener_changes_nothing_and_refuses_what_it_cannot_read(tm
     assert open_readonly(uri) == uri and open_readonly("postgresql://u@h/d") == "postgresql://u@h/d"
     assert masked("postgresql://u:***@h/d") and not masked("postgresql://u:pw@h/d")
     assert not masked(f"sqlite:///{db}") and not masked("not a url")
+
+
+def test_a_write_waits_out_another_writers_lock_on_an_sqlite_study(tmp_path):
+    """A job's report that meets a lock held longer than sqlite3's own 5 s waits for it
+    (on a loaded machine that is how a fine trial used to fail)."""
+    import sqlite3
+    import threading
+
+    from hydra_plugins.kd_sweeper.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trial = optuna.create_study(study_name="s", storage=open_storage(url)).ask()
+    holder = sqlite3.connect(tmp_path / "optuna.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer, in the middle of a long write
+    release = threading.Timer(6.0, holder.execute, ("COMMIT",))
+    release.start()
+    try:
+        job_side = optuna.load_study(study_name="s", storage=open_storage(url))
+        job_side.tell(job_side.trials[0].number, 1.5)
+    finally:
+        release.join()
+    assert optuna.load_study(study_name="s", storage=url).trials[0].value == 1.5
+    assert trial.number == 0

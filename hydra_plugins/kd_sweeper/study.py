@@ -25,6 +25,10 @@ from hydra_plugins.kd_sweeper.liveness import HEARTBEAT
 
 JOURNAL = "journal://"
 SQLITE = "sqlite:///"
+# How long a writer waits for another's lock on an SQLite file before it fails. sqlite3's
+# own 5 s is short on a loaded machine: a job's report or a heartbeat that hit it would
+# fail a trial whose training was fine.
+SQLITE_BUSY_TIMEOUT_S = 60
 FAIL_REASON = "fail_reason"  # trial user attribute: why a FAIL trial failed
 # Reasons of trials that ran and failed: they count as trials of the sweep.
 DIVERGED = "kd_optuna:diverged"  # the objective was NaN or infinite
@@ -84,15 +88,18 @@ def open_storage(url: Any, heartbeat_interval: int | None = None, grace_period: 
     if url.startswith(JOURNAL):
         path = url[len(JOURNAL) :]
         return HeartbeatJournalStorage(path, heartbeat_interval, grace_period, callback)
+    engine_kwargs = None
     if url.startswith(SQLITE):
         check_sqlite(url[len(SQLITE) :])
-    if not heartbeat_interval:
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    if not heartbeat_interval and engine_kwargs is None:
         return url
     with quiet_experimental():
         return RDBStorage(
             url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval or None,
+            grace_period=grace_period if heartbeat_interval else None,
             heartbeat_stale_trial_callback=callback,
         )
 
