@@ -169,10 +169,8 @@ def test_the_documented_new_method_trains_alone_and_in_a_population(workdir):
     assert {"loss_ce", "loss_kl"} <= set(m["history"][0]) and m["teacher_source"] == "trained"
     from kd.run_table import label
 
-    assert label(m) == "Student + top-class KD (T=2, w=0.5)" and m["loss_symbols"] == {
-        "temperature": "T",
-        "weight": "w",
-    }
+    assert label(m) == "Student + top-class KD (T=2, w=0.5)"
+    assert m["loss_symbols"] == [["temperature", "T"], ["weight", "w"]]  # in the method's order
     sweep = ["-m", *args, "loss.temperature=1,4", "hydra/launcher=population", "hydra.sweep.dir=pop"]
     proc = run_py(sweep, cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
