@@ -32,7 +32,7 @@ from hydra_plugins.kd_sweeper import job
 from kd import pipeline, population_jobs
 from kd.devices import available_cores
 from kd.errors import ConfigError, Diverged, JobStopped, KDError, Pruned, StorageError
-from kd.hints import override_hints
+from kd.hints import override_hints, sweep_syntax_error
 from kd.tuning import epoch_reporter, use_replicate
 
 log = logging.getLogger("kd")
@@ -226,6 +226,9 @@ def entry() -> None:
         sys.exit(err.exit_code)
     except CompactHydraException as err:  # Hydra refused the command line: bad input
         debug_traceback()
+        if syntax := sweep_syntax_error(str(err)):  # nothing was looked up yet: no key hints
+            print(f"kd: error: {syntax}", file=sys.stderr)
+            sys.exit(ConfigError.exit_code)
         print(f"kd: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         for hint in override_hints(sys.argv[1:], Path(__file__).parent / "conf"):
             print(f"kd: hint: {hint}", file=sys.stderr)

@@ -10,6 +10,7 @@
 
 import math
 import random
+import time
 
 import hydra
 import optuna
@@ -29,6 +30,7 @@ def main(cfg: DictConfig) -> float | list[float]:
             0, 0.8 * cfg.noise
         )
     for step in range(cfg.steps):  # a "training loop" whose loss approaches the final one
+        time.sleep(cfg.pause_s)
         job.report(loss + 1.0 / (step + 1), step)
         if job.should_prune():
             raise optuna.TrialPruned()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 import yaml
@@ -71,3 +72,33 @@ def override_hints(args: list[str], conf_dir: Path) -> list[str]:
         if close:
             hints.append(f"{group} has no key {field!r}: did you mean {group}.{close[0]}?")
     return hints
+
+
+SWEEP_FUNCTIONS = ("choice", "range", "interval", "tag", "glob", "shuffle", "sort", "int", "float", "str", "bool")
+SWEEP_FORMS = "a,b,c | choice(a,b) | range(start,stop[,step]) | interval(low,high) | tag(log,interval(low,high))"
+_PARSE_ERROR = re.compile(r"Error when parsing index: \d+, string: (.*?) out of \[")
+
+
+def sweep_syntax_error(message: str) -> str | None:
+    """Hydra's override parse error (``Error when parsing index: 0, string: ...``) as one
+    line naming the bad override, what is wrong in it, and the accepted forms."""
+    found = _PARSE_ERROR.search(message)
+    if found is None:
+        return None
+    override = found.group(1)
+    _, _, value = override.partition("=")
+    wrong = "it is not a value Hydra can read"
+    for name in re.findall(r"([A-Za-z_]\w*)\s*\(", value):
+        if name not in SWEEP_FUNCTIONS:
+            close = difflib.get_close_matches(name, SWEEP_FUNCTIONS, n=1)
+            wrong = f"{name}(...) is no sweep function" + (f" (did you mean {close[0]}?)" if close else "")
+            break
+    else:
+        for opening, closing in ("()", "[]", "{}"):
+            if value.count(opening) != value.count(closing):
+                wrong = f"its {opening} and {closing} do not pair up"
+                break
+        else:
+            if value.count("'") % 2 or value.count('"') % 2:
+                wrong = "a quote is not closed (quote the whole override for your shell: 'key=value')"
+    return f"cannot read the override {override}: {wrong}; accepted forms: {SWEEP_FORMS}"

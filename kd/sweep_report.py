@@ -15,7 +15,7 @@ import yaml
 from optuna.visualization import matplotlib as optuna_plots
 
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
-from hydra_plugins.kd_sweeper.study import counted_trials, masked, open_readonly
+from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials, masked, open_readonly
 from kd.errors import ReportError
 from kd.markdown import short, table
 from kd.race_report import race_markdown, seed_spread_plot
@@ -174,8 +174,14 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
                 "kd_minus_ce_test": paired(records, "test_acc") if t.number == selected else None,
             }
         )
-    states = [t.state for t in counted_trials(study)]  # as the sweeper counts them
+    counted = counted_trials(study)  # as the sweeper counts them
+    states = [t.state for t in counted]
     failed = states.count(optuna.trial.TrialState.FAIL)
+    failures = [
+        {"trial": t.number, "reason": t.user_attrs.get(FAIL_REASON)}  # a counted failure has one
+        for t in counted
+        if t.state == optuna.trial.TrialState.FAIL
+    ]
     pruned = states.count(optuna.trial.TrialState.PRUNED)
     return {
         "dir": str(sweep_dir),
@@ -184,6 +190,7 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
         "objective": objective,
         "selected_trial": selected,
         "failed": failed,
+        "failures": failures,
         "pruned": pruned,
         "rows": rows,
     }
@@ -264,7 +271,8 @@ def sweep_markdown(sweep: dict) -> str:
         f"({sweep['direction']}); {sweep['failed']} failed and {sweep.get('pruned', 0)} pruned trial(s) left out. "
         "Test accuracy is shown for the selected trial (★) only."
     )
-    return intro + "\n\n" + table(head, rows)
+    why = "".join(f"\n- trial {f['trial']} failed: {f['reason']}" for f in sweep.get("failures", []))
+    return intro + (f"\n{why}" if why else "") + "\n\n" + table(head, rows)
 
 
 def _save(fig: Any, path: Path, size: tuple[float, float], written: list[str]) -> None:

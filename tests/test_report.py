@@ -94,7 +94,7 @@ def test_the_report_counts_failed_trials_as_the_sweeper_does(tmp_path):
     from optuna.trial import TrialState
 
     from hydra_plugins.kd_sweeper.study import ERROR, FAIL_REASON, SURPLUS, counted_trials
-    from kd.sweep_report import sweep_table
+    from kd.sweep_report import sweep_markdown, sweep_table
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
     for reason in (f"{ERROR}: ValueError", SURPLUS, None):
@@ -104,4 +104,9 @@ def test_the_report_counts_failed_trials_as_the_sweeper_does(tmp_path):
         study.tell(trial, state=TrialState.FAIL)
     study.tell(study.ask(), 1.0)
     swept_failed = sum(1 for t in counted_trials(study) if t.state == TrialState.FAIL)
-    assert swept_failed == 1 and sweep_table(tmp_path, study)["failed"] == swept_failed
+    sweep = sweep_table(tmp_path, study)
+    assert swept_failed == 1 and sweep["failed"] == swept_failed
+    assert sweep["failures"] == [{"trial": 0, "reason": f"{ERROR}: ValueError"}]  # why it failed, too
+    assert f"\n- trial 0 failed: {ERROR}: ValueError\n" in sweep_markdown(sweep)
+    sweep["failures"] = []
+    assert "failed:" not in sweep_markdown(sweep)

@@ -14,6 +14,7 @@ import torch
 
 from kd.batches import BatchStream, Preprocess
 from kd.engine import fit
+from kd.hints import SWEEP_FORMS, sweep_syntax_error
 from kd.losses import CrossEntropy
 from kd.models import LightNN
 from kd.report import report
@@ -47,6 +48,34 @@ def test_a_refused_key_gets_a_hint_naming_where_it_lives(tmp_path, args, hint):
     assert lines[0].startswith(("kd: error: Could not override", "kd: error: In 'config': Could not find"))
     assert "To append" not in proc.stderr
     assert lines[1].startswith("kd: hint: ") and hint in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "wrong"),
+    [
+        ("loss.alpha=intervl(0,1)", "intervl(...) is no sweep function (did you mean interval?)"),
+        ("loss.alpha=interval(0,1", "its ( and ) do not pair up"),
+    ],
+)
+def test_a_sweep_syntax_error_is_one_line_naming_the_token_and_the_forms(tmp_path, override, wrong):
+    proc = run_py(["-m", "loss=kd", override, "data=synthetic"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"kd: error: cannot read the override {override}: {wrong}; accepted forms: {SWEEP_FORMS}"
+    ]
+
+
+def test_a_parse_error_is_explained_by_what_is_wrong_in_it():
+    def said(override: str) -> str | None:
+        return sweep_syntax_error(f"Error when parsing index: 0, string: {override} out of ['{override}']")
+
+    assert "did you mean choice?" in said("x=chioce(1,2)") and "no sweep function" in said("x=foo(1)")
+    assert "did you mean" not in said("x=zzzzzz(1)")
+    assert "tag(...)" not in said("x=tag(log,intervl(1,2))") and "intervl(...)" in said("x=tag(log,intervl(1,2))")
+    assert "[ and ] do not pair up" in said("x=[1,2") and "{ and } do not pair up" in said("x={a:1")
+    assert "quote is not closed" in said("x='a") and "quote is not closed" in said('x="a')
+    assert said("x=1 2").endswith("it is not a value Hydra can read; accepted forms: " + SWEEP_FORMS)
+    assert said("x=1 2").startswith("cannot read the override x=1 2: ")
+    assert sweep_syntax_error("Could not override 'loss.alpha'") is None  # another error: not ours
 
 
 @pytest.mark.slow

@@ -98,6 +98,7 @@ from hydra_plugins.kd_sweeper.study import (
     fail_stale_trials,
     open_storage,
     shown,
+    why_not_resumable,
 )
 from hydra_plugins.kd_sweeper.trials import TrialRunner
 
@@ -272,12 +273,19 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:  # the database failed mid-sweep
             refuse(str(unreadable_storage(self.storage, err)), code=StorageRefused.code)
         except KeyboardInterrupt:
-            print(
-                "kd_optuna: interrupted; rerun the same command to resume (finished trials are kept)", file=sys.stderr
-            )
+            why = self._unresumable()
+            then = f"it cannot be resumed: {why}" if why else "rerun the same command to resume"
+            print(f"kd_optuna: interrupted; {then} (finished trials are kept)", file=sys.stderr)
             sys.exit(130)
 
+    def _unresumable(self) -> str | None:
+        """Why a rerun of this command would start another study (None: it resumes this one)."""
+        raw_dir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("dir", "")
+        return why_not_resumable(self.storage, self.study_name, str(self.sweep_dir), str(raw_dir))
+
     def _sweep(self, arguments: list[str]) -> None:
+        if why := self._unresumable():  # said first, before anything runs
+            log.warning("kd_optuna: a rerun of this command will not resume this sweep: %s", why)
         distributions, fixed, deletions = self._space(arguments)
         directions = self._get_directions()
         if len(directions) > 1 and self.pruner is not None:
@@ -349,8 +357,8 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
     def fail_sweep(self, failures: list[str]) -> None:
         refuse(
             f"{len(failures)} of {self.n_trials} trials failed, more than max_failure_rate="
-            f"{self.max_failure_rate} allows (last: {failures[-1]}); fix the cause, then rerun the same command "
-            "to resume",
+            f"{self.max_failure_rate} allows (last: {failures[-1]}); fix the cause, then "
+            + ("start it again" if self._unresumable() else "rerun the same command to resume"),
             code=1,
         )
 

@@ -164,3 +164,25 @@ def counts(trial: FrozenTrial) -> bool:
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if counts(t)]
+
+
+def why_not_resumable(storage: Any, study_name: str | None, sweep_dir: str, raw_sweep_dir: str) -> str | None:
+    """Why rerunning the same command would not find this study again (None: it would),
+    with the fix. ``raw_sweep_dir`` is ``hydra.sweep.dir`` before interpolation: Hydra's
+    default names it by the time of the run, so a rerun gets another one."""
+    if storage is None:
+        return "the study is kept in memory; set hydra.sweeper.storage (e.g. sqlite:///optuna.db) to keep it"
+    if not isinstance(storage, str):
+        return None  # a storage object: where it keeps the study is its owner's choice
+    if study_name is None:
+        return "the study has no name, so Optuna draws a new one each run; set hydra.sweeper.study_name"
+    path = storage[len(SQLITE) :] if storage.startswith(SQLITE) else None
+    path = storage[len(JOURNAL) :] if storage.startswith(JOURNAL) else path
+    if path is None or "${now:" not in raw_sweep_dir:
+        return None
+    if Path(sweep_dir).resolve() in Path(path.split("?")[0]).resolve().parents:
+        return (
+            f"its storage is inside the sweep directory {sweep_dir}, which is named by the time of the run; "
+            "set hydra.sweep.dir to a fixed path (e.g. multirun/NAME) or keep the storage outside it"
+        )
+    return None
