@@ -78,7 +78,11 @@ class ImageData:
         std: Sequence[float] = (0.229, 0.224, 0.225),
         augment: bool = False,
         cache_dir: str | None = None,
+        train_size: int | None = None,
+        test_size: int | None = None,
     ) -> None:
+        # A seeded, class-balanced subset of each set (None: all of it), for runs in minutes.
+        self.subset_sizes = {"train": train_size, "test": test_size}
         self.val_size = int(val_size)
         self.split_seed = int(split_seed)
         self.mean = tuple(float(m) for m in mean)
@@ -109,11 +113,31 @@ class ImageData:
                 write_json(manifest, {"fingerprint": fingerprint, "train": len(train), "test": len(test)})
         return fingerprint
 
+    def _subset(self, sets: dict[str, ImageSet]) -> tuple[tuple[ImageSet, ImageSet], str]:
+        """Each set cut to its ``data.<set>_size`` and what identifies the cut ('' for none)."""
+        cuts = []
+        for split, size in self.subset_sizes.items():
+            if size is None:
+                continue
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= len(sets[split]):
+                raise DataError(
+                    f"data.{split}_size={size!r} must be a whole number from 1 to the {len(sets[split])} images of "
+                    f"the {split} set (null: all of them)"
+                )
+            keep = balanced_subset(sets[split].labels, size, self.split_seed)
+            sets[split] = ImageSet(sets[split].images[keep], sets[split].labels[keep])
+            cuts.append(f"{split}_size={size}")
+        return (sets["train"], sets["test"]), (f":subset:{','.join(cuts)}:split_seed={self.split_seed}" if cuts else "")
+
     def load(self) -> Dataset:
         train, test, classes = self._load_sets()
+        fingerprint = self._fingerprint(train, test)  # of the whole source: its manifest is shared
+        (train, test), cut = self._subset({"train": train, "test": test})
+        fingerprint = files_digest([fingerprint + cut]) if cut else fingerprint
         if not 0 <= self.val_size < len(train):
             raise DataError(
-                f"data.val_size={self.val_size} must be >= 0 and smaller than the {len(train)} training examples"
+                f"data.val_size={self.val_size} must be >= 0 and smaller than the {len(train)} training examples; "
+                "lower data.val_size (or raise data.train_size)"
             )
         # The split depends on split_seed only, so runs with different training seeds
         # are selected on the same validation examples.
@@ -129,8 +153,23 @@ class ImageData:
             mean=self.mean,
             std=self.std,
             augment=self.augment,
-            fingerprint=self._fingerprint(train, test),
+            fingerprint=fingerprint,
         )
+
+
+def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Indices (sorted) of ``size`` examples drawn with ``seed``, as even over the classes
+    as their counts allow: each class in turn gives one more until ``size`` are taken."""
+    gen = torch.Generator().manual_seed(seed)
+    by_class = [torch.nonzero(labels == c).flatten() for c in labels.unique(sorted=True)]
+    by_class = [idx[torch.randperm(len(idx), generator=gen)] for idx in by_class]
+    level = 0  # the most any class gives: the smallest that reaches size
+    while sum(min(len(idx), level) for idx in by_class) < size:
+        level += 1
+    counts = [min(len(idx), level - 1) for idx in by_class]
+    for c in [c for c, idx in enumerate(by_class) if len(idx) >= level][: size - sum(counts)]:
+        counts[c] += 1  # the last round: the first classes that still have one
+    return torch.cat([idx[:n] for idx, n in zip(by_class, counts, strict=True)]).sort().values
 
 
 class SyntheticData(ImageData):

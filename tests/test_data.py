@@ -176,3 +176,43 @@ def test_a_model_that_cannot_take_the_image_size_is_refused_before_training(work
     assert proc.stderr.startswith("kd: error: LightNN cannot take the data's 3x48x48 images")
     ok = run_py([*FAST, "+data.image_size=48", "model=resnet8", "hydra.run.dir=ok"], cwd=workdir)
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_folder_subset_is_seeded_class_balanced_and_its_own_identity(tmp_path):
+    root = make_folder(tmp_path / "tree", per_class=6, classes=("cat", "dog", "eel"))
+    cache = str(tmp_path / "cache")
+    whole = ImageFolderData(root=str(root), cache_dir=cache, val_size=1).load()
+
+    def subset(**sizes) -> object:
+        return ImageFolderData(root=str(root), cache_dir=cache, val_size=1, **sizes).load()
+
+    cut = subset(train_size=7, test_size=4)
+    assert len(cut.train) == 7 and len(cut.test) == 4
+    assert sorted(torch.bincount(cut.train.labels).tolist()) == [2, 2, 3]  # as even as 7 over 3 allows
+    rows = {tuple(img.flatten().tolist()) for img in whole.train.images}
+    assert all(tuple(img.flatten().tolist()) in rows for img in cut.train.images)  # drawn from the set
+    again, other = subset(train_size=7, test_size=4), subset(train_size=7, test_size=4, split_seed=1)
+    assert torch.equal(cut.train.images, again.train.images) and cut.fingerprint == again.fingerprint
+    assert not torch.equal(cut.train.images, other.train.images) and other.fingerprint != cut.fingerprint
+    assert len({whole.fingerprint, cut.fingerprint, subset(train_size=7).fingerprint}) == 3
+    assert subset(train_size=18).fingerprint != whole.fingerprint  # every image, but a recorded cut
+    assert torch.equal(subset(test_size=4).train.images, whole.train.images)  # the other set is untouched
+
+
+@pytest.mark.parametrize("size", [0, 19, 2.5, True])
+def test_a_subset_size_outside_the_set_is_refused_naming_the_key(tmp_path, size):
+    root = make_folder(tmp_path / "tree", per_class=6, classes=("cat", "dog", "eel"))
+    with pytest.raises(DataError, match=r"data.train_size=.* must be a whole number from 1 to the 18 images"):
+        ImageFolderData(root=str(root), cache_dir=str(tmp_path / "c"), val_size=1, train_size=size).load()
+
+
+def test_a_balanced_subset_takes_evenly_until_a_class_runs_out():
+    from kd.data import balanced_subset
+
+    labels = torch.tensor([0] * 50 + [1] * 3 + [2] * 50)
+    for size, counts in [(25, [11, 3, 11]), (103, [50, 3, 50]), (1, [1, 0, 0]), (6, [2, 2, 2]), (8, [3, 3, 2])]:
+        keep = balanced_subset(labels, size, seed=0)
+        assert len(keep) == size and torch.bincount(labels[keep], minlength=3).tolist() == counts
+        assert torch.equal(keep, keep.sort().values) and len(set(keep.tolist())) == size
+    assert not torch.equal(balanced_subset(labels, 20, 0), balanced_subset(labels, 20, 1))
+    assert torch.equal(balanced_subset(labels, 20, 5), balanced_subset(labels, 20, 5))
