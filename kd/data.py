@@ -17,7 +17,6 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from PIL import Image
 
 from kd.errors import DataError
 from kd.identity import content_digest, files_digest
-from kd.storage import Fits, build_once, tensor_fits, write_json
+from kd.storage import build_once, decoded_fits, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,7 @@ class ImageData:
     """Common part of every data source: validation split and preprocessing settings."""
 
     name = "data"
+    cuts_while_listing = False  # True: the source decodes only its subset's files (see _cut)
 
     def __init__(
         self,
@@ -113,25 +113,32 @@ class ImageData:
                 write_json(manifest, {"fingerprint": fingerprint, "train": len(train), "test": len(test)})
         return fingerprint
 
+    def _cut(self, split: str, labels: torch.Tensor) -> torch.Tensor | None:
+        """The indices ``data.<split>_size`` keeps of a set with these labels (None: all)."""
+        size = self.subset_sizes[split]
+        if size is None:
+            return None
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= len(labels):
+            raise DataError(
+                f"data.{split}_size={size!r} must be a whole number from 1 to the {len(labels)} images of the {split} "
+                "set (null: all of them)"
+            )
+        return balanced_subset(labels, size, self.split_seed)
+
     def _subset(self, sets: dict[str, ImageSet]) -> tuple[tuple[ImageSet, ImageSet], str]:
         """Each set cut to its ``data.<set>_size`` and what identifies the cut ('' for none)."""
         cuts = []
         for split, size in self.subset_sizes.items():
-            if size is None:
-                continue
-            if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= len(sets[split]):
-                raise DataError(
-                    f"data.{split}_size={size!r} must be a whole number from 1 to the {len(sets[split])} images of "
-                    f"the {split} set (null: all of them)"
-                )
-            keep = balanced_subset(sets[split].labels, size, self.split_seed)
-            sets[split] = ImageSet(sets[split].images[keep], sets[split].labels[keep])
-            cuts.append(f"{split}_size={size}")
+            keep = None if self.cuts_while_listing else self._cut(split, sets[split].labels)
+            if keep is not None:
+                sets[split] = ImageSet(sets[split].images[keep], sets[split].labels[keep])
+            if size is not None:
+                cuts.append(f"{split}_size={size}")
         return (sets["train"], sets["test"]), (f":subset:{','.join(cuts)}:split_seed={self.split_seed}" if cuts else "")
 
     def load(self) -> Dataset:
         train, test, classes = self._load_sets()
-        fingerprint = self._fingerprint(train, test)  # of the whole source: its manifest is shared
+        fingerprint = self._fingerprint(train, test)  # of the source as loaded: its manifest is shared
         (train, test), cut = self._subset({"train": train, "test": test})
         fingerprint = files_digest([fingerprint + cut]) if cut else fingerprint
         if not 0 <= self.val_size < len(train):
@@ -221,6 +228,7 @@ class ImageFolderData(ImageData):
     """Any ``root/{train,test}/<class>/<image>`` tree, decoded once and cached."""
 
     name = "folder"
+    cuts_while_listing = True
 
     def __init__(
         self,
@@ -343,6 +351,8 @@ class ImageFolderData(ImageData):
     def _load_split(self, split: str) -> ImageSet:
         self.skipped: list[str] = []
         files = self._listing(split)
+        keep = self._cut(split, torch.tensor([label for _, label, _ in files], dtype=torch.int64))
+        files = files if keep is None else [files[i] for i in keep.tolist()]  # only these are decoded
         self._check_memory(files, split)
         if self.cache_dir is None:
             decoded = self._decode(files)
@@ -428,23 +438,3 @@ class CIFAR100(CIFAR10):
     name = "cifar100"
     title, folder, files = "CIFAR-100", "cifar-100-python", "[tm]*"  # train, test, meta
     torchvision_class = "CIFAR100"
-
-
-def decoded_fits(files: int) -> Fits:
-    """A decoded image folder as :meth:`FolderDataset._decode` stores it: uint8 RGB images,
-    one int64 label each, and the skipped files (absent in older entries), that together
-    account for ``files`` files."""
-    images, labels = tensor_fits((None, 3, None, None), (torch.uint8,)), tensor_fits((None,), (torch.int64,))
-
-    def fits(entry: Any) -> str | None:
-        if not isinstance(entry, dict) or not {"images", "labels"} <= set(entry):
-            return "it is not a dict of images and labels"
-        why = images(entry["images"]) or labels(entry["labels"])
-        if why is not None:
-            return why
-        skipped = entry.get("skipped") or []
-        if not isinstance(skipped, list) or not len(entry["images"]) == len(entry["labels"]) == files - len(skipped):
-            return f"its images, labels and skipped files do not add up to the {files} files listed"
-        return None
-
-    return fits

@@ -261,3 +261,23 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
             f"{folder} cannot be written ({err.strerror or type(err).__name__}); "
             f"point {key} at a writable folder with free space"
         ) from None
+
+
+def decoded_fits(files: int) -> Fits:
+    """A decoded image folder as :meth:`FolderDataset._decode` stores it: uint8 RGB images,
+    one int64 label each, and the skipped files (absent in older entries), that together
+    account for ``files`` files."""
+    images, labels = tensor_fits((None, 3, None, None), (torch.uint8,)), tensor_fits((None,), (torch.int64,))
+
+    def fits(entry: Any) -> str | None:
+        if not isinstance(entry, dict) or not {"images", "labels"} <= set(entry):
+            return "it is not a dict of images and labels"
+        why = images(entry["images"]) or labels(entry["labels"])
+        if why is not None:
+            return why
+        skipped = entry.get("skipped") or []
+        if not isinstance(skipped, list) or not len(entry["images"]) == len(entry["labels"]) == files - len(skipped):
+            return f"its images, labels and skipped files do not add up to the {files} files listed"
+        return None
+
+    return fits

@@ -163,7 +163,9 @@ def test_long_values_are_cut_at_sixty_characters():
 def test_storages_take_heartbeats_only_when_asked(tmp_path):
     assert open_storage(None, heartbeat_interval=5) is None
     url = f"sqlite:///{tmp_path}/a.db"
-    assert open_storage(url) == url
+    plain = open_storage(url)
+    assert isinstance(plain, RDBStorage) and plain.heartbeat_interval is None
+    assert plain.get_heartbeat_stale_trial_callback() is None
     rdb = open_storage(url, heartbeat_interval=5, grace_period=7)
     assert isinstance(rdb, RDBStorage) and rdb.heartbeat_interval == 5 and rdb.grace_period == 7
     assert rdb.get_heartbeat_stale_trial_callback() is not None
