@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +17,7 @@ from kd.errors import Diverged
 from kd.losses import LossInputs, Progress
 from kd.models import SeededDropout
 from kd.models.features import STUDENT_LAYER, TEACHER_LAYER, with_features
+from kd.progress import Pace, chunks_with_progress, eta
 from kd.resume import ResumeFile, rng_state, set_rng_state
 from kd.views import apply_views
 
@@ -44,6 +45,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _passes(size: int, batch_size: int, desc: str | None, bar: bool) -> Iterable[int]:
+    starts = range(0, size, batch_size)
+    return starts if desc is None else chunks_with_progress(starts, size, desc, bar)
+
+
 @torch.no_grad()
 def predict_features(
     model: nn.Module,
@@ -51,14 +57,17 @@ def predict_features(
     preprocess: Preprocess,
     names: tuple[str, ...],
     batch_size: int = 1024,
+    desc: str | None = None,
+    bar: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Named intermediate features of ``model`` (eval mode) for ``images``, as float16
-    on the CPU (half the memory; the losses compare them in float32)."""
+    on the CPU (half the memory; the losses compare them in float32). With ``desc``,
+    the pass shows its progress (a bar, or piped-log lines)."""
     was_training = model.training
     model.eval()
     forward = with_features(model, names, TEACHER_LAYER)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for i in range(0, len(images), batch_size):
+    for i in _passes(len(images), batch_size, desc, bar):
         _, features = forward(preprocess(images[i : i + batch_size]))
         for name in names:
             parts[name].append(features[name].half().cpu())
@@ -73,13 +82,16 @@ def predict_logits(
     preprocess: Preprocess,
     batch_size: int = 1024,
     views: torch.Tensor | None = None,
+    desc: str | None = None,
+    bar: bool = False,
 ) -> torch.Tensor:
     """Logits of ``model`` in eval mode for uint8 ``images`` (or for view ``views[i]``
-    of image ``i``, see :func:`kd.views.apply_views`), as float32."""
+    of image ``i``, see :func:`kd.views.apply_views`), as float32. With ``desc``, the
+    pass shows its progress (a bar, or piped-log lines)."""
     was_training = model.training
     model.eval()
     outputs = []
-    for i in range(0, len(images), batch_size):
+    for i in _passes(len(images), batch_size, desc, bar):
         batch = images[i : i + batch_size]
         if views is not None:
             batch = apply_views(batch, views[i : i + batch_size])
@@ -270,10 +282,10 @@ def fit(
     step of each epoch), which bounds the device syncs without letting a NaN run on.
     ``scheduler`` (if any) steps after every optimiser step.
     ``on_epoch`` sees each finished epoch's history entry (it may raise to stop early).
-    Without a progress bar (output not a terminal), a plain log line every
-    ``log_every_s`` seconds keeps a long epoch from being silent in a log file.
-    With ``resume``, the whole training state is saved every ``resume.every_s`` seconds
-    and at each epoch's end, and a saved state is continued from (see :mod:`kd.resume`);
+    Without a bar (output not a terminal), a line with throughput and ETA every
+    ``log_every_s`` seconds keeps a long epoch from being silent in a log file. With
+    ``resume``, the whole training state is saved every ``resume.every_s`` seconds and
+    at each epoch's end, and a saved state is continued from (see :mod:`kd.resume`);
     the finished epochs of a resumed run are passed to ``on_epoch`` again.
     """
     step = Step(model, loss_fn, optimizer, preprocess, teacher, scheduler, augment, amp)
@@ -288,19 +300,28 @@ def fit(
             on_epoch(entry)
     device = next(model.parameters()).device
     save = _periodic_saver(state, resume)
+    pace = Pace(epochs * len(batches), (first_epoch - 1) * len(batches) + first_step, log_every_s)
     for epoch in range(first_epoch, epochs + 1):
         sums = EpochSums.restored(running if epoch == first_epoch else None, first_step, device)
-        entry = _train_epoch(step, batches, sums, epoch, epochs, desc, progress, check_every, log_every_s, save)
+        entry = _train_epoch(step, batches, sums, epoch, epochs, desc, progress, check_every, pace, save)
         result.train_seconds += entry["seconds"]
         if validate is not None:
             entry["val_acc"] = validate()
         result.history.append(entry)
-        val = f", val acc {entry['val_acc']:.2f}%" if "val_acc" in entry else ""
-        log.info("%s epoch %d/%d: loss %.4f%s (%.1fs)", desc, epoch, epochs, entry["train_loss"], val, entry["seconds"])
+        _log_epoch(desc, epoch, epochs, entry, pace)
         if on_epoch is not None:
             on_epoch(entry)
         save(epoch + 1, 0, None, force=True)
     return result
+
+
+def _log_epoch(desc: str, epoch: int, epochs: int, entry: dict, pace: Pace) -> None:
+    """An epoch's line: its loss, validation accuracy, time and what its phase has left."""
+    val = f", val acc {entry['val_acc']:.2f}%" if "val_acc" in entry else ""
+    left = f"; {desc} ETA {eta(pace.left_s())}" if epoch < epochs else ""
+    log.info(
+        "%s epoch %d/%d: loss %.4f%s (%.1fs)%s", desc, epoch, epochs, entry["train_loss"], val, entry["seconds"], left
+    )
 
 
 def _periodic_saver(state: TrainingState, resume: ResumeFile | None) -> Callable[..., None]:
@@ -326,14 +347,14 @@ def _train_epoch(
     desc: str,
     progress: bool,
     check_every: int,
-    log_every_s: float,
+    pace: Pace,
     save: Callable[..., None],
 ) -> dict:
     """One epoch (from ``sums.skip`` on); returns its history entry, without validation."""
     step.model.train()
     device = sums.loss.device
     _synchronize(device)
-    start = last_line = time.perf_counter()
+    start = time.perf_counter()
     bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress, leave=False)
     bar.update(sums.skip)
     lr = float("nan")
@@ -341,15 +362,18 @@ def _train_epoch(
         terms = step(idx, images, labels, Progress(epoch, epochs, number, len(batches)))
         lr = terms["lr"]
         sums.add(terms)
+        pace.advance(len(labels))
         if number % check_every == 0 or number == len(batches):
             mean_loss = sums.loss.item() / number
             if not math.isfinite(mean_loss):
                 bar.close()
                 raise Diverged(epoch, number, terms["loss"].item(), phase=desc)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if not progress and time.perf_counter() - last_line >= log_every_s:
-                last_line = time.perf_counter()
-                log.info("%s epoch %d/%d: step %d/%d, loss %.4f", desc, epoch, epochs, number, len(batches), mean_loss)
+            if not progress and pace.due():
+                log.info(
+                    "%s epoch %d/%d: step %d/%d, loss %.4f, %s",
+                    *(desc, epoch, epochs, number, len(batches), mean_loss, pace.line()),
+                )
         bar.update(1)
         if number < len(batches):
             save(epoch, number, sums.saved(sums.seconds_before + time.perf_counter() - start))

@@ -122,6 +122,31 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
     return metrics
 
 
+def _phases(
+    cfg: DictConfig, ctx: Context, loss_fn: nn.Module, model_name: str, seeds: list[int], baseline: bool
+) -> str:
+    """The phases this run goes through, in order: said before the first of them starts."""
+
+    def epochs(n: int) -> str:
+        return f"{n} epoch{'s' if n != 1 else ''}"
+
+    each = epochs(int(cfg.trainer.epochs)) + (f" x {len(seeds)} seeds" if len(seeds) > 1 else "")
+    phases = []
+    if loss_fn.needs_teacher:
+        given = OmegaConf.select(cfg, "teacher.checkpoint")
+        phases.append("teacher from teacher.checkpoint" if given else f"teacher ({epochs(int(cfg.teacher.epochs))})")
+        if ctx.data.augment:
+            phases.append("teacher on the training views (online, or once per view)")
+        else:
+            phases.append("teacher logits over the training set")
+    phases.append(f"{model_name} ({each})")
+    if baseline:
+        phases.append(f"CE baseline ({each})")
+    return " -> ".join(phases) + (
+        "; stored teachers, outputs and baselines are reused" if loss_fn.needs_teacher else ""
+    )
+
+
 def _stop_fields(err: Diverged | Pruned) -> dict:
     """metrics.json's record of where a run stopped early."""
     if isinstance(err, Diverged):
@@ -346,6 +371,7 @@ def run(
     loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
     with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
     metrics = {**_run_header(cfg, ctx, loss_fn, seeds, int(threads)), "flush_denormal": flushed}
+    log.info("phases: %s", _phases(cfg, ctx, loss_fn, metrics["model"], seeds, with_baseline))
     if "val_acc" in objective_names(cfg) and not len(ctx.data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
     tracker = _start_tracker(cfg, output_dir, tags)

@@ -191,10 +191,11 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
         return TeacherSource(online, info)
 
     examples, classes = len(ctx.train_images), data.num_classes
+    bar = show_progress(ctx.cfg.trainer.progress)
     logits, computed = store.logits(
         checkpoint["digest"],
         data_key,
-        lambda: predict_logits(teacher, ctx.train_images, ctx.preprocess).cpu(),
+        lambda: predict_logits(teacher, ctx.train_images, ctx.preprocess, desc="teacher logits", bar=bar).cpu(),
         tensor_fits((examples, classes), (torch.float32,)),
     )
     logits = logits.to(device)
@@ -204,7 +205,9 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
         cached, computed = store.logits(
             checkpoint["digest"],
             f"{data_key}\0features:{','.join(feature_names)}",
-            lambda: predict_features(teacher, ctx.train_images, ctx.preprocess, feature_names),
+            lambda: predict_features(
+                teacher, ctx.train_images, ctx.preprocess, feature_names, desc="teacher features", bar=bar
+            ),
             dict_fits(**{name: tensor_fits((examples, ...), (torch.float16,)) for name in feature_names}),
         )
         features = {name: cached[name].to(device) for name in feature_names}  # float16 on the device

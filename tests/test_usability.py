@@ -86,6 +86,8 @@ def test_a_run_ends_naming_its_results_and_a_redirected_log_is_plain(workdir):
     path = last.split("results: ", 1)[1]
     assert os.path.isfile(path) and path.endswith("out/metrics.json")
     assert re.search(r"teacher: .* \(trained; val_acc [\d.]+%, test_acc [\d.]+%\)", proc.stdout)
+    phases = "phases: teacher (1 epoch) -> teacher logits over the training set -> LightNN (1 epoch) -> CE baseline"
+    assert phases in proc.stdout and re.search(r"teacher logits: 256 images in \d+s \([\d,]+ img/s\)", proc.stdout)
     for text in (proc.stdout, proc.stderr, (workdir / "out" / "run.log").read_text()):
         assert not ESCAPES.search(text)
 
@@ -111,13 +113,18 @@ def test_without_a_bar_a_long_epoch_still_logs(caplog):
             torch.optim.Adam(model.parameters()),
             batches,
             Preprocess((0.5,) * 3, (0.25,) * 3, torch.device("cpu")),
-            1,
+            2,
             progress=False,
             check_every=2,
             log_every_s=0.0,
         )
-    steps = [r.getMessage() for r in caplog.records if ": step " in r.getMessage()]
-    assert len(steps) == 4 and steps[0].startswith("train epoch 1/1: step 2/8, loss")
+    lines = [r.getMessage() for r in caplog.records]
+    steps = [line for line in lines if ": step " in line]
+    assert len(steps) == 8 and steps[0].startswith("train epoch 1/2: step 2/8, loss")
+    assert all(re.search(r", [\d,]+ img/s, ETA (\d+s|\d+m\d\ds)$", line) for line in steps), steps
+    assert steps[-1].endswith("ETA 0s")  # the phase's last step: nothing left
+    ends = [line for line in lines if re.match(r"train epoch \d/2: loss", line)]
+    assert re.search(r"; train ETA \d+s$", ends[0]) and "ETA" not in ends[1]  # none after the last epoch
 
 
 def test_a_refused_run_leaves_no_folder(tmp_path):
