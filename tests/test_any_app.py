@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -42,6 +43,8 @@ def test_tpe_with_pruning_through_the_job_api(tmp_path):
     trials = study(tmp_path).trials
     states = [t.state for t in trials]
     assert len(trials) == 12 and TrialState.PRUNED in states and TrialState.COMPLETE in states
+    progress = re.findall(r"\] (\d+) of 12 trials done; ETA (\d+s|\?)", proc.stdout)
+    assert [int(done) for done, _ in progress] == list(range(1, 13)) and progress[-1][1] == "0s"
     for t in trials:  # every job reported its steps to its own trial
         reported = sorted(t.intermediate_values)
         assert reported == list(range(5)) if t.state == TrialState.COMPLETE else 1 <= len(reported) < 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def test_an_interrupted_sweep_of_a_foreign_app_resumes_with_the_same_command(tmp
     again = subprocess.run(COMMAND, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"study sphere (sqlite:///multirun/sphere/optuna.db): {len(before)} of 12 trials there" in again.stdout
+    counts = [int(n) for n in re.findall(r"\] (\d+) of 12 trials done; ETA", again.stdout)]
+    assert counts[0] > len(before) and counts[-1] == 12  # counted on from where the first run stopped
     study = optuna.load_study(study_name="sphere", storage=f"sqlite:///{tmp_path}/multirun/sphere/optuna.db")
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 12

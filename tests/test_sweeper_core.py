@@ -250,3 +250,11 @@ def test_a_storage_is_written_down_without_its_password():
     assert shown("journal:///shared/kd/study.log") == "journal:///shared/kd/study.log"
     assert shown("not a url") == "not a url"
     assert shown(None) is None
+
+
+def test_a_sweeps_time_left_reads_as_a_person_plans_by_it():
+    from hydra_plugins.kd_sweeper.trials import duration
+
+    cases = {None: "?", float("inf"): "?", float("nan"): "?", -1.0: "?", 0.4: "0s", 59.4: "59s", 60.0: "1m00s"}
+    cases.update({185.0: "3m05s", 3599.0: "59m59s", 3600.0: "1h00m", 3720.0: "1h02m"})
+    assert {s: duration(s) for s in cases} == cases

@@ -320,6 +320,7 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
             allowed,
             f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else "",
         )
+        self.progress_start = (time.monotonic(), sum(1 for t in counted_trials(study) if t.state.is_finished()))
         heartbeat = Heartbeat(study)
         silent = self._silent_trials(heartbeat)
         if self.racing is not None:

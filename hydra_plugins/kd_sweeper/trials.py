@@ -131,11 +131,22 @@ class TrialRunner:
         if state == TrialState.FAIL:
             log.warning("trial %d failed: %s (its log has the details)", trial.number, reason)
             self._fail(study, trial, reason, heartbeat)
+            self.log_progress(study)
             return reason
         if state == TrialState.PRUNED:
             log.info("trial %d pruned", trial.number)
         self._tell(study, trial, heartbeat, state=state, values=values)
+        self.log_progress(study)
         return None
+
+    def log_progress(self, study: optuna.Study) -> None:
+        """``k of n trials done`` and the time left at this run's pace (a resumed sweep's
+        earlier trials took none of this run's time)."""
+        done = sum(1 for t in counted_trials(study) if t.state.is_finished())
+        started, before = getattr(self, "progress_start", (time.monotonic(), done))
+        elapsed, ran = time.monotonic() - started, done - before
+        left = max(self.n_trials - done, 0) * elapsed / ran if ran > 0 else None
+        log.info("%d of %d trials done; ETA %s", min(done, self.n_trials), self.n_trials, duration(left))
 
     def _job_overrides(
         self, study: optuna.Study, trial: Any, seed: int | None = None, reports: bool = True
@@ -211,3 +222,13 @@ class TrialRunner:
 def quoted(value: Any) -> str:
     """``value`` as a quoted Hydra override value."""
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def duration(seconds: float | None) -> str:
+    """``41s``, ``3m05s``, ``1h02m``; ``?`` when unknown."""
+    if seconds is None or not seconds >= 0 or seconds == float("inf"):
+        return "?"
+    whole = int(round(seconds))
+    if whole < 3600:
+        return f"{whole}s" if whole < 60 else f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
