@@ -29,6 +29,9 @@ def test_help_lists_every_group_and_examples(tmp_path):
     for group in ["model", "loss", "data", "optim", "trainer", "paths", "logger", "experiment", "hparams_search"]:
         assert re.search(rf"^{group}\b", proc.stdout, re.M), group
     assert "python run.py experiment=seed_kd" in proc.stdout and "hydra/launcher" in proc.stdout
+    for group in ["model", "loss", "data", "optim", "schedule", "experiment", "hparams_search"]:  # read from conf/
+        listed = re.search(rf"^{group}: (.*)$", proc.stdout, re.M)
+        assert listed and set(listed[1].split(", ")) == {p.stem for p in (REPO / "conf" / group).glob("*.yaml")}
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ from hydra_plugins.kd_sweeper.study import (
     shown,
     why_not_resumable,
 )
-from hydra_plugins.kd_sweeper.trials import TrialRunner
+from hydra_plugins.kd_sweeper.trials import HideJobEnv, TrialRunner
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         return why_not_resumable(self.storage, self.study_name, str(self.sweep_dir), str(raw_dir))
 
     def _sweep(self, arguments: list[str]) -> None:
+        HideJobEnv.install(self.launcher)
         if why := self._unresumable():  # said first, before anything runs
             log.warning("kd_optuna: a rerun of this command will not resume this sweep: %s", why)
         distributions, fixed, deletions = self._space(arguments)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -232,3 +233,25 @@ def duration(seconds: float | None) -> str:
     if whole < 3600:
         return f"{whole}s" if whole < 60 else f"{whole // 60}m{whole % 60:02d}s"
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+class HideJobEnv(logging.Filter):
+    """Drops the ``++hydra.job.env_set.KD_OPTUNA_*`` overrides from a launcher's
+    ``#N : ...`` line: they are how a job finds its trial, not what the user swept, and
+    Hydra's own filter hides only overrides that begin with ``hydra.``."""
+
+    PATTERN = re.compile(r" ?\+\+hydra\.job\.env_set\.KD_OPTUNA_\w+=(?:'(?:[^'\\]|\\.)*'|\S+)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "++hydra.job.env_set.KD_OPTUNA_" in message:
+            record.msg, record.args = self.PATTERN.sub("", message), ()
+        return True
+
+    @classmethod
+    def install(cls, launcher: Any) -> None:
+        """On the logger of ``launcher``'s module, which writes the lines (a logger's
+        filter outlives the logging set-up Hydra redoes at each launch), once."""
+        logger = logging.getLogger(type(launcher).__module__)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
