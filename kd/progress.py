@@ -6,24 +6,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from typing import TypeVar
 
 from tqdm import tqdm
 
+# One way to show a duration (41s, 3m05s, 1h02m; ? unknown), shared with the sweeper's ETA.
+from hydra_plugins.kd_sweeper.trials import duration as eta
+
 log = logging.getLogger("kd")
-T = TypeVar("T")
-
-
-def eta(seconds: float) -> str:
-    """A duration as a progress line shows it: ``41s``, ``3m05s``, ``1h02m`` (``?`` unknown)."""
-    if not seconds >= 0 or seconds == float("inf"):
-        return "?"
-    whole = int(round(seconds))
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 class Pace:

@@ -175,21 +175,19 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
             }
         )
     counted = counted_trials(study)  # as the sweeper counts them
-    states = [t.state for t in counted]
-    failed = states.count(optuna.trial.TrialState.FAIL)
     failures = [
         {"trial": t.number, "reason": t.user_attrs.get(FAIL_REASON)}  # a counted failure has one
         for t in counted
         if t.state == optuna.trial.TrialState.FAIL
     ]
-    pruned = states.count(optuna.trial.TrialState.PRUNED)
+    pruned = sum(1 for t in counted if t.state == optuna.trial.TrialState.PRUNED)
     return {
         "dir": str(sweep_dir),
         "study_name": study.study_name,
         "direction": "maximize" if maximize else "minimize",
         "objective": objective,
         "selected_trial": selected,
-        "failed": failed,
+        "failed": len(failures),
         "failures": failures,
         "pruned": pruned,
         "rows": rows,

@@ -100,7 +100,7 @@ from hydra_plugins.kd_sweeper.study import (
     shown,
     why_not_resumable,
 )
-from hydra_plugins.kd_sweeper.trials import HideJobEnv, TrialRunner
+from hydra_plugins.kd_sweeper.trials import HideJobEnv, TrialRunner, finished_count
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
             allowed,
             f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else "",
         )
-        self.progress_start = (time.monotonic(), sum(1 for t in counted_trials(study) if t.state.is_finished()))
+        self.progress_start = (time.monotonic(), finished_count(study))
         heartbeat = Heartbeat(study)
         silent = self._silent_trials(heartbeat)
         if self.racing is not None:

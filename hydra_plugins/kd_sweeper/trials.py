@@ -143,7 +143,7 @@ class TrialRunner:
     def log_progress(self, study: optuna.Study) -> None:
         """``k of n trials done`` and the time left at this run's pace (a resumed sweep's
         earlier trials took none of this run's time)."""
-        done = sum(1 for t in counted_trials(study) if t.state.is_finished())
+        done = finished_count(study)
         started, before = getattr(self, "progress_start", (time.monotonic(), done))
         elapsed, ran = time.monotonic() - started, done - before
         left = max(self.n_trials - done, 0) * elapsed / ran if ran > 0 else None
@@ -223,6 +223,11 @@ class TrialRunner:
 def quoted(value: Any) -> str:
     """``value`` as a quoted Hydra override value."""
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def finished_count(study: optuna.Study) -> int:
+    """The counted trials that have an outcome (what ``k of n trials done`` counts)."""
+    return sum(1 for t in counted_trials(study) if t.state.is_finished())
 
 
 def duration(seconds: float | None) -> str:
