@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hydra_plugins.kd_sweeper.study import why_not_resumable
+from hydra_plugins.kd_sweeper.study import counted_trials, why_not_resumable
 from tests.test_any_app import APP
 
 COMMAND = [sys.executable, str(APP), "-m", "pause_s=0.15"]  # as a user types it: default settings
@@ -51,12 +51,14 @@ def test_an_interrupted_sweep_of_a_foreign_app_resumes_with_the_same_command(tmp
     assert proc.returncode == 130, out[-3000:]  # stopped mid-sweep, not after it
     assert out.strip().splitlines()[-1].startswith("kd_optuna: interrupted; rerun the same command to resume")
     assert "will not resume" not in out
-    before = {t.number: t.params for t in _complete(tmp_path)}
+    first = optuna.load_study(study_name="sphere", storage=f"sqlite:///{tmp_path}/multirun/sphere/optuna.db")
+    counted = counted_trials(first)  # as the sweeper counts them: pruned ones (and one left RUNNING) too
+    before = {t.number: t.params for t in counted if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     assert 2 <= len(before) < 12
 
     again = subprocess.run(COMMAND, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"study sphere (sqlite:///multirun/sphere/optuna.db): {len(before)} of 12 trials there" in again.stdout
+    assert f"study sphere (sqlite:///multirun/sphere/optuna.db): {len(counted)} of 12 trials there" in again.stdout
     counts = [int(n) for n in re.findall(r"\] (\d+) of 12 trials done; ETA", again.stdout)]
     assert counts[0] > len(before) and counts[-1] == 12  # counted on from where the first run stopped
     study = optuna.load_study(study_name="sphere", storage=f"sqlite:///{tmp_path}/multirun/sphere/optuna.db")
