@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.kd_sweeper import flight
@@ -43,6 +44,9 @@ class GatedLauncher:
         if isinstance(outcome, BaseException):
             raise outcome
         ret = JobReturn(overrides=overrides[0])
+        if isinstance(outcome, tuple):  # ("ran as job", n): what hydra.job.num the job says it ran as
+            ret.hydra_cfg = OmegaConf.create({"hydra": {"job": {"num": outcome[1]}}})
+            outcome = 1.0
         ret.status, ret.return_value = JobStatus.COMPLETED, outcome
         if outcome == "fail":
             ret.status, ret.return_value = JobStatus.FAILED, RuntimeError("on purpose")
@@ -216,6 +220,21 @@ def test_failures_within_the_allowance_are_replaced():
     thread.join(30)
     assert result == {"failures": ["kd_optuna:error: on purpose"]}
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+def test_a_job_that_ran_as_another_trial_fails_its_trial_instead_of_scoring_it(caplog):
+    f, sweeper, study = _flight(n_trials=2, n_jobs=2)
+    thread, result = _run(f, allowed=2)
+    sweeper.launcher.wait_launched(2)
+    sweeper.launcher.release(0, ("ran as job", 0))  # its own job: scored
+    sweeper.wait_told(1)
+    sweeper.launcher.release(1, ("ran as job", 0))  # trial 0's job handed back for trial 1
+    thread.join(30)
+    reason = "kd_optuna:error: the launcher returned the job of trial 0 for trial 1"
+    assert result == {"failures": [reason]}
+    assert [(t.state, t.user_attrs.get(FAIL_REASON)) for t in study.trials] == [
+        (TrialState.COMPLETE, None), (TrialState.FAIL, reason)]  # fmt: skip
+    assert f"trial 1 failed: {reason}" in caplog.text
 
 
 def test_an_interrupt_fails_every_trial_in_flight_and_stops_local_workers(monkeypatch, caplog):

@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import optuna
+from omegaconf import OmegaConf
 
 from hydra_plugins.kd_sweeper.study import ERROR, INTERRUPTED, counted_trials, fail_stale_trials
 
@@ -33,6 +34,14 @@ log = logging.getLogger(__name__)
 def runs_in_flight(launcher: Any, asynchronous: bool) -> bool:
     """Whether trials run in flight (asynchronously) with this launcher."""
     return asynchronous and type(launcher).__name__ not in IN_PROCESS
+
+
+def job_number(ret: Any) -> int | None:
+    """The job number (``hydra.job.num``) a launcher's JobReturn ran as; a trial's job
+    runs as its trial number. None where the launcher does not say."""
+    hydra_cfg = getattr(ret, "hydra_cfg", None)
+    number = OmegaConf.select(hydra_cfg, "hydra.job.num", default=None) if hydra_cfg is not None else None
+    return number if isinstance(number, int) else None
 
 
 def _launch_in_thread(launcher: Any, overrides: tuple[str, ...], job_idx: int, name: str) -> Future:
@@ -124,7 +133,15 @@ class Flight:
         if error is not None:  # the launcher itself failed: the trial never ran
             self.sweeper._fail(self.study, trial, None, self.heartbeat)
             raise error
-        reason = self.sweeper.settle(self.study, trial, future.result(), self.heartbeat)
+        ret = future.result()
+        number = job_number(ret)
+        if number is not None and number != trial.number:  # never trust another trial's outcome
+            reason = f"{ERROR}: the launcher returned the job of trial {number} for trial {trial.number}"
+            log.warning("trial %d failed: %s", trial.number, reason)
+            self.sweeper._fail(self.study, trial, reason, self.heartbeat)
+            self.failures.append(reason)
+            return
+        reason = self.sweeper.settle(self.study, trial, ret, self.heartbeat)
         if reason is not None:
             self.failures.append(reason)
 

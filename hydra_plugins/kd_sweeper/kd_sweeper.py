@@ -77,6 +77,7 @@ from hydra_plugins.kd_sweeper.race_loop import (
 )
 from hydra_plugins.kd_sweeper.race_loop import summary as race_summary
 from hydra_plugins.kd_sweeper.refusals import (
+    Interrupts,
     StorageRefused,
     SweepRefused,
     damaged_database,
@@ -139,7 +140,7 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         self.sampler_config = sampler if OmegaConf.is_config(sampler) else None
         self.pruner = build_pruner(pruner) if OmegaConf.is_config(pruner) else pruner
         self.validate_path = validate
-        self.heartbeat = (heartbeat_interval, grace_period)
+        self.heartbeat, self.interrupts = (heartbeat_interval, grace_period), Interrupts()
         self.base_seed = 0
         self.grid: dict[str, Any] | None = None
         try:
@@ -267,7 +268,8 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
     # ------------------------------------------------------------------ the loop
     def sweep(self, arguments: list[str]) -> None:
         try:
-            self._sweep(arguments)
+            with self.interrupts:
+                self._sweep(arguments)
         except SweepRefused as err:
             refuse(str(err), code=err.code)
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:  # the database failed mid-sweep
@@ -312,15 +314,9 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         self._settle_base_seed(study)
         fail_stale_trials(study)
         allowed = failure_allowance(self.max_failure_rate, self.n_trials)
-        log.info(
-            "study %s (%s): %d of %d trials there; up to %d may fail in this run%s",
-            study.study_name,
-            shown(self.storage),
-            len(counted_trials(study)),
-            self.n_trials,
-            allowed,
-            f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else "",
-        )
+        pruner = f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else ""
+        log.info("study %s (%s): %d of %d trials there; up to %d may fail in this run%s", study.study_name,
+                 shown(self.storage), len(counted_trials(study)), self.n_trials, allowed, pruner)  # fmt: skip
         self.progress_start = (time.monotonic(), finished_count(study))
         heartbeat = Heartbeat(study)
         silent = self._silent_trials(heartbeat)

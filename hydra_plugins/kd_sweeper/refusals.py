@@ -1,16 +1,16 @@
-"""Why a sweep cannot start or go on, as one line: a refused configuration, or a
-storage that cannot be used as it is (left untouched)."""
+"""Why a sweep cannot start or go on, as one line: a refused configuration, a storage
+that cannot be used as it is (left untouched), or a Ctrl-C that must not be lost."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Any
 
 from sqlalchemy.exc import DatabaseError, IntegrityError
 
-from hydra_plugins.kd_sweeper.study import (
-    shown,
-)
+from hydra_plugins.kd_sweeper.study import shown
 
 
 class SweepRefused(Exception):
@@ -61,3 +61,34 @@ def damaged_database(err: Exception) -> bool:
     """A database error that retrying cannot mend."""
     text = str(err).lower()
     return isinstance(err, DatabaseError) and not isinstance(err, IntegrityError) and any(m in text for m in DAMAGE)
+
+
+class Interrupts:
+    """Remembers a Ctrl-C that Python may drop. A SIGINT that lands while a finalizer
+    runs raises its KeyboardInterrupt inside that finalizer, where Python prints it and
+    goes on; the sweep would then run to its end. While installed (main thread only,
+    chaining the handler there), :meth:`check` raises it again before the next trial."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupts:
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        self._previous(signum, frame)
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if Ctrl-C came, whether or not its first one was dropped."""
+        if self.seen:
+            raise KeyboardInterrupt

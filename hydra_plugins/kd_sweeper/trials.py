@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from hydra_plugins.kd_sweeper import _compat
 from hydra_plugins.kd_sweeper.job import REPLICATE_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.kd_sweeper.liveness import OWNER, Heartbeat, SilentTrials, this_process
+from hydra_plugins.kd_sweeper.refusals import Interrupts
 from hydra_plugins.kd_sweeper.space import trial_seed
 from hydra_plugins.kd_sweeper.study import (
     DIVERGED,
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 class TrialRunner:
     """Asks, launches, settles and records trials; mixed into the sweeper, whose settings
     (``n_trials``, ``launcher``, ``storage``, ``sweep_dir``, the sampler) it reads."""
+
+    interrupts: Interrupts  # the sweeper's own, installed while it sweeps
 
     def _silent_trials(self, heartbeat: Heartbeat) -> SilentTrials:
         """The judge of RUNNING trials no heartbeat covers: with heartbeats on, one whose
@@ -90,6 +93,7 @@ class TrialRunner:
     def _ask_counted(self, study: optuna.Study, heartbeat: Heartbeat) -> optuna.Trial | None:
         """Ask a trial, beat for it and record this process as its owner; None (the trial
         FAIL as surplus) when another worker filled the study meanwhile."""
+        self.interrupts.check()  # a Ctrl-C that Python dropped still stops the sweep here
         trial = self._ask(study)
         heartbeat.add(trial)
         _compat.study_storage(study).set_trial_system_attr(
