@@ -19,7 +19,8 @@ import pytest
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from optuna.trial import TrialState
 
-from hydra_plugins.kd_sweeper.flight import runs_in_flight
+from hydra_plugins.kd_sweeper import flight
+from hydra_plugins.kd_sweeper.flight import joblib_in_process, runs_in_flight
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +60,8 @@ fail_from: -1
 hydra:
   sweep:
     dir: sweep
+  launcher:
+    n_jobs: 2  # worker processes: -1 (every core) would be one, run in the sweeper's process, on one core
   sweeper:
     n_trials: 6
     n_jobs: 2
@@ -191,6 +194,35 @@ def test_launchers_that_run_jobs_in_the_sweepers_process_stay_in_batches():
 
 
 @pytest.mark.parametrize(
+    ("settings", "in_process"),
+    [
+        ({"n_jobs": 2}, None),
+        ({"n_jobs": 1}, "hydra.launcher.n_jobs=1 is one worker"),
+        ({"n_jobs": 2, "backend": "threading"}, "hydra.launcher.backend=threading runs jobs in threads"),
+        ({"n_jobs": 2, "prefer": "threads"}, "runs jobs in threads"),
+        ({"n_jobs": 2, "require": "sharedmem"}, "runs jobs in threads"),
+        ({"n_jobs": 1, "backend": "multiprocessing"}, None),  # Hydra keeps two worker processes
+    ],
+)  # fmt: skip
+def test_a_joblib_launcher_that_would_run_jobs_in_this_process_keeps_batches(settings, in_process, caplog):
+    from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+    launcher = JoblibLauncher(**{"backend": "loky", "prefer": "processes", "require": None, **settings})
+    why = joblib_in_process(launcher)
+    assert (why is None) == (in_process is None) and (in_process is None or in_process in why)
+    assert runs_in_flight(launcher, asynchronous=True) == (in_process is None)
+    assert ("trials run in batches, not in flight" in caplog.text) == (in_process is not None)
+
+
+def test_every_core_is_one_worker_on_a_one_core_machine(monkeypatch):
+    from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+    monkeypatch.setattr(flight.joblib, "effective_n_jobs", lambda n_jobs: 1 if n_jobs == -1 else n_jobs)
+    assert "hydra.launcher.n_jobs=-1 is one worker" in joblib_in_process(JoblibLauncher(n_jobs=-1))
+    assert joblib_in_process(JoblibLauncher(n_jobs=2)) is None
+
+
+@pytest.mark.parametrize(
     "space",
     [
         ["hydra/sweeper/sampler=grid", "x=choice(0,1,2)", "y=choice(0,1)", "hydra.sweeper.n_trials=6",
@@ -203,12 +235,13 @@ def test_launchers_that_run_jobs_in_the_sweepers_process_stay_in_batches():
 def test_grids_and_several_objectives_run_in_flight_as_in_batches(tmp_path, space):
     from tests.test_any_app import study, sweep
 
-    proc = sweep(tmp_path, *space, "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2")
+    proc = sweep(tmp_path, *space, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "up to 2 trials in flight" in proc.stdout + proc.stderr
     trials = study(tmp_path).trials
     why = [(t.number, t.state.name, t.user_attrs) for t in trials if t.state != TrialState.COMPLETE]
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, f"{why}\n{proc.stderr[-3000:]}"
+    logs = [log.read_text()[-1500:] for n, *_ in why for log in (tmp_path / "s" / str(n)).glob("*.log")]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6, f"{why}\n{logs}\n{proc.stdout[-3000:]}"
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # the grid: every point once
     results = (tmp_path / "s" / "optimization_results.yaml").read_text()
     assert ("solutions:" in results) == ("objectives=2" in space)

@@ -21,9 +21,11 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
+import joblib
 import optuna
 from omegaconf import OmegaConf
 
+from hydra_plugins.kd_sweeper.config import available_cores
 from hydra_plugins.kd_sweeper.study import ERROR, INTERRUPTED, counted_trials, fail_stale_trials
 
 # Launchers that run a job in the sweeper's own process: one job at a time, in batches.
@@ -31,9 +33,34 @@ IN_PROCESS = ("BasicLauncher", "PopulationLauncher")
 log = logging.getLogger(__name__)
 
 
+def joblib_in_process(launcher: Any) -> str | None:
+    """Why a joblib launcher would run its jobs in the sweeper's own process (None: it
+    runs them in worker processes). Two such jobs at once would share one process's
+    environment, Hydra config and logging: each would read the other's trial."""
+    joblib_cfg = getattr(launcher, "joblib", None)
+    if type(launcher).__name__ != "JoblibLauncher" or joblib_cfg is None:
+        return None
+    backend = joblib_cfg.get("backend") or "loky"
+    if backend == "multiprocessing":
+        return None  # Hydra keeps at least two worker processes
+    if backend != "loky" or joblib_cfg.get("prefer") == "threads" or joblib_cfg.get("require") == "sharedmem":
+        return f"hydra.launcher.backend={backend} runs jobs in threads"
+    n_jobs = joblib_cfg.get("n_jobs", -1)
+    if joblib.effective_n_jobs(n_jobs) == 1:  # joblib then runs the job in the calling thread
+        return f"hydra.launcher.n_jobs={n_jobs} is one worker on the {available_cores()} core(s) here"
+    return None
+
+
 def runs_in_flight(launcher: Any, asynchronous: bool) -> bool:
     """Whether trials run in flight (asynchronously) with this launcher."""
-    return asynchronous and type(launcher).__name__ not in IN_PROCESS
+    if not asynchronous or type(launcher).__name__ in IN_PROCESS:
+        return False
+    why = joblib_in_process(launcher)
+    if why is not None:
+        log.warning("trials run in batches, not in flight: %s; set hydra.launcher.n_jobs to hydra.sweeper.n_jobs "
+                    "(at least 2) to run them in worker processes", why)  # fmt: skip
+        return False
+    return True
 
 
 def job_number(ret: Any) -> int | None:
