@@ -45,6 +45,7 @@ def test_tpe_with_pruning_through_the_job_api(tmp_path):
     assert len(trials) == 12 and TrialState.PRUNED in states and TrialState.COMPLETE in states
     progress = re.findall(r"\] (\d+) of 12 trials done; ETA (\d+s|\?)", proc.stdout)
     assert [int(done) for done, _ in progress] == list(range(1, 13)) and progress[-1][1] == "0s"
+    assert "#0 : x=" in proc.stdout and "env_set" not in proc.stdout  # the launch lines show what was swept
     for t in trials:  # every job reported its steps to its own trial
         reported = sorted(t.intermediate_values)
         assert reported == list(range(5)) if t.state == TrialState.COMPLETE else 1 <= len(reported) < 5

@@ -238,6 +238,7 @@ def test_grids_and_several_objectives_run_in_flight_as_in_batches(tmp_path, spac
     proc = sweep(tmp_path, *space, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "up to 2 trials in flight" in proc.stdout + proc.stderr
+    assert "#0 : x=" in proc.stdout and "env_set" not in proc.stdout  # how a job finds its trial: not shown
     trials = study(tmp_path).trials
     why = [(t.number, t.state.name, t.user_attrs) for t in trials if t.state != TrialState.COMPLETE]
     logs = [log.read_text()[-1500:] for n, *_ in why for log in (tmp_path / "s" / str(n)).glob("*.log")]

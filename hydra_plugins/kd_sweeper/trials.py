@@ -259,8 +259,11 @@ class HideJobEnv(logging.Filter):
 
     @classmethod
     def install(cls, launcher: Any) -> None:
-        """On the logger of ``launcher``'s module, which writes the lines (a logger's
-        filter outlives the logging set-up Hydra redoes at each launch), once."""
-        logger = logging.getLogger(type(launcher).__module__)
-        if not any(isinstance(f, cls) for f in logger.filters):
-            logger.addFilter(cls())
+        """On the loggers that write the lines, once: those of ``launcher``'s module and of
+        its package's ``_core`` (joblib's), as a logger's filter outlives the logging
+        set-up Hydra redoes at each launch and a parent's filter does not reach them."""
+        module = type(launcher).__module__
+        for name in (module, f"{module.rpartition('.')[0]}._core"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(cls())
