@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from hydra_plugins.kd_sweeper.study import open_readonly
 from kd.errors import Diverged, Pruned
 from tests.conftest import FAST, read_metrics, run_py, start_py
 
@@ -74,7 +75,7 @@ def test_a_killed_pruning_sweep_resumes_without_losing_or_repeating_trials(workd
 
     def finished() -> int:
         try:
-            study = optuna.load_study(study_name="prune_resume", storage=storage)
+            study = optuna.load_study(study_name="prune_resume", storage=open_readonly(storage))  # never races
             return sum(t.state.is_finished() for t in study.trials)
         except Exception:
             return 0

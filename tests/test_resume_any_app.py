@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hydra_plugins.kd_sweeper.study import counted_trials, why_not_resumable
+from hydra_plugins.kd_sweeper.study import counted_trials, open_readonly, why_not_resumable
 from tests.test_any_app import APP
 
 COMMAND = [sys.executable, str(APP), "-m", "pause_s=0.15"]  # as a user types it: default settings
@@ -33,9 +33,9 @@ def _complete(tmp: Path) -> list[optuna.trial.FrozenTrial]:
     db = tmp / "multirun" / "sphere" / "optuna.db"
     if not db.exists():
         return []
-    try:
-        trials = optuna.load_study(study_name="sphere", storage=f"sqlite:///{db}").trials
-    except KeyError:  # the study is not created yet
+    try:  # read-only: a reader that created tables would race the sweeper creating them
+        trials = optuna.load_study(study_name="sphere", storage=open_readonly(f"sqlite:///{db}")).trials
+    except Exception:  # noqa: BLE001 - the sweeper is still creating the study's tables or the study
         return []
     return [t for t in trials if t.state == TrialState.COMPLETE]
 
