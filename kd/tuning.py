@@ -12,6 +12,7 @@ The sweeper is app-agnostic; kd plugs in twice:
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,5 +108,10 @@ class ReportHint(Callback):
     """Ends every multirun's log with the command that tables and plots it."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra calls this on the way out of an interrupted sweep too: that log ends on the
+        # sweeper's line saying how to resume.
+        stopping = sys.exc_info()[1]
+        if isinstance(stopping, KeyboardInterrupt) or (isinstance(stopping, SystemExit) and stopping.code == 130):
+            return
         if Path(str(config.hydra.sweep.dir)).is_dir():  # not for a sweep refused before its first job
             log.info("next: python -m kd.report %s", config.hydra.sweep.dir)

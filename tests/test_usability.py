@@ -1,5 +1,6 @@
 """The first hour of a user: summaries, help, hints, quiet logs, no litter, shared files."""
 
+import contextlib
 import logging
 import os
 import re
@@ -183,3 +184,28 @@ def test_a_missing_mandatory_value_is_one_line_naming_the_key(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "kd: error: data.root needs a value (its YAML says ???): add data.root=... to the command"
     ]
+
+
+@pytest.mark.parametrize(
+    ("stopping", "hinted"),
+    [(None, True), (SystemExit(130), False), (KeyboardInterrupt(), False), (SystemExit(1), True)],
+    ids=["finished", "interrupted", "ctrl-c", "failed"],
+)
+def test_an_interrupted_sweep_ends_on_how_to_resume_not_on_the_report_command(tmp_path, caplog, stopping, hinted):
+    from omegaconf import OmegaConf
+
+    from kd.tuning import ReportHint
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    caplog.set_level(logging.INFO, logger="kd.tuning")
+
+    def multirun() -> None:  # as Hydra calls it: from a finally block, on the way out of the sweep
+        try:
+            if stopping is not None:
+                raise stopping
+        finally:
+            ReportHint().on_multirun_end(config)
+
+    with contextlib.suppress(SystemExit, KeyboardInterrupt):
+        multirun()
+    assert ("next: python -m kd.report" in caplog.text) == hinted
