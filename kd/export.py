@@ -18,6 +18,7 @@ import importlib
 import json
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,14 @@ def run_model(run_dir: Path, seed: int | None = None) -> tuple[nn.Module, tuple[
     metrics_path = run_dir / "metrics.json"
     config_path = run_dir / ".hydra" / "config.yaml"
     if not metrics_path.is_file() or not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a finished kd run (no metrics.json or .hydra/config.yaml)")
+        trials = sorted((p.parent.name for p in run_dir.glob("*/metrics.json")), key=lambda n: (len(n), n))
+        hint = (
+            f"; it is a sweep's folder: export one of its runs, {run_dir}/<{'|'.join(trials[:8])}"
+            f"{'|...' if len(trials) > 8 else ''}> (python -m kd.report {run_dir} names the best)"
+            if trials
+            else ""
+        )
+        raise CheckpointError(f"{run_dir} is not a finished kd run (no metrics.json or .hydra/config.yaml){hint}")
     metrics = json.loads(metrics_path.read_text())
     records = metrics.get("per_seed") or []
     if metrics.get("status") != "completed" or not records:
@@ -96,8 +104,13 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torc
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    torch.jit.save(torch.jit.trace(model, example), str(path))
-    return torch.jit.load(str(path)).eval()
+    # PyTorch deprecates TorchScript with a FutureWarning from each of the four calls: said
+    # once, here, with its successor.
+    print("kd: TorchScript is deprecated by PyTorch; --format pt2 (torch.export) is its successor", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.")
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+        return torch.jit.load(str(path)).eval()
 
 
 def _pt2(model: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -4,6 +4,7 @@ against PyTorch before it is written."""
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -53,8 +54,12 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(run_dir):
 
 
 @pytest.mark.parametrize(("fmt", "suffix"), [("torchscript", ".ts"), ("pt2", ".pt2")])
-def test_torch_formats_load_back_and_agree(run_dir, fmt, suffix):
-    record = export.export(run_dir, fmt, min_run_time=0.01)
+def test_torch_formats_load_back_and_agree(run_dir, fmt, suffix, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = export.export(run_dir, fmt, min_run_time=0.01)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # torch.jit's four: said once
+    assert ("--format pt2 (torch.export) is its successor" in capsys.readouterr().err) == (fmt == "torchscript")
     path = run_dir / f"model{suffix}"
     assert record["path"] == str(path) and path.is_file()
     loaded = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
@@ -91,6 +96,14 @@ def test_missing_extra_and_bad_input_are_one_line(run_dir, tmp_path, monkeypatch
         export.export(run_dir, "onnx")
     with pytest.raises(ConfigError, match="--seed 7 is not a seed of .*its seeds: 42"):
         export.export(run_dir, "pt2", seed=7)
-    with pytest.raises(CheckpointError, match="is not a finished kd run"):
+    with pytest.raises(CheckpointError, match="is not a finished kd run") as refused:
         export.export(tmp_path, "pt2")
+    assert "sweep" not in str(refused.value)
+    sweep = tmp_path / "sweep"
+    for trial in ("10", "2", "0"):
+        (sweep / trial).mkdir(parents=True)
+        (sweep / trial / "metrics.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"it is a sweep's folder: export one of its runs, {sweep}/<0\|2\|10> "
+                       rf"\(python -m kd.report {sweep} names the best\)"):  # fmt: skip
+        export.export(sweep, "pt2")
     assert export.main([str(tmp_path), "--format", "pt2"]) == CheckpointError.exit_code
