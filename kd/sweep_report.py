@@ -273,6 +273,11 @@ def sweep_markdown(sweep: dict) -> str:
     return intro + (f"\n{why}" if why else "") + "\n\n" + table(head, rows)
 
 
+# Below this many completed trials, the importance plot says it is a rough guide: fANOVA's
+# random forest over so few points ranks parameters by little more than chance.
+FEW_FOR_IMPORTANCE = 20
+
+
 def _save(fig: Any, path: Path, size: tuple[float, float], written: list[str]) -> None:
     import matplotlib.pyplot as plt
 
@@ -344,6 +349,7 @@ def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None 
             _save(fig, out / f"objective_vs_{param.split('.')[-1]}.png", (5, 3.6), written)
     ax = optuna_plots.plot_optimization_history(study, target_name="validation accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best", fontsize=8)  # inside: Optuna's, beside the axes, took half the width
     _save(ax.figure, out / "optimization_history.png", (5.5, 3.6), written)
     distinct = len({round(t.value, 9) for t in trials})
     if len(trials) < 3 or distinct < 2:
@@ -354,6 +360,14 @@ def sweep_plots(sweep_dir: Path, study: Any, out: Path, notes: list[str] | None 
     else:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)  # Optuna's default, seeded
         ax = optuna_plots.plot_param_importances(study, evaluator=evaluator)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()  # one objective: the legend only covered a bar's label
+        if len(trials) < FEW_FOR_IMPORTANCE:
+            ax.set_title(f"Importances from {len(trials)} trials: a rough guide", loc="left", fontsize=10)
+            notes.append(
+                f"Parameter importances come from {len(trials)} completed trials: with fewer than "
+                f"{FEW_FOR_IMPORTANCE}, fANOVA's ranking is a rough guide, not a finding."
+            )
         _save(ax.figure, out / "param_importances.png", (5.5, 2.8), written)
     return written
 

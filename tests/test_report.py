@@ -51,6 +51,7 @@ def test_sweep_report_writes_every_plot(workdir, capsys):
     summary = json.loads((workdir / "out" / "summary.json").read_text())
     (sweep,) = summary["sweeps"]
     assert summary["runs"] == 0 and len(sweep["rows"]) == 3 and sweep["selected_trial"] is not None
+    assert any("importances come from 3 completed trials" in n and "rough guide" in n for n in summary["notes"])
 
 
 def test_missing_directory_is_one_line_error(tmp_path, capsys):
