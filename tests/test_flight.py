@@ -60,8 +60,6 @@ fail_from: -1
 hydra:
   sweep:
     dir: sweep
-  launcher:
-    n_jobs: 2  # worker processes: -1 (every core) would be one, run in the sweeper's process, on one core
   sweeper:
     n_trials: 6
     n_jobs: 2
@@ -85,7 +83,9 @@ def _app(tmp: Path) -> None:
 def _start(tmp: Path, *overrides: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.Popen(
-        [sys.executable, "gated.py", "-m", f"dir={tmp}", *overrides], cwd=tmp, env=env, text=True,
+        # two joblib workers: n_jobs=-1 (every core) is one under pytest-xdist's one-core mask, in this process
+        [sys.executable, "gated.py", "-m", f"dir={tmp}", "hydra.launcher.n_jobs=2", *overrides], cwd=tmp, env=env,
+        text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         # a shell's background job would pass on an ignored SIGINT: Python would never raise KeyboardInterrupt
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
