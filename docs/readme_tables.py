@@ -281,7 +281,36 @@ def async_kd() -> str:
     return table(head, cells, align="lrrrrl") + f"\n\nBatches ÷ in flight: {bench['speedup']:.2f}x (one pair)."
 
 
+def quickstart() -> str:
+    """The README's real-data Quick start run: wall time with an empty cache and again,
+    and what it measured (benchmarks/quickstart.py)."""
+    bench = _load(RESULTS / "quickstart" / "quickstart.json")
+    cells = []
+    for label, run in (("first (empty cache)", bench["first_run"]), ("again (all stored)", bench["rerun"])):
+        val = {"mean": run["val_acc"], "se": run["val_acc_se"]}
+        test = {"mean": run["test_acc"], "se": run["test_acc_se"]}
+        cells.append([
+            label, f"{run['wall_seconds']:.0f} s", f"{run['teacher_val_acc']:.2f} %", fmt_mean_se(val),
+            fmt_difference(run["kd_minus_ce"]["val_acc"]), fmt_mean_se(test),
+            fmt_difference(run["kd_minus_ce"]["test_acc"]),
+        ])  # fmt: skip
+    head = ["run", "wall", "teacher val", "KD val", "KD − CE val [95 % CI]", "KD test", "KD − CE test [95 % CI]"]
+    return table(head, cells, align="lrrrlrl")
+
+
+def quickstart_line() -> str:
+    """The Quick start's measured run time, one sentence for the README."""
+    bench = _load(RESULTS / "quickstart" / "quickstart.json")
+    first, again = bench["first_run"], bench["rerun"]
+    return (
+        f"Measured ({bench['machine']}, the JPEG copy): {first['wall_seconds']:.0f} s with an empty cache, "
+        f"{again['wall_seconds']:.0f} s again ([figures](docs/performance.md#the-quick-starts-real-data-run))."
+    )
+
+
 TABLES = {
+    "quickstart": quickstart,
+    "quickstart-line": quickstart_line,
     "async-kd": async_kd,
     "async-sleep": async_sleep,
     "racing-cifar": racing_cifar,

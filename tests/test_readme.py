@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,26 @@ def test_the_readme_is_a_manual_of_at_most_300_lines_whose_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
         if not target.startswith("http"):
             assert (REPO / target).exists(), target
+
+
+def _quick_start_commands() -> list[list[str]]:
+    """The ``python run.py ...`` commands of the README's Quick start, as argument lists."""
+    section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    joined = re.sub(r"\\\n\s*", "", section)  # a command continued over lines
+    return [shlex.split(line.strip())[2:] for line in joined.splitlines() if line.strip().startswith("python run.py")]
+
+
+def test_the_quick_start_commands_compose_and_the_timed_one_is_the_readmes(compose_cfg):
+    commands = _quick_start_commands()
+    assert len(commands) == 2
+    for args in [*commands, ["experiment=seed_kd"]]:  # and the full study, named in the text
+        cfg = compose_cfg(*args)
+        assert cfg.trainer.epochs >= 1
+    smoke, real = commands
+    assert "loss=kd" in smoke and "loss=kd" in real  # the Quick start distils
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "benchmarks" / "quickstart.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert real == bench.ARGS  # the measured command is the README's, data.root aside
+    measured = json.loads((REPO / "docs" / "results" / "quickstart" / "quickstart.json").read_text())
+    assert measured["command"].split("data.root=PATH ", 1)[1] == " ".join(real)
