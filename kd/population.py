@@ -43,6 +43,7 @@ from kd.errors import Diverged
 from kd.losses import DistillationLoss, Progress, for_members
 from kd.models import SeededDropout
 from kd.models.features import with_features
+from kd.progress import Pace, eta
 from kd.recipes import (
     Context,
     Recipe,
@@ -256,17 +257,19 @@ class _EpochSums:
         self.lrs = [self.lrs[r] for r in rows] if self.lrs else []
 
 
-def _train_epoch(pop: Population, epoch: int, progress_bar: bool, check_every: int, log_every_s: float) -> tuple:
+def _train_epoch(pop: Population, epoch: int, progress_bar: bool, check_every: int, pace: Pace) -> tuple:
     """One epoch of every alive member; returns its running sums, the members it
-    stopped (diverged) and the seconds it took."""
+    stopped (diverged) and the seconds it took. ``pace`` spans the whole population's training."""
     device = pop.ctx.device
-    start = last_line = time.perf_counter()
+    start = time.perf_counter()
+    batch_size = int(pop.ctx.cfg.trainer.batch_size)
     orders = {n: pop.streams[n].order(epoch) for n in pop.alive}
     sums, diverged = _EpochSums(len(pop.alive), device), {}
     steps = pop.steps_per_epoch
     desc = f"population of {len(pop.alive)} epoch {epoch}/{pop.epochs}"
     for step in tqdm(range(1, steps + 1), desc=desc, disable=not progress_bar, leave=False):
         sums.add(*pop.step(orders, Progress(epoch, pop.epochs, step, steps)))
+        pace.advance(batch_size * len(pop.alive))  # every member's images: the population's throughput
         if step % check_every and step != steps:
             continue
         means = (sums.loss / step).tolist()
@@ -277,9 +280,9 @@ def _train_epoch(pop: Population, epoch: int, progress_bar: bool, check_every: i
             diverged.update(bad)
             if not pop.alive:
                 break
-        if not progress_bar and time.perf_counter() - last_line >= log_every_s:
-            last_line = time.perf_counter()
-            log.info("population epoch %d/%d: step %d/%d, %d members", epoch, pop.epochs, step, steps, len(pop.alive))
+        if not progress_bar and pace.due():
+            log.info("population epoch %d/%d: step %d/%d, %d members, %s", epoch, pop.epochs, step, steps,
+                     len(pop.alive), pace.line())  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return sums, diverged, time.perf_counter() - start
@@ -334,11 +337,11 @@ def train_population(
     outcomes: list = [None] * len(members)
     histories: list[list[dict]] = [[] for _ in members]
     val_idx = ctx.data.val_idx.to(ctx.device)
-    train_seconds = 0.0
+    train_seconds, pace = 0.0, Pace(pop.epochs * pop.steps_per_epoch, every_s=log_every_s)
     for epoch in range(1, pop.epochs + 1):
         if not pop.alive:  # every member stopped (pruned, diverged) before the last epoch
             break
-        sums, stopped, seconds = _train_epoch(pop, epoch, progress, int(ctx.cfg.trainer.check_every), log_every_s)
+        sums, stopped, seconds = _train_epoch(pop, epoch, progress, int(ctx.cfg.trainer.check_every), pace)
         train_seconds += seconds
         if not pop.alive:
             outcomes = [outcome if outcome is not None else stopped.get(n) for n, outcome in enumerate(outcomes)]
@@ -347,7 +350,8 @@ def train_population(
         for number, entry in zip(pop.alive, _epoch_entries(pop, epoch, sums, seconds, val), strict=True):
             histories[number].append(entry)
             _see_epoch(members, number, entry, stopped)
-        log.info("population epoch %d/%d: %d members, %.1fs", epoch, pop.epochs, len(pop.alive), seconds)
+        log.info("population epoch %d/%d: %d members, %.1fs; population ETA %s", epoch, pop.epochs,
+                 len(pop.alive), seconds, eta(pace.left_s()))  # fmt: skip
         pop.drop({n: err for n, err in stopped.items() if n in pop.alive})
         outcomes = [outcome if outcome is not None else stopped.get(n) for n, outcome in enumerate(outcomes)]
     if pop.alive:

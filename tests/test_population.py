@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import optuna
 import pytest
@@ -227,3 +229,14 @@ def test_the_seeds_of_one_job_stop_together_and_report_in_single_run_order(compo
     assert reported == [1, 2, 3]
     assert isinstance(outcomes[0], Pruned) and outcomes[0] is outcomes[1] and outcomes[1].step == 3
     assert not isinstance(outcomes[2], BaseException)  # the other job finished
+
+
+def test_a_populations_piped_log_shows_its_throughput_and_time_left(compose_cfg, tmp_path, caplog):
+    cfgs, ctx, teacher, members = _members(compose_cfg, tmp_path, [["seed=1"], ["seed=2"]])
+    caplog.set_level(logging.INFO, logger="kd")
+    train_population(members, ctx, teacher, progress=False, log_every_s=0.0)  # a line at every check
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("population epoch")]
+    steps = [m for m in lines if ": step " in m]
+    assert steps and all(re.search(r", 2 members, [\d,]+ img/s, ETA (\d+s|\d+m\d\ds)$", m) for m in steps)
+    epochs = [m for m in lines if re.search(r"population epoch \d+/\d+: 2 members", m)]
+    assert len(epochs) == int(cfgs[0].trainer.epochs) and epochs[-1].endswith("population ETA 0s")
