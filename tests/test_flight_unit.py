@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.kd_sweeper import flight
-from hydra_plugins.kd_sweeper.flight import Flight
+from hydra_plugins.kd_sweeper.flight import Flight, joblib_in_process, runs_in_flight
 from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials
 
 
@@ -310,3 +310,32 @@ def test_while_trials_run_the_sweeper_wakes_every_interval_to_retire_silent_ones
     sweeper.launcher.release(0)
     thread.join(30)
     assert result == {"failures": []}
+
+
+@pytest.mark.parametrize(
+    ("settings", "in_process"),
+    [
+        ({"n_jobs": 2}, None),
+        ({"n_jobs": 1}, "hydra.launcher.n_jobs=1 is one worker"),
+        ({"n_jobs": 2, "backend": "threading"}, "hydra.launcher.backend=threading runs jobs in threads"),
+        ({"n_jobs": 2, "prefer": "threads"}, "runs jobs in threads"),
+        ({"n_jobs": 2, "require": "sharedmem"}, "runs jobs in threads"),
+        ({"n_jobs": 1, "backend": "multiprocessing"}, None),  # Hydra keeps two worker processes
+    ],
+)  # fmt: skip
+def test_a_joblib_launcher_that_would_run_jobs_in_this_process_keeps_batches(settings, in_process, caplog):
+    from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+    launcher = JoblibLauncher(**{"backend": "loky", "prefer": "processes", "require": None, **settings})
+    why = joblib_in_process(launcher)
+    assert (why is None) == (in_process is None) and (in_process is None or in_process in why)
+    assert runs_in_flight(launcher, asynchronous=True) == (in_process is None)
+    assert ("trials run in batches, not in flight" in caplog.text) == (in_process is not None)
+
+
+def test_every_core_is_one_worker_on_a_one_core_machine(monkeypatch):
+    from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+    monkeypatch.setattr(flight.joblib, "effective_n_jobs", lambda n_jobs: 1 if n_jobs == -1 else n_jobs)
+    assert "hydra.launcher.n_jobs=-1 is one worker" in joblib_in_process(JoblibLauncher(n_jobs=-1))
+    assert joblib_in_process(JoblibLauncher(n_jobs=2)) is None
