@@ -330,7 +330,11 @@ def test_a_joblib_launcher_that_would_run_jobs_in_this_process_keeps_batches(set
     why = joblib_in_process(launcher)
     assert (why is None) == (in_process is None) and (in_process is None or in_process in why)
     assert runs_in_flight(launcher, asynchronous=True) == (in_process is None)
-    assert ("trials run in batches, not in flight" in caplog.text) == (in_process is not None)
+    warning = (
+        f"trials run in batches, not in flight: {why}; set hydra.launcher.n_jobs to hydra.sweeper.n_jobs "
+        "(at least 2) to run them in worker processes"
+    )
+    assert (warning in caplog.messages) == (in_process is not None)
 
 
 def test_every_core_is_one_worker_on_a_one_core_machine(monkeypatch):
@@ -339,3 +343,30 @@ def test_every_core_is_one_worker_on_a_one_core_machine(monkeypatch):
     monkeypatch.setattr(flight.joblib, "effective_n_jobs", lambda n_jobs: 1 if n_jobs == -1 else n_jobs)
     assert "hydra.launcher.n_jobs=-1 is one worker" in joblib_in_process(JoblibLauncher(n_jobs=-1))
     assert joblib_in_process(JoblibLauncher(n_jobs=2)) is None
+    assert "hydra.launcher.n_jobs=-1 is one worker" in joblib_in_process(JoblibLauncher())  # joblib's default
+
+    class NotJoblib:  # another launcher with a `joblib` attribute is not judged as joblib
+        joblib = {"n_jobs": -1}
+
+    assert joblib_in_process(NotJoblib()) is None
+
+
+def test_a_job_number_is_read_only_where_the_launcher_gives_an_integer():
+    assert flight.job_number(object()) is None  # a launcher whose returns carry no Hydra config
+    assert flight.job_number(JobReturn()) is None
+    assert flight.job_number(JobReturn(hydra_cfg=OmegaConf.create({"hydra": {"job": {"num": "7"}}}))) is None
+    assert flight.job_number(JobReturn(hydra_cfg=OmegaConf.create({"hydra": {"job": {"num": 7}}}))) == 7
+
+
+def test_a_search_space_that_raises_fails_its_trial_and_stops_the_sweep():
+    f, sweeper, study = _flight(n_trials=2, n_jobs=1)
+
+    def broken(trials: list, *space: Any) -> list:
+        raise ValueError("no such distribution")
+
+    sweeper._configure_trials = broken
+    with pytest.raises(ValueError, match="no such distribution"):
+        f.run(allowed=1)
+    assert [(t.state, t.user_attrs.get(FAIL_REASON)) for t in study.trials] == [
+        (TrialState.FAIL, "kd_optuna:error: no such distribution")]  # fmt: skip
+    assert sweeper.launcher.launched == [] and not f.in_flight
