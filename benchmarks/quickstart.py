@@ -22,7 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kd.cost import device_name  # noqa: E402
+
 # The README's Quick start command, after `python run.py data=folder data.root=PATH`.
 ARGS = [
     "loss=kd",
@@ -33,16 +39,6 @@ ARGS = [
     "trainer.epochs=5",
     "trial.seeds=[1,2,3]",
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_once(root: str, cache: Path, out: Path) -> dict:
@@ -81,7 +77,7 @@ def main() -> None:
     result = {
         "command": " ".join(["python run.py data=folder data.root=PATH", *ARGS]),
         "data": f"CIFAR-10 JPEG q75 copy ({args.root}), a class-balanced subset",
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.machine()}",
+        "machine": f"{device_name(torch.device('cpu'))}, {os.cpu_count()} cores, {platform.machine()}",
         "first_run": first,
         "rerun": again,
     }
