@@ -41,6 +41,7 @@ def main() -> None:
     from kd import data as data_module
     from kd import storage
     from kd.devices import select_device
+    from kd.plan import resolve
     from kd.provision import prepare_teacher
     from kd.recipes import make_context
     from kd.teacher import TeacherStore
@@ -55,7 +56,7 @@ def main() -> None:
 
     def one_job() -> float:
         start = time.perf_counter()
-        ctx = make_context(cfg, select_device("cpu"))
+        ctx = make_context(resolve(cfg), select_device("cpu"))
         prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
         return time.perf_counter() - start
 

@@ -34,10 +34,10 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.config import build  # noqa: E402
+from kd.plan import resolve  # noqa: E402
 from kd.population import Member, train_population  # noqa: E402
 from kd.provision import prepare_teacher  # noqa: E402
-from kd.recipes import make_context, run_recipe, train_model  # noqa: E402
+from kd.recipes import make_context, train_model  # noqa: E402
 from kd.teacher import TeacherStore  # noqa: E402
 
 TEMPERATURES = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]
@@ -94,7 +94,7 @@ def time_single(args, kd_cfg, ctx, teacher, device) -> list[float]:
         c = kd_cfg(t, a, i)
         synchronize(device)
         begin = time.perf_counter()
-        train_model(run_recipe(c, i), build(c.loss, c), ctx, teacher=teacher)
+        train_model(resolve(c).recipe(i), resolve(c).new_loss(), ctx, teacher=teacher)
         synchronize(device)
         seconds.append(time.perf_counter() - begin)
     return seconds
@@ -105,7 +105,7 @@ def time_population(n: int, kd_cfg, ctx, teacher, device) -> dict:
     members = []
     for i, (t, a) in enumerate(grid(n)):
         c = kd_cfg(t, a, 1000 + i)
-        members.append(Member(run_recipe(c, 1000 + i), build(c.loss, c)))
+        members.append(Member(resolve(c).recipe(1000 + i), resolve(c).new_loss()))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -161,7 +161,7 @@ def main() -> None:
     cfg = compose_cfg(["loss=kd", *common])
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
-    ctx = make_context(cfg, device)
+    ctx = make_context(resolve(cfg), device)
     started = time.perf_counter()
     teacher = prepare_teacher(ctx, TeacherStore(args.store))
     print(f"teacher ready in {time.perf_counter() - started:.1f} s ({teacher.info['teacher_source']})", flush=True)
@@ -171,11 +171,11 @@ def main() -> None:
 
     # Warm-up (cuDNN autotuning, allocator, first-call costs) outside every timing.
     warm = kd_cfg(2.0, 0.5, 0)
-    train_model(run_recipe(warm, 0), build(warm.loss, warm), ctx, teacher=teacher)
+    train_model(resolve(warm).recipe(0), resolve(warm).new_loss(), ctx, teacher=teacher)
     ce = compose_cfg(["loss=ce", *common])
     synchronize(device)
     begin = time.perf_counter()
-    train_model(run_recipe(ce, 0), build(ce.loss, ce), ctx)
+    train_model(resolve(ce).recipe(0), resolve(ce).new_loss(), ctx)
     synchronize(device)
     ce_seconds = time.perf_counter() - begin
     repeats = []

@@ -43,10 +43,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.config import build  # noqa: E402
 from kd.cost import device_name, seconds_per_call  # noqa: E402
 from kd.devices import bf16_is_native, select_device, use_cpu  # noqa: E402
-from kd.recipes import Context, make_context, resume_file, run_model_key, run_recipe, train_model  # noqa: E402
+from kd.plan import resolve  # noqa: E402
+from kd.recipes import Context, make_context, resume_file, run_model_key, train_model  # noqa: E402
 
 MODELS = {"teacher": "teacher", "student": "student"}  # name -> conf/model option
 AMP = {"float32": "off", "bf16": "bf16"}
@@ -88,10 +88,10 @@ def subset(ctx: Context, images: int, test_images: int = 128) -> Context:
 
 
 def project_epoch(cfg, ctx, seed: int) -> float:
-    recipe = run_recipe(cfg, seed)
-    resume = resume_file(ctx, run_model_key(cfg, ctx, seed))
+    recipe = resolve(cfg).recipe(seed)
+    resume = resume_file(ctx, run_model_key(ctx, seed))
     started = time.perf_counter()
-    train_model(recipe, build(cfg.loss, cfg), ctx, resume=resume)
+    train_model(recipe, resolve(cfg).new_loss(), ctx, resume=resume)
     seconds = time.perf_counter() - started
     resume.remove()  # the next repeat starts from scratch, not from this epoch's end
     return seconds
@@ -111,14 +111,14 @@ def bare_steps(model, optimizer, inputs: torch.Tensor, labels: torch.Tensor, bat
 def bare_epoch(cfg, ctx, seed: int, inputs: torch.Tensor, labels: torch.Tensor, amp: bool) -> float:
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = build(cfg.model, cfg).to(ctx.device, memory_format=ctx.memory_format).train()
+    model = resolve(cfg).build(cfg.model).to(ctx.device, memory_format=ctx.memory_format).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     bare_steps(model, optimizer, inputs, labels, int(cfg.trainer.batch_size), amp)
     return time.perf_counter() - started
 
 
 def train_flops_per_image(cfg, ctx, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    model = build(cfg.model, cfg).to(ctx.device, memory_format=ctx.memory_format).train()
+    model = resolve(cfg).build(cfg.model).to(ctx.device, memory_format=ctx.memory_format).train()
     batch = int(cfg.trainer.batch_size)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -128,7 +128,7 @@ def train_flops_per_image(cfg, ctx, inputs: torch.Tensor, labels: torch.Tensor) 
 
 def measure(model: str, dtype: str, args, device: torch.device, store: Path, peaks: dict[str, float]) -> dict:
     cfg = config(model, dtype, args.images, args.batch_size, device.type, store, args.data_root)
-    ctx = subset(make_context(cfg, device), args.images)
+    ctx = subset(make_context(resolve(cfg), device), args.images)
     amp = dtype == "bf16"
     inputs = ctx.preprocess(ctx.train_images[ctx.data.train_idx.to(device)])
     labels = ctx.train_labels[ctx.data.train_idx.to(device)]

@@ -137,8 +137,7 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
     if missing:
         raise ConfigError(f"{missing[0]} needs a value (its YAML says ???): add {missing[0]}=... to the command")
-    extra = [str(t) for t in OmegaConf.select(cfg, "extra_targets", default=None) or []]
-    schema.check(cfg, trusted=(*TRUSTED_TARGETS, *extra))
+    schema.check(cfg, trusted=allowed_targets(cfg))
     for name, (test, rule) in getattr(loss_class(cfg), "ranges", {}).items():
         _number(cfg, f"loss.{name}", test, rule)
     for key, test, rule, integer in RANGES:
@@ -186,7 +185,7 @@ def loss_class(cfg: DictConfig) -> type | None:
 
 def _reads_cached_logits(cfg: DictConfig) -> bool:
     """Whether the loss distils the teacher's logits (which per-view caching serves), not features."""
-    loss = build(cfg.loss, cfg) if loss_class(cfg) is not None else None
+    loss = build(cfg.loss, allowed_targets(cfg)) if loss_class(cfg) is not None else None
     return bool(getattr(loss, "needs_teacher", False)) and not getattr(loss, "teacher_features", ())
 
 
@@ -301,12 +300,6 @@ def validate_for_selection(cfg: DictConfig, swept: Iterable[str] = ()) -> None:
         )
 
 
-def trial_seeds(cfg: DictConfig) -> list[int]:
-    """The seeds one run trains its model with: ``trial.seeds``, or just ``seed``."""
-    seeds = OmegaConf.select(cfg, "trial.seeds", default=None)
-    return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
     if not isinstance(tree, dict):
@@ -317,8 +310,10 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _excluded(key: str, excluded: Iterable[str]) -> bool:
-    return any(key == e or key.startswith(e + ".") for e in excluded)
+def without_keys(settings: dict[str, Any], exclude: Iterable[str]) -> dict[str, Any]:
+    """Flattened ``settings`` without the keys ``exclude`` names, nor their sub-keys."""
+    excluded = tuple(exclude)
+    return {k: v for k, v in settings.items() if not any(k == e or k.startswith(e + ".") for e in excluded)}
 
 
 def run_settings(cfg: DictConfig, exclude: Iterable[str] = ()) -> dict[str, Any]:
@@ -330,8 +325,7 @@ def run_settings(cfg: DictConfig, exclude: Iterable[str] = ()) -> dict[str, Any]
         if key != "hydra":
             value = cfg[key]
             tree[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    excluded = (*NOT_RESULT_KEYS, *exclude)
-    return {k: v for k, v in sorted(flatten(tree).items()) if not _excluded(k, excluded)}
+    return without_keys(dict(sorted(flatten(tree).items())), (*NOT_RESULT_KEYS, *exclude))
 
 
 def swept_keys(root: DictConfig) -> list[str]:
@@ -388,12 +382,15 @@ for _name, _resolver in (("kd_study_name", default_study_name), ("kd_cache_dir",
 TRUSTED_TARGETS = ("kd.*", "torch.optim.*", "torchvision.models.*", "timm.models.*", "torchdistill.models.*")
 
 
-def build(node: Any, root: DictConfig | None = None, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` limited to :data:`TRUSTED_TARGETS` plus ``extra_targets``."""
+def allowed_targets(cfg: DictConfig) -> tuple[str, ...]:
+    """What ``cfg``'s nodes may instantiate: :data:`TRUSTED_TARGETS` plus its ``extra_targets``."""
+    return (*TRUSTED_TARGETS, *map(str, OmegaConf.select(cfg, "extra_targets", default=None) or []))
 
-    extra = list(OmegaConf.select(root, "extra_targets", default=None) or []) if root is not None else []
+
+def build(node: Any, allowed: Iterable[str] = TRUSTED_TARGETS, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` limited to the targets ``allowed`` (:func:`allowed_targets`)."""
     try:
-        return instantiate(node, **kwargs, _execution_whitelist_=[*TRUSTED_TARGETS, *map(str, extra)])
+        return instantiate(node, **kwargs, _execution_whitelist_=list(allowed))
     except (InstantiationException, TypeError) as err:  # a bad key or target: one line, not a traceback
         lines = [line.strip() for line in str(err).splitlines() if line.strip() and "full_key" not in line]
         target = OmegaConf.select(node, "_target_", default="?") if OmegaConf.is_config(node) else "?"

@@ -27,7 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from kd.config import build
+from kd.config import allowed_targets, build
 from kd.cost import seconds_per_call
 from kd.errors import CheckpointError, ConfigError, KDError
 from kd.storage import write_json
@@ -75,7 +75,7 @@ def run_model(run_dir: Path, seed: int | None = None) -> tuple[nn.Module, tuple[
         raise CheckpointError(f"{metrics_path} records no input_shape (a run from before kd.export); rerun it")
     cfg = OmegaConf.load(config_path)
     checkpoint = load_checkpoint(chosen["checkpoint"], key="checkpoint")
-    model = build(cfg.model, cfg, num_classes=checkpoint.get("num_classes"))
+    model = build(cfg.model, allowed_targets(cfg), num_classes=checkpoint.get("num_classes"))
     restore_model(checkpoint, model, str(cfg.model._target_), checkpoint.get("num_classes"), key="model")
     return model.eval(), tuple(shape), Path(chosen["checkpoint"])
 

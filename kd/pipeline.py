@@ -1,7 +1,7 @@
 """One run, start to end: from the composed config to ``metrics.json``.
 
-:func:`run` checks the config, picks the device, loads the data
-(:func:`kd.recipes.make_context`), finds the teacher (:mod:`kd.provision`), trains the
+:func:`run` checks the config and resolves it once (:func:`kd.plan.resolve`), picks the
+device, loads the data (:func:`kd.recipes.make_context`), finds the teacher (:mod:`kd.provision`), trains the
 run's model on each of its seeds (:func:`kd.recipes.train_model`), with the CE baseline
 a KD run is compared with, and writes the summary over seeds. A rerun reads back what
 an earlier one finished; a crashed or pruned seed is recorded as such.
@@ -13,19 +13,19 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from kd.cluster import ended_before, slurm_job
-from kd.config import build, degenerate_settings, objective_names, run_settings, trial_seeds, validate
 from kd.cost import measure
 from kd.devices import select_device, threads_per_job, use_cpu, uses_bf16
 from kd.errors import Diverged, Pruned
+from kd.plan import RunPlan, resolve
 from kd.provision import ce_baseline, checkpoint_of, finite_or_none, prepare_teacher, publish
 from kd.recipes import (
     Context,
@@ -37,7 +37,6 @@ from kd.recipes import (
     model_target,
     resume_file,
     run_model_key,
-    run_recipe,
     train_model,
 )
 from kd.resume import ResumeFile
@@ -74,14 +73,14 @@ def _summarise_seeds(per_seed: list[dict], with_baseline: bool) -> dict[str, Any
 EpochReport = Callable[[int, float], None]
 
 
-def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[int], threads: int) -> dict:
+def _run_header(plan: RunPlan, ctx: Context, loss_fn: nn.Module, threads: int) -> dict:
     """metrics.json's fields known before training: what runs, on what, where."""
-    data, device = ctx.data, ctx.device
+    data, device, student, seeds = ctx.data, ctx.device, plan.student, list(plan.seeds)
     hparams = loss_fn.hparams()
-    model_name = model_target(cfg.model).rsplit(".", 1)[-1]
-    bf16 = uses_bf16(cfg.trainer.amp, device)
+    model_name = model_target(student.model).rsplit(".", 1)[-1]
+    bf16 = uses_bf16(student.amp, device)
     if loss_fn.needs_teacher:  # refused here, not after an hour of student training
-        uses_bf16(cfg.teacher.amp, device, key="teacher.amp")
+        uses_bf16(plan.teacher.recipe.amp, device, key="teacher.amp")
     metrics: dict[str, Any] = {
         "model": model_name,
         "loss": loss_fn.name,
@@ -89,9 +88,9 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
         "loss_symbols": [[name, symbol] for name, symbol in loss_fn.symbols.items()],  # in the method's order
         "loss_hparams": hparams,
         **{name: hparams.get(name) for name in loss_fn.header_fields},
-        "epochs": int(cfg.trainer.epochs),
-        "batch_size": int(cfg.trainer.batch_size),
-        "lr": float(cfg.optim.lr),
+        "epochs": student.epochs,
+        "batch_size": student.batch_size,
+        "lr": float(student.optim.lr),
         "seed": seeds[0],
         "seeds": seeds,
         "dataset": data.name,
@@ -99,20 +98,20 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
         "val_examples": len(data.val_idx),
         "test_examples": len(data.test.labels),
         "input_shape": list(image_shape(ctx)),
-        "objective": objective_names(cfg)[0] if len(objective_names(cfg)) == 1 else objective_names(cfg),
+        "objective": plan.objectives[0] if len(plan.objectives) == 1 else list(plan.objectives),
         "device": str(device),
         "num_threads": int(threads),
         "amp": "bf16" if bf16 else "off",  # trainer.amp as it resolved on this device
         "host": platform.node(),
         **slurm_job(),
         # Every result-deciding setting but the seed: the report's grouping key.
-        "settings": run_settings(cfg, exclude=("seed", "trial.seeds")),
+        "settings": plan.result_settings(exclude=("seed", "trial.seeds")),
     }
     log.info(
         "device %s, %d threads%s, %s: %d train / %d val / %d test; seeds %s",
         device,
         threads,
-        f", bf16 autocast (trainer.amp={cfg.trainer.amp})" if bf16 else "",
+        f", bf16 autocast (trainer.amp={student.amp})" if bf16 else "",
         data.name,
         len(data.train_idx),
         len(data.val_idx),
@@ -122,19 +121,20 @@ def _run_header(cfg: DictConfig, ctx: Context, loss_fn: nn.Module, seeds: list[i
     return metrics
 
 
-def _phases(
-    cfg: DictConfig, ctx: Context, loss_fn: nn.Module, model_name: str, seeds: list[int], baseline: bool
-) -> str:
+def _phases(plan: RunPlan, ctx: Context, loss_fn: nn.Module, model_name: str, baseline: bool) -> str:
     """The phases this run goes through, in order: said before the first of them starts."""
 
     def epochs(n: int) -> str:
         return f"{n} epoch{'s' if n != 1 else ''}"
 
-    each = epochs(int(cfg.trainer.epochs)) + (f" x {len(seeds)} seeds" if len(seeds) > 1 else "")
+    seeds = plan.seeds
+    each = epochs(plan.student.epochs) + (f" x {len(seeds)} seeds" if len(seeds) > 1 else "")
     phases = []
     if loss_fn.needs_teacher:
-        given = OmegaConf.select(cfg, "teacher.checkpoint")
-        phases.append("teacher from teacher.checkpoint" if given else f"teacher ({epochs(int(cfg.teacher.epochs))})")
+        teacher = plan.teacher
+        phases.append(
+            "teacher from teacher.checkpoint" if teacher.checkpoint else f"teacher ({epochs(teacher.recipe.epochs)})"
+        )
         if ctx.data.augment:
             phases.append("teacher on the training views (online, or once per view)")
         else:
@@ -215,17 +215,14 @@ class SeedJob:
     teacher: TeacherSource | None
     output_dir: Path
     model_name: str
-    n_seeds: int
     with_baseline: bool
 
 
-def _run_seed(
-    cfg: DictConfig, job: SeedJob, index: int, seed: int, resume: ResumeFile, outcome: Any = None
-) -> tuple[Trained, dict]:
+def _run_seed(job: SeedJob, index: int, seed: int, resume: ResumeFile, outcome: Any = None) -> tuple[Trained, dict]:
     """Train seed ``seed``'s model (or take the population's ``outcome`` for it), save
     it, and return it with its per-seed record (with its CE baseline for KD)."""
-    recipe = run_recipe(cfg, seed)
-    desc = f"{job.model_name} seed {seed}" if job.n_seeds > 1 else job.model_name
+    recipe = job.ctx.plan.recipe(seed)
+    desc = f"{job.model_name} seed {seed}" if len(job.ctx.plan.seeds) > 1 else job.model_name
     offset = index * recipe.epochs  # seed i's epoch e is step i * epochs + e
 
     def on_epoch(entry: dict) -> None:
@@ -234,7 +231,7 @@ def _run_seed(
             job.report(offset + entry["epoch"], entry["val_acc"])
 
     torch.manual_seed(seed)
-    loss_fn = build(cfg.loss, cfg)
+    loss_fn = job.ctx.plan.new_loss()
     if outcome is not None:
         if isinstance(outcome, BaseException):
             raise outcome
@@ -246,7 +243,7 @@ def _run_seed(
             recipe, loss_fn, job.ctx, teacher=job.teacher, desc=desc, on_epoch=on_epoch, resume=resume
         )
     checkpoint = checkpoint_of(trained, recipe, job.ctx)
-    path = job.output_dir / ("model.pt" if job.n_seeds == 1 else f"model_seed{seed}.pt")
+    path = job.output_dir / ("model.pt" if len(job.ctx.plan.seeds) == 1 else f"model_seed{seed}.pt")
     save_checked(checkpoint, path)
     record: dict[str, Any] = {
         "seed": seed,
@@ -272,7 +269,6 @@ def _write_results(metrics: dict, job: SeedJob, resumes: list[ResumeFile]) -> No
 
 
 def _finish(
-    cfg: DictConfig,
     metrics: dict,
     per_seed: list[dict],
     trained: Trained,
@@ -284,35 +280,36 @@ def _finish(
     summary = _summarise_seeds(per_seed, job.with_baseline)
     metrics.update(
         status="completed",
-        **_cost(cfg, trained.model, job.ctx),
+        **_cost(trained.model, job.ctx),
         per_seed=per_seed,
         **summary,
         train_seconds=sum(s["train_seconds"] for s in per_seed) / len(per_seed),
-        epochs_trained=len(per_seed) * int(cfg.trainer.epochs),
+        epochs_trained=len(per_seed) * job.ctx.plan.student.epochs,
         wall_seconds=time.time() - started,
         history=per_seed[0]["history"],
         checkpoint=per_seed[0]["checkpoint"],
     )
-    objective = [metrics[name] for name in objective_names(cfg)]
+    objective = [metrics[name] for name in job.ctx.plan.objectives]
     metrics["objective_value"] = objective if len(objective) > 1 else objective[0]
     _write_results(metrics, job, resumes)
-    _log_summary(job.model_name, job.n_seeds, summary, job.with_baseline)
+    _log_summary(job.model_name, len(job.ctx.plan.seeds), summary, job.with_baseline)
 
 
-def _cost(cfg: DictConfig, model: nn.Module, ctx: Context) -> dict[str, Any]:
+def _cost(model: nn.Module, ctx: Context) -> dict[str, Any]:
     """The trained model's params and FLOPs per image, and (``cost.timing``) its latency
     and throughput on this run's device and threads."""
+    planned = ctx.plan.cost
     cost = measure(
         model,
         image_shape(ctx),
-        timing=bool(cfg.cost.timing),
-        batch_size=int(cfg.cost.batch_size),
-        min_run_time=float(cfg.cost.min_run_time),
+        timing=planned.timing,
+        batch_size=planned.batch_size,
+        min_run_time=planned.min_run_time,
         memory_format=ctx.memory_format,
     )
     timed = (
         f", {cost['latency_ms']:.3g} ms per image (batch 1), {cost['throughput']:,.0f} images/s "
-        f"(batch {cfg.cost.batch_size}) on {cost['cost']['device']} with {cost['cost']['threads']} threads"
+        f"(batch {planned.batch_size}) on {cost['cost']['device']} with {cost['cost']['threads']} threads"
         if "latency_ms" in cost
         else ""
     )
@@ -320,21 +317,21 @@ def _cost(cfg: DictConfig, model: nn.Module, ctx: Context) -> dict[str, Any]:
     return cost
 
 
-def _preflight(cfg: DictConfig, output_dir: Path) -> None:
-    """Before any work: refuse bad values and unwritable destinations in one line, and
-    warn about legal settings that cannot mean what they say."""
-    validate(cfg)
+def _preflight(cfg: DictConfig, output_dir: Path) -> RunPlan:
+    """Before any work: refuse bad values and unwritable destinations in one line, warn
+    about legal settings that cannot mean what they say, and resolve the config once."""
+    plan = resolve(cfg)
     check_writable(output_dir, "hydra.run.dir (hydra.sweep.dir in a multirun)")
-    check_writable(cfg.paths.store_dir, "paths.store_dir (or KD_STORE_DIR, KD_CACHE_DIR)")
-    for warning in degenerate_settings(cfg):
+    check_writable(plan.store_dir, "paths.store_dir (or KD_STORE_DIR, KD_CACHE_DIR)")
+    for warning in plan.warnings:
         log.warning("%s", warning)
+    return plan
 
 
-def _start_tracker(cfg: DictConfig, output_dir: Path, tags: dict[str, Any] | None) -> Any:
+def _start_tracker(plan: RunPlan, output_dir: Path, tags: dict[str, Any] | None) -> Any:
     """The run's tracker (``logger``), started: a destination it cannot use stops the run here."""
-    logger_cfg = OmegaConf.select(cfg, "logger", default=None)
-    tracker = build(logger_cfg, cfg, output_dir=output_dir) if logger_cfg else NullLogger()
-    tracker.start(run_settings(cfg), {"run_dir": str(output_dir), **(tags or {})})
+    tracker = plan.build(plan.logger, output_dir=output_dir) if plan.logger else NullLogger()
+    tracker.start(plan.settings, {"run_dir": str(output_dir), **(tags or {})})
     return tracker
 
 
@@ -358,34 +355,34 @@ def run(
     """
     started = time.time()
     output_dir = Path(output_dir)
-    _preflight(cfg, output_dir)
+    plan = _preflight(cfg, output_dir)
     if (earlier := _ended_job_outcome(output_dir)) is not None:  # SLURM ran a finished job again
         return earlier
-    device = context.device if context is not None else select_device(str(cfg.trainer.device), job_num)
-    threads = cfg.trainer.num_threads or threads_per_job(parallel_jobs)
-    flushed = use_cpu(threads, bool(cfg.trainer.flush_denormal))
-    store = TeacherStore(cfg.paths.store_dir)
-    seeds = trial_seeds(cfg)
-    ctx = context or make_context(cfg, device)
-    check_steps(run_recipe(cfg, seeds[0]), ctx)  # before any teacher work
-    loss_fn = build(cfg.loss, cfg)  # rebuilt per seed below: a loss may hold trainable parts
-    with_baseline = bool(loss_fn.needs_teacher and cfg.trial.baseline)
-    metrics = {**_run_header(cfg, ctx, loss_fn, seeds, int(threads)), "flush_denormal": flushed}
-    log.info("phases: %s", _phases(cfg, ctx, loss_fn, metrics["model"], seeds, with_baseline))
-    if "val_acc" in objective_names(cfg) and not len(ctx.data.val_idx):
+    device = context.device if context is not None else select_device(plan.device, job_num)
+    threads = plan.num_threads or threads_per_job(parallel_jobs)
+    flushed = use_cpu(threads, plan.flush_denormal)
+    store = TeacherStore(plan.store_dir)
+    # A population's jobs share its context (data, device); each job keeps its own plan.
+    ctx = replace(context, plan=plan) if context is not None else make_context(plan, device)
+    check_steps(plan.student, ctx)  # before any teacher work
+    loss_fn = plan.new_loss()  # rebuilt per seed below: a loss may hold trainable parts
+    with_baseline = bool(loss_fn.needs_teacher and plan.baseline)
+    metrics = {**_run_header(plan, ctx, loss_fn, int(threads)), "flush_denormal": flushed}
+    log.info("phases: %s", _phases(plan, ctx, loss_fn, metrics["model"], with_baseline))
+    if "val_acc" in plan.objectives and not len(ctx.data.val_idx):
         log.warning("data.val_size=0: no validation accuracy; the objective is n/a (test accuracy is reported)")
-    tracker = _start_tracker(cfg, output_dir, tags)
-    job = SeedJob(ctx, store, tracker, report, teacher_source, output_dir, metrics["model"], len(seeds), with_baseline)
+    tracker = _start_tracker(plan, output_dir, tags)
+    job = SeedJob(ctx, store, tracker, report, teacher_source, output_dir, metrics["model"], with_baseline)
     per_seed: list[dict] = []
     # One resume file per seed's training; kept until this run's results are written.
-    resumes = [resume_file(ctx, run_model_key(cfg, ctx, seed)) for seed in seeds]
+    resumes = [resume_file(ctx, run_model_key(ctx, seed)) for seed in plan.seeds]
     try:
         if loss_fn.needs_teacher:
             job.teacher = teacher_source or prepare_teacher(ctx, store, tuple(loss_fn.teacher_features))
             metrics.update(job.teacher.info)
-        for index, seed in enumerate(seeds):
+        for index, seed in enumerate(plan.seeds):
             outcome = pretrained.get(seed) if pretrained is not None else None
-            trained, entry = _run_seed(cfg, job, index, seed, resumes[index], outcome)
+            trained, entry = _run_seed(job, index, seed, resumes[index], outcome)
             per_seed.append(entry)
     except (Diverged, Pruned) as err:
         # Stopped early: record where, keep the seeds that finished, and pass it on.
@@ -395,6 +392,6 @@ def run(
             log.info("%s; results: %s", err, output_dir / "metrics.json")
         raise
 
-    _finish(cfg, metrics, per_seed, trained, job, resumes, started)
+    _finish(metrics, per_seed, trained, job, resumes, started)
     log.info("results: %s", output_dir / "metrics.json")
     return metrics

@@ -30,19 +30,18 @@ from dataclasses import dataclass
 
 import torch
 from hydra.utils import get_class
-from omegaconf import DictConfig
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm import tqdm
 
 from kd.batches import BatchStream
-from kd.config import build, run_settings
 from kd.devices import autocast_requested
 from kd.engine import FitResult, train_step
 from kd.errors import Diverged
 from kd.losses import DistillationLoss, Progress, for_members
 from kd.models import SeededDropout
 from kd.models.features import with_features
+from kd.plan import RunPlan
 from kd.progress import Pace, eta
 from kd.recipes import (
     Context,
@@ -62,15 +61,15 @@ log = logging.getLogger(__name__)
 MEMBER_KEYS = ("seed", "trial.seeds", "optim", "schedule")
 
 
-def population_key(cfg: DictConfig) -> str | None:
+def population_key(plan: RunPlan) -> str | None:
     """What a job must share with the others of its population; None if the job can
     only run alone (a loss with trainable parts, torch.compile or amp)."""
-    loss_class = get_class(str(cfg.loss._target_))
-    alone = cfg.trainer.compile or autocast_requested(cfg.trainer.amp)
-    if alone or any(True for _ in build(cfg.loss, cfg).parameters()):
+    loss_class = get_class(str(plan.loss._target_))
+    alone = plan.trainer.compile or autocast_requested(plan.student.amp)
+    if alone or any(True for _ in plan.new_loss().parameters()):
         return None
     hparams = tuple(f"loss.{name}" for name in getattr(loss_class, "hparam_names", ()))
-    return repr(sorted(run_settings(cfg, exclude=(*MEMBER_KEYS, *hparams)).items()))
+    return repr(sorted(plan.result_settings(exclude=(*MEMBER_KEYS, *hparams)).items()))
 
 
 @dataclass
@@ -262,7 +261,7 @@ def _train_epoch(pop: Population, epoch: int, progress_bar: bool, check_every: i
     stopped (diverged) and the seconds it took. ``pace`` spans the whole population's training."""
     device = pop.ctx.device
     start = time.perf_counter()
-    batch_size = int(pop.ctx.cfg.trainer.batch_size)
+    batch_size = pop.batch_size
     orders = {n: pop.streams[n].order(epoch) for n in pop.alive}
     sums, diverged = _EpochSums(len(pop.alive), device), {}
     steps = pop.steps_per_epoch
@@ -341,7 +340,7 @@ def train_population(
     for epoch in range(1, pop.epochs + 1):
         if not pop.alive:  # every member stopped (pruned, diverged) before the last epoch
             break
-        sums, stopped, seconds = _train_epoch(pop, epoch, progress, int(ctx.cfg.trainer.check_every), pace)
+        sums, stopped, seconds = _train_epoch(pop, epoch, progress, ctx.plan.trainer.check_every, pace)
         train_seconds += seconds
         if not pop.alive:
             outcomes = [outcome if outcome is not None else stopped.get(n) for n, outcome in enumerate(outcomes)]

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from kd.config import build, trial_seeds, validate
 from kd.devices import select_device, threads_per_job, use_cpu
 from kd.errors import KDError
+from kd.plan import RunPlan, resolve
 from kd.population import Member, train_population
 from kd.provision import prepare_teacher
 from kd.recipes import (
@@ -21,8 +21,6 @@ from kd.recipes import (
     Trained,
     check_steps,
     make_context,
-    run_recipe,
-    show_progress,
 )
 from kd.teacher import TeacherStore
 from kd.tuning import epoch_reporter, use_replicate
@@ -40,17 +38,15 @@ class JobShare:
     outcomes: dict[int, Trained | BaseException]
 
 
-def _job_members(cfg: DictConfig) -> list[Member]:
+def _job_members(cfg: DictConfig, plan: RunPlan) -> list[Member]:
     """A job's members, one per seed, each reporting its epochs to the job's trial."""
     env = OmegaConf.select(cfg, "hydra.job.env_set", default=None) or {}
     reporter = epoch_reporter({str(k): str(v) for k, v in env.items()})
     members = []
-    for index, seed in enumerate(trial_seeds(cfg)):
-        recipe = run_recipe(cfg, seed)
+    for index, seed in enumerate(plan.seeds):
+        recipe = plan.recipe(seed)
         desc = f"job {cfg.hydra.job.num} seed {seed}"
-        members.append(
-            Member(recipe, build(cfg.loss, cfg), seed_reporter(reporter, index, recipe.epochs), desc, id(cfg))
-        )
+        members.append(Member(recipe, plan.new_loss(), seed_reporter(reporter, index, recipe.epochs), desc, id(cfg)))
     return members
 
 
@@ -73,14 +69,26 @@ def seed_reporter(reporter: Callable | None, index: int, epochs: int) -> Callabl
     return on_epoch
 
 
-def _steps_fit(cfg: DictConfig, ctx: Context) -> bool:
+def _steps_fit(plan: RunPlan, ctx: Context) -> bool:
     """Whether a job's schedule can run over its steps; one that cannot runs alone, and
     is refused there before its teacher is prepared."""
     try:
-        check_steps(run_recipe(cfg, trial_seeds(cfg)[0]), ctx)
+        check_steps(plan.student, ctx)
     except KDError:
         return False
     return True
+
+
+def _plans(configs: list[DictConfig]) -> dict[int, RunPlan]:
+    """Each valid job's plan, by its index; a job kd refuses runs alone and says why."""
+    plans = {}
+    for index, cfg in enumerate(configs):
+        try:
+            use_replicate(cfg)  # a racing sweep's seed-run trains its replicate's seed
+            plans[index] = resolve(cfg)
+        except KDError:
+            continue
+    return plans
 
 
 def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[JobShare | None]:
@@ -90,30 +98,26 @@ def train_jobs(configs: list[DictConfig], device: str | None = None) -> list[Job
     its own error. Each job's trial reporter (``kd_optuna``) sees its members' epochs,
     so pruning works as in single runs.
     """
-    valid = []
-    for cfg in configs:
-        try:
-            use_replicate(cfg)  # a racing sweep's seed-run trains its replicate's seed
-            validate(cfg)
-            valid.append(cfg)
-        except KDError:
-            pass
-    if len(valid) < 2:
+    plans = _plans(configs)
+    if len(plans) < 2:
         return [None] * len(configs)
-    first = valid[0]
-    use_cpu(first.trainer.num_threads or threads_per_job(1), bool(first.trainer.flush_denormal))
-    ctx = make_context(first, select_device(device or str(first.trainer.device)))
-    valid = [cfg for cfg in valid if _steps_fit(cfg, ctx)]  # before any teacher work
-    if len(valid) < 2:
+    first = next(iter(plans.values()))
+    use_cpu(first.num_threads or threads_per_job(1), first.flush_denormal)
+    ctx = make_context(first, select_device(device or first.device))
+    plans = {i: plan for i, plan in plans.items() if _steps_fit(plan, ctx)}  # before any teacher work
+    if len(plans) < 2:
         return [None] * len(configs)
-    first = valid[0]
-    needs_teacher = build(first.loss, first).needs_teacher
-    features = tuple(build(first.loss, first).teacher_features)
-    teacher = prepare_teacher(ctx, TeacherStore(first.paths.store_dir), features) if needs_teacher else None
-    jobs = [(cfg, member) for cfg in valid for member in _job_members(cfg)]
-    log.info("training a population of %d students (%d jobs) on %s", len(jobs), len(valid), ctx.device)
-    outcomes = train_population([m for _, m in jobs], ctx, teacher, progress=show_progress(first.trainer.progress))
+    first = next(iter(plans.values()))
+    loss = first.new_loss()
+    teacher = (
+        prepare_teacher(ctx, TeacherStore(first.store_dir), tuple(loss.teacher_features))
+        if loss.needs_teacher
+        else None
+    )
+    jobs = [(i, member) for i, plan in plans.items() for member in _job_members(configs[i], plan)]
+    log.info("training a population of %d students (%d jobs) on %s", len(jobs), len(plans), ctx.device)
+    outcomes = train_population([m for _, m in jobs], ctx, teacher, progress=first.trainer.progress)
     by_job: dict[int, JobShare] = {}
-    for (cfg, member), outcome in zip(jobs, outcomes, strict=True):
-        by_job.setdefault(id(cfg), JobShare(ctx, teacher, {})).outcomes[member.recipe.seed] = outcome
-    return [by_job.get(id(cfg)) for cfg in configs]
+    for (index, member), outcome in zip(jobs, outcomes, strict=True):
+        by_job.setdefault(index, JobShare(ctx, teacher, {})).outcomes[member.recipe.seed] = outcome
+    return [by_job.get(index) for index in range(len(configs))]

@@ -15,12 +15,10 @@ import time
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
 from kd import identity
-from kd.config import build
 from kd.cost import count_parameters, flops_per_image
 from kd.engine import predict_features, predict_logits
 from kd.errors import CheckpointError
@@ -36,13 +34,11 @@ from kd.recipes import (
     model_target,
     recipe_spec,
     resume_file,
-    show_progress,
-    teacher_recipe,
     train_model,
 )
 from kd.storage import dict_fits, file_digest, tensor_fits
 from kd.teacher import TeacherStore, load_checkpoint, make_checkpoint, restore_model
-from kd.views import view_count, view_orders
+from kd.views import view_orders
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +104,7 @@ def check_teacher_split(checkpoint: dict, ctx: Context) -> str | None:
     if "held_out" in recorded:
         same_split = recorded["held_out"] == ours["held_out"]
     else:  # recorded before held_out existed
-        same_split = recorded.get("val_size") == n_val and recorded.get("split_seed") == ctx.cfg.data.split_seed
+        same_split = recorded.get("val_size") == n_val and recorded.get("split_seed") == ctx.plan.split_seed
     if not same_split:
         raise CheckpointError(
             f"teacher.checkpoint={where} was trained on this run's validation images "
@@ -118,22 +114,14 @@ def check_teacher_split(checkpoint: dict, ctx: Context) -> str | None:
     return None
 
 
-def _teacher_views(cfg: DictConfig) -> int | None:
-    """``teacher.views`` as a count of cached views; None for an online teacher."""
-    setting = OmegaConf.select(cfg, "teacher.views", default="online")
-    if setting == "online":
-        return None
-    return view_count() if setting == "all" else int(setting)
-
-
 def _load_teacher(ctx: Context, store: TeacherStore) -> tuple[nn.Module, dict, dict]:
     """The teacher in eval mode on the device, its checkpoint, and what metrics.json
     records of it: from ``teacher.checkpoint``, else from the store (trained once)."""
-    cfg, data = ctx.cfg, ctx.data
-    recipe = teacher_recipe(cfg)
+    plan, data = ctx.plan.teacher, ctx.data
+    recipe = plan.recipe
     info: dict[str, Any] = {}
-    if cfg.teacher.checkpoint:
-        checkpoint = load_checkpoint(cfg.teacher.checkpoint)
+    if plan.checkpoint:
+        checkpoint = load_checkpoint(plan.checkpoint)
         warning = check_teacher_split(checkpoint, ctx)
         if warning:
             log.warning("%s", warning)
@@ -143,7 +131,7 @@ def _load_teacher(ctx: Context, store: TeacherStore) -> tuple[nn.Module, dict, d
         checkpoint, built = stored_ce_model(recipe, ctx, store, desc="teacher")
         checkpoint["digest"] = file_digest(checkpoint["path"])
         source = "trained" if built else "store"
-    teacher = build(recipe.model, cfg, num_classes=data.num_classes)
+    teacher = ctx.plan.build(recipe.model, num_classes=data.num_classes)
     restore_model(checkpoint, teacher, model_target(recipe.model), data.num_classes)
     teacher = teacher.to(ctx.device, memory_format=ctx.memory_format).eval()
     info.update(
@@ -167,18 +155,19 @@ def _load_teacher(ctx: Context, store: TeacherStore) -> tuple[nn.Module, dict, d
 def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str, ...] = ()) -> TeacherSource:
     """Load, find or train the teacher; serve its logits (and the named intermediate
     features a loss asks for) from the cache when exact: per view with augmentation."""
-    cfg, data, device = ctx.cfg, ctx.data, ctx.device
+    plan, data, device = ctx.plan, ctx.data, ctx.device
     if feature_names:  # a wrong layer name is refused before a teacher is trained
-        check_layers(build(teacher_recipe(cfg).model, cfg, num_classes=data.num_classes), feature_names, TEACHER_LAYER)
+        model = plan.build(plan.teacher.recipe.model, num_classes=data.num_classes)
+        check_layers(model, feature_names, TEACHER_LAYER)
     teacher, checkpoint, info = _load_teacher(ctx, store)
     data_key = f"{data.fingerprint}\0{data.mean}\0{data.std}"
 
     if data.augment:
-        k = _teacher_views(cfg)
+        k = plan.teacher.views
         if k is not None and not feature_names:
             return _cached_views(ctx, store, teacher, checkpoint["digest"], data_key, k, info)
         # Fresh random views every step, or features per view (too large to cache).
-        why = "teacher.views=online" if k is None else f"loss {cfg.loss._target_} reads teacher features"
+        why = "teacher.views=online" if k is None else f"loss {plan.loss._target_} reads teacher features"
         log.info("data.augment with %s: running the teacher online at every step", why)
 
         forward = with_features(teacher, feature_names, TEACHER_LAYER)
@@ -191,7 +180,7 @@ def prepare_teacher(ctx: Context, store: TeacherStore, feature_names: tuple[str,
         return TeacherSource(online, info)
 
     examples, classes = len(ctx.train_images), data.num_classes
-    bar = show_progress(ctx.cfg.trainer.progress)
+    bar = plan.trainer.progress
     logits, computed = store.logits(
         checkpoint["digest"],
         data_key,
@@ -225,8 +214,8 @@ def _cached_views(
 ) -> TeacherSource:
     """The teacher's logits for K fixed views of every training image, from the store
     (computed once, view by view, resumably)."""
-    view_seed = int(OmegaConf.select(ctx.cfg, "teacher.view_seed", default=0))
-    bar = tqdm(total=k, desc="teacher views", disable=not show_progress(ctx.cfg.trainer.progress), leave=False)
+    view_seed = ctx.plan.teacher.view_seed
+    bar = tqdm(total=k, desc="teacher views", disable=not ctx.plan.trainer.progress, leave=False)
     started = time.perf_counter()
 
     def on_column(column: int, built: bool) -> None:

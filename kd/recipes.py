@@ -1,17 +1,17 @@
 """Recipes: what one training is and how it runs.
 
-A model is trained from a :class:`Recipe` (model, optimiser, epochs, batch size, seed,
-augmentation, amp) in a :class:`Context` (the config, the device and the data on it):
-:func:`new_model` and :func:`new_optimizer` build what the recipe names, and
+A model is trained from a :class:`~kd.plan.Recipe` (model, optimiser, epochs, batch size,
+seed, augmentation, amp) in a :class:`Context` (the run's plan, the device and the data
+on it): :func:`new_model` and :func:`new_optimizer` build what the recipe names, and
 :func:`train_model` trains and evaluates it. The teacher has a recipe of its own
-(``teacher.*``), so a run's seed, optimiser and loss never change which teacher it
-uses. Single runs (:mod:`kd.pipeline`) and populations (:mod:`kd.population`) both
+(``teacher.*``, :class:`kd.plan.TeacherPlan`), so a run's seed, optimiser and loss never
+change which teacher it uses. Nothing here reads the config (:func:`kd.plan.resolve`
+did). Single runs (:mod:`kd.pipeline`) and populations (:mod:`kd.population`) both
 build from here.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +23,21 @@ from torch import nn
 
 from kd import identity
 from kd.batches import BatchStream, Preprocess, batches_per_epoch
-from kd.config import build, run_settings
 from kd.data import Dataset
 from kd.devices import uses_bf16
 from kd.engine import FitResult, TeacherSignal, accuracy, fit
 from kd.errors import ConfigError
 from kd.models import dropout_generator, seed_dropout
+from kd.plan import Recipe, RunPlan
 from kd.resume import ResumeFile
 from kd.views import CachedViews, RandomViews
 
 
 @dataclass
 class Context:
-    """What every training in one run shares: config, device and the data on it."""
+    """What every training in one run shares: its plan, the device and the data on it."""
 
-    cfg: DictConfig
+    plan: RunPlan
     device: torch.device
     data: Dataset
     preprocess: Preprocess
@@ -48,21 +48,7 @@ class Context:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.cfg.trainer.channels_last else torch.contiguous_format
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one model is trained (the data and its split come from the context)."""
-
-    model: DictConfig
-    optim: DictConfig
-    epochs: int
-    batch_size: int
-    seed: int
-    augment: bool
-    amp: bool | str  # trainer.amp / teacher.amp as configured: kd.devices.uses_bf16 resolves it
-    schedule: DictConfig | None = None  # a per-step lr schedule; None: constant lr
+        return torch.channels_last if self.plan.trainer.channels_last else torch.contiguous_format
 
 
 @dataclass
@@ -73,28 +59,8 @@ class Trained:
     test_acc: float
 
 
-def model_target(model_cfg: DictConfig) -> str:
-    return str(model_cfg._target_)
-
-
-def teacher_recipe(cfg: DictConfig) -> Recipe:
-    t = cfg.teacher
-    schedule = OmegaConf.select(t, "schedule", default=None)
-    return Recipe(t.model, t.optim, int(t.epochs), int(t.batch_size), int(t.seed), bool(t.augment), t.amp, schedule)
-
-
-def run_recipe(cfg: DictConfig, seed: int) -> Recipe:
-    """This run's own model, trained with the run's optimiser and trainer settings."""
-    return Recipe(
-        cfg.model,
-        cfg.optim,
-        int(cfg.trainer.epochs),
-        int(cfg.trainer.batch_size),
-        seed,
-        bool(cfg.data.augment),
-        cfg.trainer.amp,
-        OmegaConf.select(cfg, "schedule", default=None),
-    )
+def model_target(model: DictConfig) -> str:
+    return str(model._target_)
 
 
 def data_identity(data: Dataset) -> dict:
@@ -127,16 +93,11 @@ def recipe_spec(recipe: Recipe, ctx: Context) -> dict:
     return spec
 
 
-def show_progress(setting: Any) -> bool:
-    """``trainer.progress``: auto shows bars only on a terminal (none in redirected logs)."""
-    return sys.stderr.isatty() if setting == "auto" else bool(setting)
-
-
 def new_model(recipe: Recipe, ctx: Context) -> nn.Module:
     """``recipe``'s model as its training starts: initialised from its seed, on the
     device, its dropout masks drawn from a generator of its own (same in a population)."""
     torch.manual_seed(recipe.seed)
-    model = build(recipe.model, ctx.cfg, num_classes=ctx.data.num_classes)
+    model = ctx.plan.build(recipe.model, num_classes=ctx.data.num_classes)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
     _check_input_size(model, ctx)
     seed_dropout(model, dropout_generator(recipe.seed, ctx.device))
@@ -165,11 +126,11 @@ def new_optimizer(
     recipe: Recipe, ctx: Context, params: list[torch.Tensor], total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """``recipe``'s torch optimiser over ``params`` and its per-step schedule (or None)."""
-    optimizer = build(recipe.optim, ctx.cfg)(params)
+    optimizer = ctx.plan.build(recipe.optim)(params)
     if recipe.schedule is None:
         return optimizer, None
     check_phases(recipe.schedule, total_steps)
-    return optimizer, build(recipe.schedule, ctx.cfg)(optimizer, total_steps=total_steps)
+    return optimizer, ctx.plan.build(recipe.schedule)(optimizer, total_steps=total_steps)
 
 
 def check_phases(schedule: DictConfig, total_steps: int) -> None:
@@ -201,7 +162,7 @@ def train_model(
     on_epoch: Callable[[dict], None] | None = None,
     resume: ResumeFile | None = None,
 ) -> Trained:
-    cfg, data, device = ctx.cfg, ctx.data, ctx.device
+    options, data, device = ctx.plan.trainer, ctx.data, ctx.device
     model = new_model(recipe, ctx)
     loss_fn = loss_fn.to(device)
     batches = BatchStream(ctx.train_images, ctx.train_labels, data.train_idx, recipe.batch_size, seed=recipe.seed)
@@ -209,7 +170,7 @@ def train_model(
     # part of it: not counted in its parameters, not saved in its checkpoint.
     params = [*model.parameters(), *loss_fn.parameters()]
     optimizer, scheduler = new_optimizer(recipe, ctx, params, total_steps=recipe.epochs * len(batches))
-    runner = torch.compile(model) if cfg.trainer.compile else model
+    runner = torch.compile(model) if options.compile else model
     val_images = ctx.train_images[data.val_idx.to(device)]
     val_labels = ctx.train_labels[data.val_idx.to(device)]
 
@@ -228,8 +189,8 @@ def train_model(
         augment=_augmentation(recipe, teacher),
         validate=validate_now if len(data.val_idx) else None,
         amp=uses_bf16(recipe.amp, device),
-        check_every=int(cfg.trainer.check_every),
-        progress=show_progress(cfg.trainer.progress),
+        check_every=options.check_every,
+        progress=options.progress,
         desc=desc,
         on_epoch=on_epoch,
         resume=resume,
@@ -243,18 +204,18 @@ def train_model(
 def resume_file(ctx: Context, key: str) -> ResumeFile:
     """Where the training addressed by ``key`` keeps its resumable state (trainer.resume,
     trainer.checkpoint_every_s)."""
-    trainer = ctx.cfg.trainer
+    options = ctx.plan.trainer
     return ResumeFile(
-        Path(ctx.cfg.paths.store_dir) / "resume" / f"{key}.pt",
-        every_s=float(trainer.checkpoint_every_s),
-        enabled=trainer.resume != "never",
+        Path(ctx.plan.store_dir) / "resume" / f"{key}.pt",
+        every_s=options.checkpoint_every_s,
+        enabled=options.resume,
     )
 
 
-def run_model_key(cfg: DictConfig, ctx: Context, seed: int) -> str:
+def run_model_key(ctx: Context, seed: int) -> str:
     """What a run's own model training computes: every result-deciding setting, its data
     and its seed (the same key in any run directory)."""
-    settings = run_settings(cfg, exclude=("seed", "trial.seeds"))
+    settings = ctx.plan.result_settings(exclude=("seed", "trial.seeds"))
     return identity.key("run", settings=settings, data=data_identity(ctx.data), seed=seed)
 
 
@@ -277,14 +238,14 @@ class TeacherSource:
     views: torch.Tensor | None = None
 
 
-def make_context(cfg: DictConfig, device: torch.device) -> Context:
-    """Load the configured data once and put it on ``device`` (the whole set; it is small)."""
-    data: Dataset = build(cfg.data, cfg).load()
+def make_context(plan: RunPlan, device: torch.device) -> Context:
+    """Load the planned data once and put it on ``device`` (the whole set; it is small)."""
+    data: Dataset = plan.build(plan.data).load()
     return Context(
-        cfg=cfg,
+        plan=plan,
         device=device,
         data=data,
-        preprocess=Preprocess(data.mean, data.std, device, channels_last=bool(cfg.trainer.channels_last)),
+        preprocess=Preprocess(data.mean, data.std, device, channels_last=plan.trainer.channels_last),
         train_images=data.train.images.to(device),
         train_labels=data.train.labels.to(device),
         test_images=data.test.images.to(device),

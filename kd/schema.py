@@ -134,7 +134,7 @@ def _check_node(node: dict, prefix: str, trusted: tuple[str, ...]) -> None:
     declared = _dataclass_types(SECTIONS.get(prefix))
     for key, value in node.items():
         path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and (key not in declared or "_target_" in value):
+        if isinstance(value, dict) and key not in declared:
             _check_node(value, path, trusted)
         elif key not in declared:
             raise ConfigError(f"{path} is not a kd setting: remove it, or check its spelling in docs/configuration.md")

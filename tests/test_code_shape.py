@@ -123,3 +123,77 @@ def test_no_function_starts_with_a_blank_line_where_its_docstring_would_be():
             if not lines[f.body[0].lineno - 2].strip()
         ]
     assert not blank, blank
+
+
+# The composed config is resolved once (kd.plan.resolve). Only these modules may hold it:
+# the entry points and orchestrators, the checks, the resolver, the sweep hook, and
+# kd.export (which reads a finished run's saved config.yaml). Everything else reads the plan.
+CONFIG_READERS = {
+    "run",
+    "kd.pipeline",
+    "kd.population_jobs",
+    "hydra_plugins.kd_population.population_launcher",
+    "kd.plan",
+    "kd.config",
+    "kd.schema",
+    "kd.tuning",
+    "kd.export",
+}
+RESOLVER = "kd.plan"  # reads each setting once, through kd.config's helpers
+MAX_HANDOFFS = 10  # issue 42: the config handed on at most 10 times (35 before the plan)
+
+
+def _holds_config(node: ast.AST) -> bool:
+    """``cfg``, or an attribute ``.cfg`` (a context carrying the config)."""
+    return (isinstance(node, ast.Name) and node.id == "cfg") or (isinstance(node, ast.Attribute) and node.attr == "cfg")
+
+
+def config_handoffs(sources: list[Path] = SOURCES, root: Path = REPO) -> list[str]:
+    """Every call that hands the whole config to a function of another project module:
+    ``module:line function -> its module``."""
+    found = []
+    for path in sources:
+        tree = ast.parse(path.read_text())
+        imported: dict[str, str] = {}  # local name -> the project module it came from
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("kd", "hydra_plugins"):
+                imported.update({alias.asname or alias.name: str(node.module) for alias in node.names})
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+            name = func.id if isinstance(func, ast.Name) else name
+            if name in imported and any(_holds_config(a) for a in [*node.args, *(k.value for k in node.keywords)]):
+                found.append(f"{_module_name(path, root)}:{node.lineno} {ast.unparse(func)} -> {imported[name]}")
+    return sorted(found)
+
+
+def test_below_the_orchestrators_no_module_reads_the_config():
+    # The sweeper plugin is not kd's: the config it reads is any app's.
+    kd_sources = [p for p in SOURCES if "kd_sweeper" not in p.parts]
+    readers = {
+        _module_name(path, REPO)
+        for path in kd_sources
+        if any(_holds_config(node) for node in ast.walk(ast.parse(path.read_text())))
+    }
+    assert readers - CONFIG_READERS == set(), sorted(readers - CONFIG_READERS)
+
+
+def test_the_config_is_handed_on_at_most_ten_times_outside_the_resolver():
+    handoffs = [h for h in config_handoffs() if not h.startswith(RESOLVER + ":")]
+    assert len(handoffs) <= MAX_HANDOFFS, "\n".join(handoffs)
+
+
+def test_the_handoff_trace_sees_calls_with_the_config_or_a_context_holding_it(tmp_path):
+    (tmp_path / "kd").mkdir()
+    (tmp_path / "kd" / "a.py").write_text(
+        "from kd.b import f, g\n"
+        "from kd import c\n"
+        "def run(cfg, ctx):\n"
+        "    f(cfg)\n"
+        "    g(1, x=ctx.cfg)\n"
+        "    c.h(cfg.model)\n"  # one node of it: not the whole config
+        "    len(cfg)\n"  # not a project function
+    )
+    assert config_handoffs([tmp_path / "kd" / "a.py"], root=tmp_path) == ["kd.a:4 f -> kd.b", "kd.a:5 g -> kd.b"]

@@ -17,7 +17,7 @@ def test_every_group_combination_composes(compose_cfg, model, loss, data):
     validate(cfg)
     assert cfg.model._target_.endswith("DeepNN" if model == "teacher" else "LightNN")
     assert cfg.teacher.model._target_ == "kd.models.DeepNN"
-    loss_fn = build(cfg.loss, cfg)
+    loss_fn = build(cfg.loss)
     assert loss_fn.needs_teacher == (loss == "kd")
     if loss == "kd":
         assert (loss_fn.temperature, loss_fn.alpha) == (2.0, 0.25)

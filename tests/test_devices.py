@@ -85,3 +85,67 @@ def test_a_slurm_job_uses_no_more_cores_than_it_was_given(monkeypatch):
     assert available_cores() == all_cores  # never more than the affinity allows
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
     assert available_cores() == all_cores
+
+
+def test_without_a_gpu_count_the_visible_gpus_are_counted(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert select_device("auto", 4) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: pytest.fail("counted GPUs CUDA cannot use"))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device("auto", 4) == torch.device("cpu")
+
+
+def test_mps_is_used_where_it_exists_and_refused_where_it_does_not(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert select_device("auto", 0, gpu_count=0) == torch.device("mps")
+    assert select_device("auto", 0, gpu_count=1) == torch.device("cuda", 0)  # a GPU comes first
+    assert select_device("mps", 0, gpu_count=0) == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert select_device("auto", 0, gpu_count=0) == torch.device("cpu")
+    with pytest.raises(ConfigError) as err:
+        select_device("mps", 0, gpu_count=0)
+    assert str(err.value) == "trainer.device=mps but MPS is not available; use trainer.device=cpu or auto"
+
+
+@pytest.mark.parametrize(
+    ("spec", "gpus", "message"),
+    [
+        ("cuda", 0, "trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto"),
+        ("cuda:x", 4, "trainer.device=cuda:x is not cuda:N with a GPU number N"),
+        ("cuda:", 4, "trainer.device=cuda: is not cuda:N with a GPU number N"),
+        ("cuda:2", 2, "trainer.device=cuda:2 but only 2 CUDA device(s) exist; use trainer.device=auto"),
+        (
+            "tpu",
+            0,
+            "trainer.device=tpu is not a device torch knows; use auto, cpu, cuda, cuda:N or mps",
+        ),
+    ],
+)
+def test_each_device_refusal_is_one_line_with_its_fix(monkeypatch, spec, gpus, message):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        select_device(spec, 0, gpu_count=gpus)
+    assert str(err.value) == message
+
+
+def test_the_last_gpu_is_a_valid_choice():
+    assert select_device("cuda:0", 7, gpu_count=1) == torch.device("cuda", 0)
+    assert select_device("cuda:3", 0, gpu_count=4) == torch.device("cuda", 3)
+
+
+def test_cores_without_affinity_are_the_machines_and_a_slurm_grant_must_be_a_count(monkeypatch):
+    def no_affinity(pid):
+        raise AttributeError("sched_getaffinity")
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", no_affinity)
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert available_cores() == 6
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert available_cores() == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    for granted, cores in (("0", 6), ("abc", 6), ("-2", 6), ("2", 2), ("6", 6), ("7", 6)):
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", granted)
+        assert available_cores() == cores, granted

@@ -11,7 +11,8 @@ import torch
 
 from kd import identity
 from kd.identity import StoreVersionError, check_store, key
-from kd.recipes import make_context, recipe_spec, run_model_key, teacher_recipe
+from kd.plan import resolve
+from kd.recipes import make_context, recipe_spec, run_model_key
 from kd.teacher import TeacherStore
 
 DATA = {
@@ -69,12 +70,12 @@ def test_every_field_changes_the_key_and_no_other_field_is_accepted():
 def test_a_run_uses_the_declared_fields(compose_cfg):
     """What the pipeline hands the key functions is exactly what KINDS declares."""
     cfg = compose_cfg("data=synthetic", "data.train_size=64", "data.val_size=8", "data.test_size=16")
-    ctx = make_context(cfg, torch.device("cpu"))
+    ctx = make_context(resolve(cfg), torch.device("cpu"))
     required, optional, _ = identity.KINDS["model"]
-    assert set(recipe_spec(teacher_recipe(cfg), ctx)) == set(required)
+    assert set(recipe_spec(resolve(cfg).teacher.recipe, ctx)) == set(required)
     with_schedule = compose_cfg("data=synthetic", "schedule@teacher.schedule=onecycle")
-    assert set(recipe_spec(teacher_recipe(with_schedule), ctx)) == set(required) | set(optional)
-    assert len(run_model_key(cfg, ctx, 42)) == 20
+    assert set(recipe_spec(resolve(with_schedule).teacher.recipe, ctx)) == set(required) | set(optional)
+    assert len(run_model_key(ctx, 42)) == 20
 
 
 def test_a_store_of_another_version_is_refused_in_one_line(tmp_path):

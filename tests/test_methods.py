@@ -8,6 +8,7 @@ import torch
 
 from kd.losses import DKD, CosineHidden, FeatureRegressor, LossInputs, Progress, StandardisedKD
 from kd.models import DeepNN, LightNN
+from kd.plan import resolve
 from kd.provision import prepare_teacher
 from kd.recipes import make_context
 from kd.storage import save_checked
@@ -111,7 +112,7 @@ def test_cached_teacher_features_give_the_online_teachers_loss(compose_cfg, tmp_
     path = tmp_path / "teacher.pt"
     save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10), path)
     cfg = compose_cfg(f"loss={method}", *SMALL, f"teacher.checkpoint={path}", f"paths.store_dir={tmp_path}/s")
-    ctx = make_context(cfg, torch.device("cpu"))
+    ctx = make_context(resolve(cfg), torch.device("cpu"))
     source = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir), ("conv",))
     assert source.info["teacher_signal"] == "cache"
     teacher = DeepNN().to(memory_format=torch.channels_last).eval()
@@ -146,20 +147,23 @@ def test_every_method_runs_end_to_end(workdir, method):
     assert m["kd_minus_ce"]["val_acc"]["n"] == 1
 
 
-def _docs_example() -> tuple[str, str]:
-    """The worked example of docs/methods.md: its Python module and its YAML file."""
+def _docs_example() -> tuple[str, str, str]:
+    """The worked example of docs/methods.md: its Python module, its loss YAML and its
+    search space, the three files a new method is."""
     text = (REPO / "docs" / "methods.md").read_text()
     python = text.split("```python\n", 1)[1].split("```", 1)[0]
-    yaml = text.split("```yaml\n", 1)[1].split("```", 1)[0]
-    return python, yaml
+    loss, space = (block.split("```", 1)[0] for block in text.split("```yaml\n")[1:3])
+    return python, loss, space
 
 
 @pytest.mark.slow
-def test_the_documented_new_method_trains_alone_and_in_a_population(workdir):
-    python, yaml = _docs_example()
+def test_the_documented_new_method_trains_alone_in_a_population_and_in_a_sweep(workdir):
+    python, loss, space = _docs_example()
+    assert "conf/loss/topclass.yaml" in loss and "conf/hparams_search/topclass.yaml" in space
     (workdir / "mymethods.py").write_text(python)
-    (workdir / "myconf" / "loss").mkdir(parents=True)
-    (workdir / "myconf" / "loss" / "topclass.yaml").write_text(yaml)
+    for group, text in (("loss", loss), ("hparams_search", space)):
+        (workdir / "myconf" / group).mkdir(parents=True)
+        (workdir / "myconf" / group / "topclass.yaml").write_text(text)
     args = [*FAST, "loss=topclass", f"hydra.searchpath=[file://{workdir}/myconf]", "extra_targets=[mymethods.*]"]
     env = {"PYTHONPATH": f"{REPO}:{workdir}"}
     proc = run_py([*args, "hydra.run.dir=out"], cwd=workdir, env=env)
@@ -177,3 +181,9 @@ def test_the_documented_new_method_trains_alone_and_in_a_population(workdir):
     assert "in 1 population(s) of sizes [2]" in proc.stdout + proc.stderr
     temperatures = [read_metrics(workdir / "pop" / job)["loss_hparams"]["temperature"] for job in ("0", "1")]
     assert temperatures == [1.0, 4.0]
+    search = ["-m", *args, "hparams_search=topclass", "hydra.sweeper.n_trials=2", "hydra.sweep.dir=sw"]
+    proc = run_py(search, cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    swept = [read_metrics(workdir / "sw" / job)["loss_hparams"] for job in ("0", "1")]
+    assert all(1.0 <= h["temperature"] <= 8.0 and 0.0 <= h["weight"] <= 1.0 for h in swept), swept
+    assert swept[0] != swept[1] and swept[0] != {"temperature": 2.0, "weight": 0.5}

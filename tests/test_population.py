@@ -12,12 +12,12 @@ import torch
 from conftest import FAST, read_metrics, run_py
 from optuna.trial import TrialState
 
-from kd.config import build
 from kd.errors import Diverged, Pruned
+from kd.plan import resolve
 from kd.population import Member, population_key, train_population
 from kd.population_jobs import seed_reporter
 from kd.provision import prepare_teacher
-from kd.recipes import make_context, run_recipe, train_model
+from kd.recipes import make_context, train_model
 from kd.teacher import TeacherStore
 
 SMALL = [
@@ -35,11 +35,11 @@ SMALL = [
 
 def _members(compose_cfg, tmp_path, settings: list[list[str]]):
     cfgs = [compose_cfg(*SMALL, f"paths.store_dir={tmp_path}/s", *extra) for extra in settings]
-    ctx = make_context(cfgs[0], torch.device("cpu"))
-    loss = build(cfgs[0].loss, cfgs[0])
+    ctx = make_context(resolve(cfgs[0]), torch.device("cpu"))
+    loss = resolve(cfgs[0]).new_loss()
     store = TeacherStore(tmp_path / "s")
     teacher = prepare_teacher(ctx, store, tuple(loss.teacher_features)) if loss.needs_teacher else None
-    members = [Member(run_recipe(c, int(c.seed)), build(c.loss, c)) for c in cfgs]
+    members = [Member(resolve(c).student, resolve(c).new_loss()) for c in cfgs]
     return cfgs, ctx, teacher, members
 
 
@@ -108,10 +108,10 @@ def _assert_same(single, member) -> None:
 def test_a_population_trains_each_member_as_its_single_run_would(compose_cfg, tmp_path, settings, float64):
     # The student keeps its dropout: each member draws the masks its single run draws.
     cfgs, ctx, teacher, members = _members(compose_cfg, tmp_path, settings)
-    assert len({population_key(c) for c in cfgs}) == 1 and population_key(cfgs[0]) is not None
+    assert len({population_key(resolve(c)) for c in cfgs}) == 1 and population_key(resolve(cfgs[0])) is not None
     outcomes = train_population(members, ctx, teacher)
     for cfg, member in zip(cfgs, outcomes, strict=True):
-        single = train_model(run_recipe(cfg, int(cfg.seed)), build(cfg.loss, cfg), ctx, teacher=teacher)
+        single = train_model(resolve(cfg).student, resolve(cfg).new_loss(), ctx, teacher=teacher)
         _assert_same(single, member)
 
 
@@ -126,10 +126,10 @@ def test_members_draw_their_own_dropout_masks(compose_cfg, tmp_path):
 
 
 def test_a_loss_with_trainable_parts_runs_alone(compose_cfg):
-    assert population_key(compose_cfg("loss=regressor")) is None
-    assert population_key(compose_cfg("loss=kd", "trainer.amp=true")) is None
-    assert population_key(compose_cfg("loss=kd", "trainer.amp=auto")) is None
-    assert population_key(compose_cfg("loss=kd", "trainer.amp=off")) is not None
+    assert population_key(resolve(compose_cfg("loss=regressor"))) is None
+    assert population_key(resolve(compose_cfg("loss=kd", "trainer.amp=true"))) is None
+    assert population_key(resolve(compose_cfg("loss=kd", "trainer.amp=auto"))) is None
+    assert population_key(resolve(compose_cfg("loss=kd", "trainer.amp=off"))) is not None
 
 
 def test_a_diverging_member_stops_alone(compose_cfg, tmp_path, float64):
@@ -139,7 +139,7 @@ def test_a_diverging_member_stops_alone(compose_cfg, tmp_path, float64):
     assert isinstance(outcomes[1], Diverged) and outcomes[1].epoch == 1
     for index in (0, 2):  # the others went on, unchanged by their diverged neighbour
         cfg = cfgs[index]
-        _assert_same(train_model(run_recipe(cfg, int(cfg.seed)), build(cfg.loss, cfg), ctx), outcomes[index])
+        _assert_same(train_model(resolve(cfg).student, resolve(cfg).new_loss(), ctx), outcomes[index])
 
 
 def test_only_jobs_that_differ_in_member_keys_share_a_population(compose_cfg):
@@ -155,7 +155,7 @@ def test_only_jobs_that_differ_in_member_keys_share_a_population(compose_cfg):
         compose_cfg("loss=regressor"),  # trainable loss parts: alone
         compose_cfg("loss=kd", "data.augment=true"),  # another recipe
     ]
-    assert population_key(jobs[6]) is None
+    assert population_key(resolve(jobs[6])) is None
     assert plan_groups(jobs, max_members=64) == [[0, 1, 4], [2, 5], [3], [6], [7]]
     assert plan_groups(jobs, max_members=3) == [[0], [1], [2, 5], [3], [4], [6], [7]]  # job 1 brings three seeds
 

@@ -3,10 +3,14 @@ wrong type or an undeclared key is one line naming the key, the value and the ty
 
 from __future__ import annotations
 
+import collections.abc
+import os
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional, TypeVar
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -95,6 +99,20 @@ def test_an_untrusted_target_is_not_imported_to_read_its_signature():
         (tuple[float, float], [[0.9, 0.99]], [[0.9], [0.9, "x"]]),
         (Literal["auto", "never"], ["auto"], ["Auto", True]),
         (bool | Literal["auto"], [True, "auto"], [1, "yes"]),
+        (Any, [None, "x", [1]], []),
+        (None, [None], [0, "None"]),
+        (type(None), [None], [False]),
+        (Path, ["a/b"], [None, 3]),
+        (os.PathLike[str], ["a"], [1]),
+        (collections.abc.Sequence[int], [[1], (2, 3)], [[1.0], "ab"]),
+        (collections.abc.Iterable[str], [["a"]], [[1]]),
+        (tuple[int, ...], [[], [1, 2, 3]], [[1, "x"]]),
+        (tuple[int, str], [[1, "x"], (2, "y")], [[1], [1, "x", 2], ["x", 1]]),
+        (list, [[1, "a"]], ["a", 1]),
+        (torch.device, [torch.device("cpu")], ["cpu"]),
+        (TypeVar("Anything"), [1, "x"], []),
+        (typing.List, [[1, "a"]], ["a"]),  # noqa: UP006
+        (tuple[int], [[1]], [[1, 2], ["1"]]),
     ],
 )
 def test_conforms_accepts_exactly_the_declared_values(hint, good, bad):
@@ -102,11 +120,64 @@ def test_conforms_accepts_exactly_the_declared_values(hint, good, bad):
     assert not any(schema.conforms(v, hint) for v in bad)
 
 
-def test_describe_says_types_in_words():
-    assert schema.describe(int | None) == "an integer or null"
-    assert schema.describe(tuple[float, float]) == "a list of 2 (a number, a number)"
-    assert schema.describe(list[str]) == "a list of (a string)"
-    assert schema.describe(Literal["cos", "linear"]) == "cos or linear"
+@pytest.mark.parametrize(
+    ("hint", "words"),
+    [
+        (int | None, "an integer or null"),
+        (Optional[int], "an integer or null"),  # noqa: UP045 (typing.Union, as older signatures spell it)
+        (bool | None, "true or false or null"),
+        (float, "a number"),
+        (str, "a string"),
+        (type(None), "null"),
+        (Path, "a path"),
+        (os.PathLike, "a path"),
+        (os.PathLike[str], "a path"),
+        (Path | os.PathLike, "a path"),  # one word once
+        (str | Path, "a string or a path"),
+        (int | torch.device, "an integer"),  # torch's own types are not config values
+        (tuple[float, float], "a list of 2 (a number, a number)"),
+        (tuple[int, ...], "a list of (an integer)"),
+        (list[str], "a list of (a string)"),
+        (collections.abc.Sequence[float], "a list of (a number)"),
+        (collections.abc.Iterable[bool], "a list of (true or false)"),
+        (tuple, "tuple"),
+        (Literal["cos", "linear"], "cos or linear"),
+        (Literal[True, "auto"], "true or auto"),
+        (Literal[False, 1], "false or 1"),
+        (torch.device, "device"),
+        (TypeVar("Width"), "Width"),
+        ("Width", "Width"),  # an annotation left as a string
+        (typing.List, "a list of (values)"),  # noqa: UP006 (a bare typing alias has no element type)
+        (tuple[int], "a list of 1 (an integer)"),
+        (Literal["CE", "KD"], "CE or KD"),  # only true/false are lowered
+    ],
+)
+def test_describe_says_types_in_words(hint, words):
+    assert schema.describe(hint) == words
+
+
+def test_a_refusal_names_the_type_in_words_and_the_fix():
+    with pytest.raises(ConfigError) as err:
+        schema._check_value("trainer.check_every", "often", int | None, " (somewhere)")
+    assert str(err.value) == (
+        "trainer.check_every must be an integer or null (somewhere), got 'often': "
+        "set trainer.check_every=<an integer or null>"
+    )
+    schema._check_value("trainer.check_every", None, int | None, "")  # fits: no error
+
+
+def test_only_resolvable_keys_outside_hydra_are_checked():
+    cfg = OmegaConf.create(
+        {
+            "hydra": {"anything": "goes"},
+            "missing": "???",
+            "job_only": "${hydra:job.num}",
+            "broken": "${nowhere}",
+            "nested": {"a": 1, "b": "${nested.a}", "gone": "???", "items": ["${nested.a}", 2]},
+            "pair": [1, "${nested.a}"],
+        }
+    )
+    assert schema._resolved(cfg) == {"nested": {"a": 1, "b": 1, "items": [1, 2]}, "pair": [1, 1]}
 
 
 WRONG = st.one_of(
@@ -131,3 +202,56 @@ def test_every_declared_scalar_key_refuses_a_wrong_type_in_one_line(data):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+class _Base:
+    def __init__(self, a: int, **kwargs) -> None:
+        pass
+
+
+class _Child(_Base):
+    def __init__(self, b: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+
+class _Mapping(dict):
+    def __init__(self, a: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+
+def test_signatures_follow_kwargs_up_to_a_closed_init_or_stay_open_ended():
+    assert schema.signature_types(_Child) == ({"b": str, "a": int}, False)  # object.__init__ takes nothing more
+    assert schema.signature_types(_Mapping) == ({"a": int}, False)  # dict's (*args, **kwargs) lead on to object
+
+    def unreadable(width: NoSuchType, depth: int = 2):  # noqa: F821 (an annotation this Python cannot evaluate)
+        pass
+
+    assert schema.signature_types(unreadable) == ({"width": Any, "depth": Any}, False)
+
+
+def test_an_open_ended_target_still_checks_the_keys_it_declares(monkeypatch):
+    def factory(depth: int, **kwargs):
+        pass
+
+    monkeypatch.setattr(schema, "get_object", lambda target: factory)
+    node = {"_target_": "zoo.factory", "anything": 1, "depth": "deep"}
+    with pytest.raises(ConfigError, match=r"^model.depth must be an integer \(zoo.factory\), got 'deep'"):
+        schema._check_target(node, "model", trusted=("zoo.*",))
+    schema._check_target({**node, "depth": 3}, "model", trusted=("zoo.*",))
+    schema._check_target(node, "model", trusted=("other.*",))  # untrusted: not read at all
+
+
+def test_a_target_taking_nothing_says_so(monkeypatch):
+    monkeypatch.setattr(schema, "get_object", lambda target: lambda: None)
+    with pytest.raises(ConfigError) as err:
+        schema._check_target({"_target_": "zoo.blank", "size": 1}, "model", trusted=("zoo.*",))
+    assert (
+        str(err.value) == "model.size is not a parameter of zoo.blank (it takes no settings): remove it or fix its name"
+    )
+
+
+def test_a_declared_key_holds_its_type_even_when_given_a_node_to_build():
+    cfg = compose_with("loss=kd")
+    OmegaConf.update(cfg, "trainer.device", {"_target_": "torch.device", "type": "cpu"}, force_add=True)
+    with pytest.raises(ConfigError, match=r"^trainer.device must be a string, got \{"):
+        schema.check(cfg, TRUSTED_TARGETS)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from kd.recipes import make_context, recipe_spec, run_recipe, teacher_recipe
+from kd.plan import resolve
+from kd.recipes import make_context, recipe_spec
 
 STUDY = Path(__file__).resolve().parents[1] / "benchmarks" / "study_kd.py"
 
@@ -25,10 +26,10 @@ def test_study_arms_train_the_recipes_the_named_experiments_ship(compose_cfg):
     shipped = compose_cfg("experiment=kd_strong_long", *small)
     chosen = f"strong-30-off-T{shipped.loss.temperature!r}-a{shipped.loss.alpha!r}"  # the retrained arm
     arm = compose_cfg(*study.arm_overrides(chosen), *small)
-    ctx = make_context(shipped, torch.device("cpu"))
+    ctx = make_context(resolve(shipped), torch.device("cpu"))
     # Same student recipe (so the same CE baseline), same teacher, same loss settings.
-    assert recipe_spec(run_recipe(arm, 42), ctx) == recipe_spec(run_recipe(shipped, 42), ctx)
-    assert recipe_spec(teacher_recipe(arm), ctx) == recipe_spec(teacher_recipe(shipped), ctx)
+    assert recipe_spec(resolve(arm).recipe(42), ctx) == recipe_spec(resolve(shipped).recipe(42), ctx)
+    assert recipe_spec(resolve(arm).teacher.recipe, ctx) == recipe_spec(resolve(shipped).teacher.recipe, ctx)
     assert (arm.loss.temperature, arm.loss.alpha) == (shipped.loss.temperature, shipped.loss.alpha)
     t4 = compose_cfg(*study.arm_overrides("strong-30-off-T4-a0.9"), *small)
     assert (t4.loss.temperature, t4.loss.alpha) == (4.0, 0.9)
@@ -36,13 +37,13 @@ def test_study_arms_train_the_recipes_the_named_experiments_ship(compose_cfg):
 
     views = compose_cfg(*study.arm_overrides("strong-30-views8"), *small)
     aug = compose_cfg("experiment=kd_strong_aug", *small)
-    assert recipe_spec(run_recipe(views, 42), ctx) == recipe_spec(run_recipe(aug, 42), ctx)
+    assert recipe_spec(resolve(views).recipe(42), ctx) == recipe_spec(resolve(aug).recipe(42), ctx)
     assert views.teacher.views == aug.teacher.views == 8 and views.data.augment is True
 
     # The seed-recipe teacher is another teacher for the same student recipe.
     seed_arm = compose_cfg(*study.arm_overrides("seed-30-off"), *small)
-    assert recipe_spec(run_recipe(seed_arm, 42), ctx) == recipe_spec(run_recipe(arm, 42), ctx)
-    assert recipe_spec(teacher_recipe(seed_arm), ctx) != recipe_spec(teacher_recipe(arm), ctx)
+    assert recipe_spec(resolve(seed_arm).recipe(42), ctx) == recipe_spec(resolve(arm).recipe(42), ctx)
+    assert recipe_spec(resolve(seed_arm).teacher.recipe, ctx) != recipe_spec(resolve(arm).teacher.recipe, ctx)
 
     retrain = compose_cfg(*study.arm_overrides("strong-30-off", "[45,46,47]"), *small)
     assert list(retrain.trial.seeds) == [45, 46, 47]

@@ -9,6 +9,7 @@ from kd.engine import predict_logits
 from kd.errors import CheckpointError
 from kd.losses import HintonKD, LossInputs
 from kd.models import DeepNN, LightNN
+from kd.plan import resolve
 from kd.provision import prepare_teacher
 from kd.recipes import make_context
 from kd.storage import build_once, save_checked
@@ -19,7 +20,7 @@ SMALL = ["data=synthetic", "data.train_size=96", "data.test_size=32", "data.val_
 
 def test_cached_logits_give_the_same_kd_loss_as_the_online_teacher(compose_cfg, tmp_path, teacher_file):
     cfg = compose_cfg("loss=kd", *SMALL, f"teacher.checkpoint={teacher_file}", f"paths.store_dir={tmp_path}/s")
-    ctx = make_context(cfg, torch.device("cpu"))
+    ctx = make_context(resolve(cfg), torch.device("cpu"))
     source = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
     assert source.info["teacher_signal"] == "cache" and source.info["teacher_source"] == "checkpoint"
 
@@ -51,7 +52,7 @@ def test_an_online_teacher_with_augmentation_caches_nothing(compose_cfg, tmp_pat
         f"teacher.checkpoint={teacher_file}",
         f"paths.store_dir={tmp_path}/s",
     )
-    ctx = make_context(cfg, torch.device("cpu"))
+    ctx = make_context(resolve(cfg), torch.device("cpu"))
     source = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
     assert source.info["teacher_signal"] == "online" and source.views is None
     assert not (tmp_path / "s" / "logits").exists() and not (tmp_path / "s" / "views").exists()
@@ -82,7 +83,7 @@ def test_a_different_teacher_or_dataset_gets_fresh_logits(tmp_path):
 def test_teacher_checkpoint_contents_change_the_cache_key(compose_cfg, tmp_path, teacher_file):
     store_dir = tmp_path / "s"
     cfg = compose_cfg("loss=kd", *SMALL, f"teacher.checkpoint={teacher_file}", f"paths.store_dir={store_dir}")
-    ctx = make_context(cfg, torch.device("cpu"))
+    ctx = make_context(resolve(cfg), torch.device("cpu"))
     prepare_teacher(ctx, TeacherStore(store_dir))
     torch.manual_seed(2)  # same path, new weights: must not reuse the old logits
     save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10), teacher_file)
@@ -146,7 +147,7 @@ def test_a_different_dataset_gets_fresh_logits_from_the_same_teacher(compose_cfg
             f"teacher.checkpoint={teacher_file}",
             f"paths.store_dir={store_dir}",
         )
-        ctx = make_context(cfg, torch.device("cpu"))
+        ctx = make_context(resolve(cfg), torch.device("cpu"))
         signal = prepare_teacher(ctx, TeacherStore(store_dir)).signal
         teacher = DeepNN()
         teacher.load_state_dict(load_checkpoint(teacher_file)["state_dict"])

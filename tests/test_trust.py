@@ -18,8 +18,9 @@ from kd.config import default_study_name, experiment_settings
 from kd.errors import CheckpointError
 from kd.identity import key, source_digest
 from kd.models import DeepNN
+from kd.plan import resolve
 from kd.provision import prepare_teacher
-from kd.recipes import make_context, recipe_spec, run_recipe, teacher_recipe
+from kd.recipes import make_context, recipe_spec
 from kd.report import report
 from kd.storage import save_checked
 from kd.teacher import TeacherStore, make_checkpoint
@@ -30,9 +31,9 @@ SMALL = ["data=synthetic", "data.train_size=96", "data.test_size=32", "data.val_
 
 def teacher_address(compose_cfg, *overrides: str, device: str = "cpu") -> str:
     cfg = compose_cfg("loss=kd", *SMALL, *overrides)
-    ctx = make_context(cfg, torch.device("cpu"))
+    ctx = make_context(resolve(cfg), torch.device("cpu"))
     ctx = dataclasses.replace(ctx, device=torch.device(device))  # recipe_spec reads only its type
-    return key("model", **recipe_spec(teacher_recipe(cfg), ctx))
+    return key("model", **recipe_spec(resolve(cfg).teacher.recipe, ctx))
 
 
 @pytest.mark.parametrize(
@@ -109,16 +110,16 @@ def test_editing_the_model_class_changes_its_source_digest(tmp_path, monkeypatch
 def test_the_seed_teacher_run_publishes_the_address_seed_kd_looks_up(compose_cfg):
     teacher_run = compose_cfg("experiment=seed_teacher", *SMALL, "data.val_size=0")
     kd_run = compose_cfg("experiment=seed_kd", *SMALL, "data.val_size=0")
-    ctx = make_context(teacher_run, torch.device("cpu"))
-    published = recipe_spec(run_recipe(teacher_run, int(teacher_run.seed)), ctx)
-    assert key("model", **published) == key("model", **recipe_spec(teacher_recipe(kd_run), ctx))
+    ctx = make_context(resolve(teacher_run), torch.device("cpu"))
+    published = recipe_spec(resolve(teacher_run).student, ctx)
+    assert key("model", **published) == key("model", **recipe_spec(resolve(kd_run).teacher.recipe, ctx))
 
 
 def _checkpoint_trained_without_validation(compose_cfg, path):
     cfg_all = compose_cfg(*SMALL, "data.val_size=0")
-    ctx_all = make_context(cfg_all, torch.device("cpu"))
+    ctx_all = make_context(resolve(cfg_all), torch.device("cpu"))
     torch.manual_seed(0)
-    spec = recipe_spec(teacher_recipe(cfg_all), ctx_all)
+    spec = recipe_spec(resolve(cfg_all).teacher.recipe, ctx_all)
     save_checked(make_checkpoint(DeepNN(), "kd.models.DeepNN", 10, spec=spec), path)
 
 
@@ -127,10 +128,10 @@ def test_a_teacher_that_saw_the_validation_images_is_refused(compose_cfg, tmp_pa
     _checkpoint_trained_without_validation(compose_cfg, path)
     cfg = compose_cfg("loss=kd", *SMALL, f"teacher.checkpoint={path}")
     with pytest.raises(CheckpointError, match="trained on this run's validation images"):
-        prepare_teacher(make_context(cfg, torch.device("cpu")), TeacherStore(tmp_path / "s"))
+        prepare_teacher(make_context(resolve(cfg), torch.device("cpu")), TeacherStore(tmp_path / "s"))
     # Without a validation split there is nothing to leak: the same file is fine.
     cfg_no_val = compose_cfg("loss=kd", *SMALL, "data.val_size=0", f"teacher.checkpoint={path}")
-    source = prepare_teacher(make_context(cfg_no_val, torch.device("cpu")), TeacherStore(tmp_path / "s"))
+    source = prepare_teacher(make_context(resolve(cfg_no_val), torch.device("cpu")), TeacherStore(tmp_path / "s"))
     assert "teacher_warning" not in source.info
 
 
@@ -138,7 +139,7 @@ def test_a_checkpoint_with_no_recorded_split_is_used_with_a_warning(compose_cfg,
     path = tmp_path / "bare.pt"
     torch.save(DeepNN().state_dict(), path)
     cfg = compose_cfg("loss=kd", *SMALL, f"teacher.checkpoint={path}")
-    source = prepare_teacher(make_context(cfg, torch.device("cpu")), TeacherStore(tmp_path / "s"))
+    source = prepare_teacher(make_context(resolve(cfg), torch.device("cpu")), TeacherStore(tmp_path / "s"))
     assert "records no training split" in source.info["teacher_warning"]
 
 

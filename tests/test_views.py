@@ -11,8 +11,9 @@ from kd.config import validate
 from kd.errors import ConfigError
 from kd.models import DeepNN
 from kd.pipeline import run
+from kd.plan import resolve
 from kd.provision import prepare_teacher
-from kd.recipes import make_context, recipe_spec, run_recipe, teacher_recipe
+from kd.recipes import make_context, recipe_spec
 from kd.teacher import TeacherStore, load_checkpoint
 from kd.views import CachedViews, RandomViews, apply_views, view_count, view_orders
 
@@ -56,7 +57,7 @@ def test_cached_view_logits_equal_the_online_teacher_on_the_same_augmented_batch
         f"teacher.checkpoint={teacher_file}",
         f"paths.store_dir={tmp_path}/s",
     )
-    ctx = make_context(cfg, torch.device("cpu"))
+    ctx = make_context(resolve(cfg), torch.device("cpu"))
     source = prepare_teacher(ctx, TeacherStore(cfg.paths.store_dir))
     assert source.info["teacher_signal"] == "views" and source.info["teacher_views"] == 5
     assert source.views.shape == (len(ctx.train_images), 5)
@@ -154,19 +155,19 @@ def test_schedules_step_per_batch_and_anneal(compose_cfg, tmp_path, name):
 
 def test_schedule_and_weight_decay_are_part_of_a_recipe(compose_cfg):
     base = compose_cfg(*SMALL)
-    ctx = make_context(base, torch.device("cpu"))
+    ctx = make_context(resolve(base), torch.device("cpu"))
 
     def spec(*overrides):
-        return recipe_spec(run_recipe(compose_cfg(*SMALL, *overrides), 42), ctx)
+        return recipe_spec(resolve(compose_cfg(*SMALL, *overrides)).recipe(42), ctx)
 
     assert "schedule" not in spec()  # a constant lr keeps the addresses stored before schedules existed
     assert spec("schedule=cosine") != spec() != spec("optim=adamw") != spec("optim=adamw", "optim.weight_decay=0.1")
     strong = compose_cfg("experiment=teacher_strong", "data=synthetic", "trainer.device=cpu")
     assert strong.teacher.schedule.max_lr == strong.teacher.optim.lr == 2e-3
     # Run alone, the experiment trains exactly the teacher its KD runs look up.
-    assert recipe_spec(run_recipe(strong, int(strong.seed)), ctx) == recipe_spec(teacher_recipe(strong), ctx)
+    assert recipe_spec(resolve(strong).student, ctx) == recipe_spec(resolve(strong).teacher.recipe, ctx)
     resnet = compose_cfg("experiment=teacher_resnet", "data=synthetic", "trainer.device=cpu")
-    assert recipe_spec(run_recipe(resnet, int(resnet.seed)), ctx) == recipe_spec(teacher_recipe(resnet), ctx)
+    assert recipe_spec(resolve(resnet).student, ctx) == recipe_spec(resolve(resnet).teacher.recipe, ctx)
     assert resnet.teacher.model.depth == 20 and resnet.teacher.optim.lr == 0.1 and resnet.teacher.augment
     with pytest.raises(ConfigError, match="optim.weight_decay must be >= 0"):
         validate(compose_cfg(*SMALL, "optim=adamw", "optim.weight_decay=-1"))
@@ -180,19 +181,19 @@ def test_named_student_recipes_share_everything_but_the_loss_and_the_teacher(com
     ce = compose_cfg("experiment=student_long_aug", *small)
     strong = compose_cfg("experiment=teacher_strong", *small)
     assert kd.loss._target_ == "kd.losses.HintonKD" and ce.loss._target_ == "kd.losses.CrossEntropy"
-    ctx = make_context(ce, torch.device("cpu"))
+    ctx = make_context(resolve(ce), torch.device("cpu"))
     # KD's CE baseline is exactly the student_long_aug run, and its teacher the teacher_strong run.
-    assert recipe_spec(run_recipe(kd, 42), ctx) == recipe_spec(run_recipe(ce, 42), ctx)
-    assert recipe_spec(teacher_recipe(kd), ctx) == recipe_spec(run_recipe(strong, int(strong.seed)), ctx)
+    assert recipe_spec(resolve(kd).recipe(42), ctx) == recipe_spec(resolve(ce).recipe(42), ctx)
+    assert recipe_spec(resolve(kd).teacher.recipe, ctx) == recipe_spec(resolve(strong).student, ctx)
     assert kd.data.augment is True and kd.trainer.epochs == 30 and kd.teacher.views == 8
     long_kd = compose_cfg("experiment=kd_strong_long", *small)
     long_ce = compose_cfg("experiment=student_long", *small)
     assert long_kd.data.augment is False and long_kd.loss._target_ == "kd.losses.HintonKD"
-    assert recipe_spec(run_recipe(long_kd, 42), ctx) == recipe_spec(run_recipe(long_ce, 42), ctx)
-    assert recipe_spec(teacher_recipe(long_kd), ctx) == recipe_spec(teacher_recipe(kd), ctx)
+    assert recipe_spec(resolve(long_kd).recipe(42), ctx) == recipe_spec(resolve(long_ce).recipe(42), ctx)
+    assert recipe_spec(resolve(long_kd).teacher.recipe, ctx) == recipe_spec(resolve(kd).teacher.recipe, ctx)
     # kd_resnet_teacher: the same student recipe, the teacher_resnet run as its teacher.
     resnet_kd = compose_cfg("experiment=kd_resnet_teacher", *small)
     resnet = compose_cfg("experiment=teacher_resnet", *small)
-    assert recipe_spec(run_recipe(resnet_kd, 42), ctx) == recipe_spec(run_recipe(ce, 42), ctx)
-    assert recipe_spec(teacher_recipe(resnet_kd), ctx) == recipe_spec(run_recipe(resnet, int(resnet.seed)), ctx)
+    assert recipe_spec(resolve(resnet_kd).recipe(42), ctx) == recipe_spec(resolve(ce).recipe(42), ctx)
+    assert recipe_spec(resolve(resnet_kd).teacher.recipe, ctx) == recipe_spec(resolve(resnet).student, ctx)
     assert resnet_kd.teacher.views == 16 and (resnet_kd.loss.temperature, resnet_kd.loss.alpha) == (4.0, 0.9)

@@ -49,19 +49,26 @@ def plan_groups(configs: Sequence[DictConfig], max_members: int) -> list[list[in
     jobs that cannot share come back as groups of one."""
     # kd is imported when the launcher is used: Hydra imports every plugin module at
     # the start of every app, kd's or not.
-    from kd.config import trial_seeds
+    from kd.errors import KDError
+    from kd.plan import resolve
     from kd.population import population_key
 
     by_key: dict[str, list[list[int]]] = {}
     groups: list[list[int]] = []
+    seeds: dict[int, int] = {}  # members a job brings
     for index, cfg in enumerate(configs):
-        key = population_key(cfg)
+        try:
+            plan = resolve(cfg)
+        except KDError:  # it runs alone and says what is wrong
+            groups.append([index])
+            continue
+        key, seeds[index] = population_key(plan), len(plan.seeds)
         if key is None:
             groups.append([index])
             continue
         chunks = by_key.setdefault(key, [[]])
-        size = sum(len(trial_seeds(configs[i])) for i in chunks[-1])
-        if chunks[-1] and size + len(trial_seeds(cfg)) > max_members:
+        size = sum(seeds[i] for i in chunks[-1])
+        if chunks[-1] and size + seeds[index] > max_members:
             chunks.append([])
         chunks[-1].append(index)
     for chunks in by_key.values():
