@@ -33,7 +33,7 @@ from kd import pipeline, population_jobs
 from kd.devices import available_cores
 from kd.errors import ConfigError, Diverged, JobStopped, KDError, Pruned, StorageError
 from kd.hints import override_hints, sweep_syntax_error
-from kd.tuning import epoch_reporter, use_replicate
+from kd.tuning import epoch_reporter, keep_run, record_measures, use_replicate
 
 log = logging.getLogger("kd")
 DIVERGED_JOBS: list[int] = []  # jobs of a plain multirun (all in this process) that diverged
@@ -166,6 +166,9 @@ def main(cfg: DictConfig, share: population_jobs.JobShare | None = None) -> floa
     except Exception:
         log.exception("the run failed")  # the whole traceback, in the job's log file
         raise
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        record_measures(metrics)  # what the sweep's constraints may bound
+        keep_run(hydra_cfg.runtime.output_dir, metrics)  # the student, kept in the study's artifact store
     value = metrics["objective_value"]
     if isinstance(value, list):  # objective=[val_acc,params]: one value per objective
         return [float("nan") if v is None else float(v) for v in value]

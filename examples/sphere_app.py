@@ -6,6 +6,7 @@
         '~hydra/sweeper/pruner'                            # two objectives: a Pareto front
     python examples/sphere_app.py -m noise=0.5 'hydra.sweeper.racing={max_seeds:4}' \\
         'hydra.sweeper.confirm_seeds=[100,101,102]'        # a noisy objective, raced over seeds
+    python examples/sphere_app.py -m "hydra.sweeper.constraints=['cost<=1']"  # the best with |x| <= 1
 """
 
 import math
@@ -29,6 +30,7 @@ def main(cfg: DictConfig) -> float | list[float]:
         loss += random.Random(seed).gauss(0, 0.6 * cfg.noise) + random.Random(f"{seed}:{cfg.x}:{cfg.y}").gauss(
             0, 0.8 * cfg.noise
         )
+    job.record(cost=abs(cfg.x))  # what hydra.sweeper.constraints may bound (a no-op outside a sweep)
     for step in range(cfg.steps):  # a "training loop" whose loss approaches the final one
         time.sleep(cfg.pause_s)
         job.report(loss + 1.0 / (step + 1), step)

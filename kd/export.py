@@ -3,6 +3,7 @@
     python -m kd.export RUN_DIR --format onnx          # RUN_DIR/model.onnx
     python -m kd.export RUN_DIR --format torchscript   # RUN_DIR/model.ts
     python -m kd.export RUN_DIR --format pt2           # RUN_DIR/model.pt2 (torch.export)
+    python -m kd.export --study SWEEP_DIR --trial 7    # trial 7's student, from the study's artifacts
 
 The model is rebuilt from the run's own config (``RUN_DIR/.hydra/config.yaml``) and
 checkpoint (loaded with ``weights_only=True``), exported with a dynamic batch size, run
@@ -169,14 +170,46 @@ def export(
     return record
 
 
+def fetch_trial(study_spec: str, number: int, dest: Path) -> Path:
+    """Rebuild trial ``number``'s run folder in ``dest`` from its study's artifact store
+    (``hydra.sweeper.artifacts``): its checkpoints, metrics.json and config. The trial's
+    own run folder may be gone."""
+    from hydra_plugins.kd_sweeper import artifacts
+    from hydra_plugins.kd_sweeper.study import find_study
+
+    try:
+        files = artifacts.fetch(find_study(study_spec), number, dest)
+    except ValueError as err:
+        raise CheckpointError(f"--study {err}") from None
+    config = dest / "config.yaml"
+    if not config.is_file() or not (dest / "metrics.json").is_file():
+        raise CheckpointError(f"trial {number} kept {[f.name for f in files]}: no metrics.json and config.yaml")
+    (dest / ".hydra").mkdir(exist_ok=True)
+    config.replace(dest / ".hydra" / "config.yaml")
+    metrics = json.loads((dest / "metrics.json").read_text())
+    for record in metrics.get("per_seed") or []:  # the checkpoints, where they are now
+        record["checkpoint"] = str(dest / Path(record["checkpoint"]).name)
+    write_json(dest / "metrics.json", metrics)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd.export", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run's directory (holds metrics.json)")
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a finished run's directory (holds metrics.json)")
+    parser.add_argument("--study", help="a sweep folder or storage URL[#study]: fetch --trial's files from it")
+    parser.add_argument("--trial", type=int, help="with --study: the trial whose student to export")
     parser.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="default: onnx")
     parser.add_argument("--seed", type=int, default=None, help="which seed's model (default: the run's first)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference in logits allowed")
     args = parser.parse_args(argv)
+    with_study = args.study is not None and args.trial is not None
+    if not with_study and (args.run_dir is None or args.study is not None or args.trial is not None):
+        parser.error("give a RUN_DIR, or --study and --trial (then RUN_DIR, if given, is where its files go)")
     try:
+        if args.study is not None:
+            where = args.run_dir or Path(f"trial-{args.trial}")
+            args.run_dir = fetch_trial(args.study, args.trial, where)
+            print(f"fetched trial {args.trial} of {args.study} into {where}")
         record = export(args.run_dir, args.format, seed=args.seed, tolerance=args.tolerance)
     except KDError as err:
         print(f"kd: error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ import optuna
 import yaml
 from optuna.visualization import matplotlib as optuna_plots
 
+from hydra_plugins.kd_sweeper.constraints import feasible
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
 from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials, masked, open_readonly
 from kd.errors import ReportError
@@ -155,7 +156,8 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
     complete = _completed(study)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: -t.value if maximize else t.value)
-    selected = complete[0].number if complete else None
+    # Under hydra.sweeper.constraints the selected trial is the best one that met them all.
+    selected = next((t.number for t in complete if feasible(t)), None)
     rows = []
     objective = "val_acc"
     for t in complete:
@@ -170,6 +172,7 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
                 "val_acc": describe(values_of(records, "val_acc")),
                 "kd_minus_ce_val": paired(records, "val_acc"),
                 "selected": t.number == selected,
+                "feasible": feasible(t) if t.constraints else None,
                 "test_acc": describe(values_of(records, "test_acc")) if t.number == selected else None,
                 "kd_minus_ce_test": paired(records, "test_acc") if t.number == selected else None,
             }
@@ -191,7 +194,17 @@ def sweep_table(sweep_dir: Path, study: Any) -> dict:
         "failures": failures,
         "pruned": pruned,
         "rows": rows,
+        **_constraint_counts(complete),
     }
+
+
+def _constraint_counts(complete: list) -> dict:
+    """How many completed trials met every bound of a constrained sweep ({} otherwise)."""
+    judged = [t for t in complete if t.constraints]
+    if not judged:
+        return {}
+    bounds = sorted({name for t in judged for name in t.constraints})
+    return {"constraints": {"bounds": bounds, "n_judged": len(judged), "n_feasible": sum(map(feasible, judged))}}
 
 
 def pareto_table(sweep_dir: Path, study: Any) -> dict:
@@ -254,9 +267,10 @@ def sweep_markdown(sweep: dict) -> str:
         test = "—"
         if r["selected"]:
             test = fmt_mean_se(r["test_acc"]) + f"; KD − CE {fmt_difference(r['kd_minus_ce_test'])}"
+        mark = " ★" if r["selected"] else " ✗" if r.get("feasible") is False else ""
         rows.append(
             [
-                f"{r['trial']}{' ★' if r['selected'] else ''}",
+                f"{r['trial']}{mark}",
                 *(short(r["params"].get(p)) for p in params),
                 f"{r['objective_value']:.2f}",
                 fmt_mean_se(r["val_acc"]),
@@ -269,6 +283,11 @@ def sweep_markdown(sweep: dict) -> str:
         f"({sweep['direction']}); {sweep['failed']} failed and {sweep.get('pruned', 0)} pruned trial(s) left out. "
         "Test accuracy is shown for the selected trial (★) only."
     )
+    if bounds := sweep.get("constraints"):
+        intro += (
+            f" Constraints {', '.join(f'`{b}`' for b in bounds['bounds'])}: {bounds['n_feasible']} of "
+            f"{bounds['n_judged']} trials met them (✗: did not); the selected trial is the best that did."
+        )
     why = "".join(f"\n- trial {f['trial']} failed: {f['reason']}" for f in sweep.get("failures", []))
     return intro + (f"\n{why}" if why else "") + "\n\n" + table(head, rows)
 

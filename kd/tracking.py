@@ -1,5 +1,5 @@
 """Run tracking: each run's config, per-epoch losses and accuracies, and final metrics
-written to the tracker a user already has (``logger=tensorboard`` or ``logger=mlflow``).
+written to the tracker a user already has (``logger=tensorboard``, ``mlflow`` or ``wandb``).
 
 Trackers are built from ``conf/logger/*.yaml`` and see only plain values; a sweep's
 trial number and study name arrive as tags, so a sweep shows up as one experiment.
@@ -101,3 +101,63 @@ class MLflowLogger(NullLogger):
         self.mlflow.log_metrics({f"final_{k}": v for k, v in _scalars(metrics).items()})
         status = {"completed": "FINISHED", "pruned": "KILLED"}.get(metrics.get("status", ""), "FAILED")
         self.mlflow.end_run(status=status)
+
+
+class WandbLogger(NullLogger):
+    """One Weights & Biases run per job. A sweep's runs are grouped by study and named
+    after their trials, and each trial records its run (user attribute ``wandb_run``),
+    so trials and runs link both ways. ``mode=offline`` (or ``WANDB_MODE=offline``)
+    writes under ``<directory>/wandb`` for a later ``wandb sync``."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        project: str = "kd",
+        entity: str | None = None,
+        mode: str | None = None,
+        directory: str | None = None,
+    ) -> None:
+        self.wandb = _optional("wandb", "wandb")
+        self.output_dir = Path(output_dir)
+        self.options = {"project": project, "entity": entity, "mode": mode}
+        self.directory = Path(directory) if directory else self.output_dir
+        self.run: Any = None
+
+    def start(self, config: dict, tags: dict[str, str]) -> None:
+        trial = tags.get("trial_number")
+        name = f"trial {trial}" if trial is not None else self.output_dir.name
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.run = self.wandb.init(
+                **{k: v for k, v in self.options.items() if v is not None},
+                dir=str(self.directory),
+                name=name,
+                group=tags.get("study_name"),
+                config=config,
+                tags=[f"{k}={v}" for k, v in tags.items()],
+                reinit="create_new",
+            )
+        except Exception as err:  # an unwritable folder, a bad mode, no login for online mode
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"logger=wandb cannot start ({why[:200]}); set logger.directory to a writable folder, "
+                "or logger.mode=offline to log without an account"
+            ) from None
+        _link_trial({"id": self.run.id, "project": self.run.project, "name": name, "dir": str(self.run.dir)})
+
+    def log_epoch(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(_scalars(values), step=step)
+
+    def finish(self, metrics: dict) -> None:
+        self.run.summary.update({f"final_{k}": v for k, v in _scalars(metrics).items()})
+        self.run.summary["status"] = metrics.get("status", "")
+        self.run.finish(exit_code=0 if metrics.get("status") == "completed" else 1)
+
+
+def _link_trial(run: dict[str, str]) -> None:
+    """Record the tracker's run on this job's sweep trial (nothing outside a sweep)."""
+    from hydra_plugins.kd_sweeper import job  # the job API: kd's one way into a sweep
+
+    trial = job.current()
+    if trial is not None:
+        trial.set_user_attr("wandb_run", run)

@@ -22,7 +22,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.kd_sweeper import job
-from kd.config import RENAMED_PRESETS, experiment_settings, loss_class, swept_keys, validate_for_selection
+from kd.config import (
+    COST_OBJECTIVES,
+    OBJECTIVES,
+    RENAMED_PRESETS,
+    experiment_settings,
+    loss_class,
+    swept_keys,
+    validate_for_selection,
+)
 from kd.errors import ConfigError, Pruned
 
 log = logging.getLogger(__name__)
@@ -102,6 +110,26 @@ def epoch_reporter(env: Mapping[str, str] | None = None, pruner: Any = None) -> 
             raise Pruned(step, value)
 
     return report
+
+
+def record_measures(metrics: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
+    """Record a finished run's accuracies and costs on its trial (``job.record``), where
+    ``hydra.sweeper.constraints`` can bound any of them; a no-op outside a sweep."""
+    names = (*OBJECTIVES, *COST_OBJECTIVES)
+    measured = {k: metrics[k] for k in names if isinstance(metrics.get(k), (int, float))}
+    if measured:
+        job.record(env, **measured)
+
+
+def keep_run(output_dir: str | Path, metrics: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
+    """In a sweep that keeps artifacts (``hydra.sweeper.artifacts``), upload what
+    ``python -m kd.export --study`` needs to rebuild the trial's student: its
+    checkpoints, metrics.json and config. A no-op otherwise."""
+    output_dir = Path(output_dir)
+    checkpoints = [Path(r["checkpoint"]) for r in metrics.get("per_seed") or [] if r.get("checkpoint")]
+    for path in (*checkpoints, output_dir / "metrics.json", output_dir / ".hydra" / "config.yaml"):
+        if path.is_file() and job.upload(path, env) is None:
+            return  # not a sweep that keeps artifacts
 
 
 class ReportHint(Callback):

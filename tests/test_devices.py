@@ -130,6 +130,10 @@ def test_each_device_refusal_is_one_line_with_its_fix(monkeypatch, spec, gpus, m
     assert str(err.value) == message
 
 
+def test_a_single_run_takes_the_first_gpu():
+    assert select_device("auto", gpu_count=3) == torch.device("cuda", 0)
+
+
 def test_the_last_gpu_is_a_valid_choice():
     assert select_device("cuda:0", 7, gpu_count=1) == torch.device("cuda", 0)
     assert select_device("cuda:3", 0, gpu_count=4) == torch.device("cuda", 3)

@@ -38,6 +38,7 @@ CASES: dict[str, tuple[list[str], int]] = {
     "hydra.sweeper.storage (journal)": ([*SWEEP, "hydra.sweeper.storage=journal://{file}"], 4),
     "logger.tracking_uri": (["logger=mlflow", "logger.tracking_uri=sqlite:///{file}"], 2),
     "logger.subdir": (["logger=tensorboard", "logger.subdir={file}"], 4),
+    "logger.directory": (["logger=wandb", "logger.mode=offline", "logger.directory={file}"], 2),
 }
 # Keys Hydra sets itself or that hold no path.
 NOT_USER_PATHS = {"hydra.runtime.output_dir", "hydra.job.chdir"}
@@ -57,10 +58,11 @@ def test_every_path_valued_key_is_covered():
     for overrides in (
         ["data=folder", "data.root=/x", "logger=mlflow", "hparams_search=kd"],
         ["logger=tensorboard"],
+        ["logger=wandb"],
     ):
         with initialize_config_dir(config_dir=str(CONF)):
             cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-        found |= {k for k in _leaves(cfg) if re.search(r"(dir|root|checkpoint|storage|uri|path|file)$", k)}
+        found |= {k for k in _leaves(cfg) if re.search(r"(dir|directory|root|checkpoint|storage|uri|path|file)$", k)}
     covered = {key.split(" ")[0] for key in CASES}
     assert found - NOT_USER_PATHS == covered, (found - NOT_USER_PATHS) ^ covered
 

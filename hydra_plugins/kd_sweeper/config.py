@@ -38,6 +38,13 @@ class KDOptunaSweeperConf(OptunaSweeperConf):
     # n_jobs trials in flight, the next started as soon as one ends (flight.py); false:
     # Hydra's batches of n_jobs, each waiting for its slowest trial
     asynchronous: bool = True
+    # Bounds on recorded metrics, e.g. ['flops<=1e6']: the answer is the best trial that
+    # meets them all (constraints.py); null: none
+    constraints: Any = None
+    # An earlier sweep (its folder, or a storage URL[#study]) whose best trial(s) run first (warm.py)
+    warm_start: Any = None
+    # Where trials keep files (job.upload): a folder, s3://bucket or gs://bucket (artifacts.py); null: none
+    artifacts: Any = None
 
 
 @dataclass

@@ -10,6 +10,7 @@ nothing (``should_prune()`` is False)::
         job.report(val_loss, step=epoch)
         if job.should_prune():
             raise optuna.TrialPruned()  # the sweeper records the trial as PRUNED
+    job.record(flops=model_flops)  # what hydra.sweeper.constraints may bound
 
 The sweeper tells each job which trial it is through ``hydra.job.env_set`` (Hydra sets
 those variables around the job, in whatever process or machine the launcher runs it):
@@ -26,14 +27,17 @@ from typing import Any
 import optuna
 from hydra.core.hydra_config import HydraConfig
 
+from hydra_plugins.kd_sweeper import artifacts
 from hydra_plugins.kd_sweeper._compat import live_trial
 from hydra_plugins.kd_sweeper.config import build_pruner
+from hydra_plugins.kd_sweeper.constraints import METRICS
 from hydra_plugins.kd_sweeper.study import open_storage
 
 STORAGE_ENV = "KD_OPTUNA_STORAGE"
 STUDY_ENV = "KD_OPTUNA_STUDY"
 TRIAL_ENV = "KD_OPTUNA_TRIAL"
 REPLICATE_ENV = "KD_OPTUNA_REPLICATE"
+ARTIFACTS_ENV = "KD_OPTUNA_ARTIFACTS"
 
 _open: dict[tuple[str, str, int], optuna.Trial] = {}
 
@@ -96,3 +100,27 @@ def should_prune(env: Mapping[str, str] | None = None) -> bool:
     if trial is None or len(trial.study.directions) != 1:
         return False
     return bool(trial.should_prune())
+
+
+def record(env: Mapping[str, str] | None = None, **metrics: float) -> None:
+    """Record what this job measured (``record(flops=8.1e5, latency_ms=0.04)``) on its
+    trial: what the sweep's ``constraints`` bound, and what kd.report shows. Later
+    calls add to earlier ones. A no-op outside a ``kd_optuna`` sweep."""
+    trial = current(env)
+    if trial is None:
+        return
+    known = dict(trial.user_attrs.get(METRICS) or {})
+    trial.set_user_attr(METRICS, {**known, **{str(k): float(v) for k, v in metrics.items()}})
+
+
+def upload(path: str | os.PathLike, env: Mapping[str, str] | None = None) -> str | None:
+    """Keep the file ``path`` in the sweep's artifact store (``hydra.sweeper.artifacts``),
+    linked from this job's trial; returns its artifact id. None (nothing kept) outside a
+    sweep or when the sweep keeps no artifacts."""
+    env = os.environ if env is None else env
+    location, trial = env.get(ARTIFACTS_ENV), current(env)
+    if not location or trial is None:
+        return None
+    return optuna.artifacts.upload_artifact(
+        artifact_store=artifacts.store(location), file_path=str(path), study_or_trial=trial
+    )

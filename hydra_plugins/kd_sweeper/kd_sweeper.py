@@ -51,10 +51,11 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
-from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from hydra_plugins.kd_sweeper import _compat
+from hydra_plugins.kd_sweeper.artifacts import ARTIFACTS
+from hydra_plugins.kd_sweeper.artifacts import where as artifact_location
 from hydra_plugins.kd_sweeper.config import (
     SAMPLERS,
     available_cores,
@@ -62,6 +63,7 @@ from hydra_plugins.kd_sweeper.config import (
     check_sweeper_values,
     failure_allowance,
 )
+from hydra_plugins.kd_sweeper.constraints import parse as parse_bounds
 from hydra_plugins.kd_sweeper.flight import Flight, runs_in_flight
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
 from hydra_plugins.kd_sweeper.liveness import Heartbeat, SilentTrials
@@ -70,12 +72,10 @@ from hydra_plugins.kd_sweeper.race_loop import (
     RaceLoop,
     check_confirm_seeds,
     load_race,
-    log_race,
     racing_config,
     record_settings,
     reference_trial,
 )
-from hydra_plugins.kd_sweeper.race_loop import summary as race_summary
 from hydra_plugins.kd_sweeper.refusals import (
     Interrupts,
     StorageRefused,
@@ -84,6 +84,7 @@ from hydra_plugins.kd_sweeper.refusals import (
     refuse,
     unreadable_storage,
 )
+from hydra_plugins.kd_sweeper.results import write_results
 from hydra_plugins.kd_sweeper.space import (
     BASE_SEED,
     FIXED,
@@ -102,6 +103,7 @@ from hydra_plugins.kd_sweeper.study import (
     why_not_resumable,
 )
 from hydra_plugins.kd_sweeper.trials import HideJobEnv, TrialRunner, finished_count
+from hydra_plugins.kd_sweeper.warm import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         racing: Any = None,
         confirm_seeds: Any = None,
         asynchronous: bool = True,
+        constraints: Any = None,
+        warm_start: Any = None,
+        artifacts: Any = None,
     ) -> None:
         super().__init__(
             sampler,
@@ -146,12 +151,17 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         try:
             self.racing = racing_config(racing)
             self.confirm_seeds = check_confirm_seeds(confirm_seeds, self.racing)
+            self.bounds = parse_bounds(constraints)
         except (ValueError, TypeError) as err:
             refuse(str(err))
+        if self.bounds and self.racing is not None:
+            refuse("hydra.sweeper.constraints and racing cannot be combined yet: drop one of them")
         self.reference = (racing or {}).get("reference") if self.racing is not None else None
         if not isinstance(asynchronous, bool):
             refuse(f"hydra.sweeper.asynchronous must be true or false, got {asynchronous!r}")
         self.asynchronous = asynchronous
+        self.warm_start = warm_start
+        self.artifacts = artifact_location(artifacts)
 
     # ------------------------------------------------------------------ set-up
     def _space(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], dict[str, Any], list[str]]:
@@ -301,6 +311,8 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         settings = self._app_settings(distributions, fixed)
         if settings is not None:
             identity[SETTINGS] = settings
+        if self.bounds:  # a constrained study is another question (absent otherwise: older studies match)
+            identity["constraints"] = [b.name for b in self.bounds]
         grid = None
         if self._is_grid():
             try:
@@ -313,6 +325,12 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         self._check_identity(study, identity, directions)
         self._settle_base_seed(study)
         fail_stale_trials(study)
+        if self.artifacts and study.user_attrs.get(ARTIFACTS) != self.artifacts:
+            study.set_user_attr(ARTIFACTS, self.artifacts)  # where kd.export --study finds the files
+        try:
+            warm_start(study, self.warm_start, distributions)
+        except (ValueError, OSError, DamagedStorage, SQLAlchemyError) as err:
+            raise SweepRefused(str(err).splitlines()[0]) from None
         allowed = failure_allowance(self.max_failure_rate, self.n_trials)
         pruner = f"; pruner {type(self.pruner).__name__}" if self.pruner is not None else ""
         log.info("study %s (%s): %d of %d trials there; up to %d may fail in this run%s", study.study_name,
@@ -398,37 +416,7 @@ class KDOptunaSweeperImpl(TrialRunner, _compat.OptunaSweeperImpl):
         loop.confirm(self.confirm_seeds)
 
     def _write_results(self, study: optuna.Study, directions: list[str]) -> None:
-        trials = counted_trials(study)
-        results: dict[str, Any] = {
-            "name": "optuna",
-            "study_name": study.study_name,
-            "storage": shown(self.storage),  # where kd.report finds the study (a password masked)
-            "n_complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
-            "n_pruned": sum(1 for t in trials if t.state == TrialState.PRUNED),
-            "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL),
-        }
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if self.racing is not None:
-            results["racing"] = race_summary(study, self.racing, self.confirm_seeds)
-            log_race(results["racing"])
-            incumbent = results["racing"].get("incumbent")
-            if incumbent:
-                results.update(
-                    best_params=incumbent["params"], best_value=incumbent["mean"], best_trial=incumbent["trial"]
-                )
-        elif complete and len(directions) == 1:
-            best = study.best_trial
-            results.update(best_params=best.params, best_value=best.value, best_trial=best.number)
-            log.info("best trial %d: %s -> %s", best.number, best.params, best.value)
-        elif complete:
-            front = study.best_trials
-            results["solutions"] = [{"number": t.number, "params": t.params, "values": t.values} for t in front]
-            log.info("Pareto front: %d trials", len(front))
-            for t in front:
-                log.info("    trial %d: values %s, params %s", t.number, t.values, t.params)
-        Path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(plain(results)), f"{self.sweep_dir}/optimization_results.yaml")
-        log.info("sweep results: %s (study %s in %s)", self.sweep_dir, study.study_name, shown(self.storage))
+        write_results(self, study, directions)
 
 
 class KDOptunaSweeper(OptunaSweeper):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -186,3 +187,35 @@ def why_not_resumable(storage: Any, study_name: str | None, sweep_dir: str, raw_
             "set hydra.sweep.dir to a fixed path (e.g. multirun/NAME) or keep the storage outside it"
         )
     return None
+
+
+def _recorded(sweep_dir: Path) -> dict:
+    try:
+        results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+def find_study(spec: str) -> optuna.Study:
+    """The study ``spec`` names, opened read-only: a sweep dir (its ``optuna.db``, or the
+    storage its optimization_results.yaml recorded), or a storage URL holding one study
+    (``URL#name`` picks one of several). A ValueError says what is missing."""
+    url, _, name = str(spec).partition("#")
+    where = Path(url)
+    if where.is_dir():
+        recorded = _recorded(where)
+        name = name or recorded.get("study_name", "")
+        url = f"sqlite:///{where / 'optuna.db'}" if (where / "optuna.db").exists() else recorded.get("storage")
+        if not url:
+            raise ValueError(f"{spec}: that folder holds no optuna.db and no recorded storage")
+    elif "://" not in url:
+        raise ValueError(f"{spec} is neither a sweep folder nor a storage URL")
+    storage = open_readonly(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    name = name or (names[0] if len(names) == 1 else "")
+    if name not in names:
+        raise ValueError(
+            f"{spec}: no study {name or '(none named)'} there (it holds {names}); name one as <url>#<study name>"
+        )
+    return optuna.load_study(study_name=name, storage=storage)

@@ -16,8 +16,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hydra_plugins.kd_sweeper import _compat
-from hydra_plugins.kd_sweeper.job import REPLICATE_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from hydra_plugins.kd_sweeper import _compat, constraints
+from hydra_plugins.kd_sweeper.constraints import returned_metrics
+from hydra_plugins.kd_sweeper.job import ARTIFACTS_ENV, REPLICATE_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.kd_sweeper.liveness import OWNER, Heartbeat, SilentTrials, this_process
 from hydra_plugins.kd_sweeper.refusals import Interrupts
 from hydra_plugins.kd_sweeper.space import trial_seed
@@ -38,6 +39,8 @@ class TrialRunner:
     (``n_trials``, ``launcher``, ``storage``, ``sweep_dir``, the sampler) it reads."""
 
     interrupts: Interrupts  # the sweeper's own, installed while it sweeps
+    bounds: tuple[constraints.Bound, ...] = ()  # hydra.sweeper.constraints
+    artifacts: str | None = None  # hydra.sweeper.artifacts, as jobs see it
 
     def _silent_trials(self, heartbeat: Heartbeat) -> SilentTrials:
         """The judge of RUNNING trials no heartbeat covers: with heartbeats on, one whose
@@ -133,6 +136,10 @@ class TrialRunner:
     def settle(self, study: optuna.Study, trial: optuna.Trial, ret: Any, heartbeat: Heartbeat) -> str | None:
         """Tell the study a trial's outcome from its job's return; its failure reason, if it failed."""
         state, values, reason = self.outcome(ret, len(study.directions))
+        if state == TrialState.COMPLETE and self.bounds:
+            returned = returned_metrics(ret.return_value)[1]
+            reason = constraints.apply(self.bounds, study, trial, returned)
+            state = TrialState.FAIL if reason else state
         if state == TrialState.FAIL:
             log.warning("trial %d failed: %s (its log has the details)", trial.number, reason)
             self._fail(study, trial, reason, heartbeat)
@@ -166,6 +173,8 @@ class TrialRunner:
             env[STORAGE_ENV] = self.storage
         if seed is not None:
             env[REPLICATE_ENV] = seed
+        if self.artifacts:
+            env[ARTIFACTS_ENV] = self.artifacts
         return (
             *(f"++hydra.job.env_set.{key}={quoted(value)}" for key, value in env.items()),
             # A job's sweep dir may be interpolated from values this sweep varies: pin it.
@@ -182,7 +191,7 @@ class TrialRunner:
         if error is not None:
             first_line = str(error).splitlines()[0] if str(error) else ""
             return TrialState.FAIL, None, f"{ERROR}: {type(error).__name__}: {first_line}".rstrip(": ")
-        value = ret.return_value
+        value = returned_metrics(ret.return_value)[0]  # {"objective": v, <metrics>}: v
         raw = [value] if n_objectives == 1 else value
         try:
             values = [float(v) for v in raw]
