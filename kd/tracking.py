@@ -134,13 +134,15 @@ class WandbLogger(NullLogger):
                 name=name,
                 group=tags.get("study_name"),
                 config=config,
-                tags=[f"{k}={v}" for k, v in tags.items()],
+                notes=f"run dir: {tags.get('run_dir', self.output_dir)}",
+                tags=[f"{k}={v}"[:64] for k, v in tags.items() if k != "run_dir"],  # W&B takes 64 characters
                 reinit="create_new",
             )
         except Exception as err:  # an unwritable folder, a bad mode, no login for online mode
-            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            why = "; ".join(line for line in lines if not line.startswith("For further"))[:300] or type(err).__name__
             raise ConfigError(
-                f"logger=wandb cannot start ({why[:200]}); set logger.directory to a writable folder, "
+                f"logger=wandb cannot start ({why}); set logger.directory to a writable folder, "
                 "or logger.mode=offline to log without an account"
             ) from None
         _link_trial({"id": self.run.id, "project": self.run.project, "name": name, "dir": str(self.run.dir)})

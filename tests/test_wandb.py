@@ -53,6 +53,7 @@ def _read_run(run_dir: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.update(name=record.run.display_name, group=record.run.run_group, project=record.run.project)
+            run["tags"] = list(record.run.tags)
             run["config"].update(_items(record.run.config.update))
         elif kind == "config":
             run["config"].update(_items(record.config.update))
@@ -78,6 +79,7 @@ def test_a_sweeps_trials_are_offline_wandb_runs_grouped_by_study_and_linked_both
         metrics = read_metrics(sweep / str(trial.number))
         assert run["name"] == link["name"] == f"trial {trial.number}" and run["group"] == "tracked"
         assert run["project"] == "kd" and Path(link["dir"]).is_relative_to(sweep / str(trial.number))
+        assert run["tags"] == ["study_name=tracked", f"trial_number={trial.number}"]
         val = [(h["_step"], h["val_acc"]) for h in run["history"] if "val_acc" in h]
         assert val == [(h["epoch"], pytest.approx(h["val_acc"])) for h in metrics["history"]]
         assert run["config"]["loss.temperature"] == pytest.approx(trial.params["loss.temperature"])
