@@ -308,7 +308,50 @@ def quickstart_line() -> str:
     )
 
 
+def job_overhead() -> str:
+    """benchmarks/bench_job_overhead.py: what a job pays before its first step."""
+    bench = _load(RESULTS / "performance" / "job_overhead.json")
+    rows = [
+        [name, f"{cell['mean']:.3f} ± {cell['sd']:.3f} s", str(len(cell["values"]))]
+        for name, cell in bench["seconds_per_job"].items()
+    ]
+    rows.append(["first job: decodes the images, trains the 1-epoch teacher, caches its logits",
+                 f"{bench['first_job_s']:.0f} s", "1"])  # fmt: skip
+    body = table(["path", "seconds per job (mean ± SD)", "n"], rows, align="lrr")
+    return f"{body}\n\nBaseline ÷ stamps and manifest: {bench['ratio']:.1f}x ({bench['machine']})."
+
+
+def student_compile() -> str:
+    """benchmarks/student_compile.py: eager against torch.compile for the student."""
+    bench = _load(RESULTS / "performance" / "compile.json")
+    rows = []
+    for dtype, arm in bench["arms"].items():
+        first = arm["first_epoch_s"]
+        rows.append([dtype, f"{first['eager']:.1f} s", f"{first['compiled']:.1f} s", f"{arm['median_eager_s']:.3f} s",
+                     f"{arm['median_compiled_s']:.3f} s", f"{arm['eager_over_compiled']:.2f}"])  # fmt: skip
+    head = [
+        "dtype",
+        "first epoch, eager",
+        "first epoch, compiled",
+        "epoch, eager",
+        "epoch, compiled",
+        "eager ÷ compiled",
+    ]
+    repeats = len(arm["epoch_s"]["eager"])
+    return f"{table(head, rows, align='lrrrrr')}\n\nLater epochs: medians of {repeats} ({bench['machine']})."
+
+
+def population_kernels() -> str:
+    """benchmarks/population_kernels.py: the population test under each kernel choice."""
+    bench = _load(RESULTS / "performance" / "population_kernels.json")
+    rows = [["on" if c["onednn"] else "off", str(c["threads"]), c["pytest"]] for c in bench["cases"]]
+    return f"{table(['oneDNN', 'threads', 'pytest'], rows, align='llr')}\n\n{bench['device']}, {bench['cores']} cores."
+
+
 TABLES = {
+    "job-overhead": job_overhead,
+    "student-compile": student_compile,
+    "population-kernels": population_kernels,
     "quickstart": quickstart,
     "quickstart-line": quickstart_line,
     "async-kd": async_kd,

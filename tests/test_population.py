@@ -115,6 +115,24 @@ def test_a_population_trains_each_member_as_its_single_run_would(compose_cfg, tm
         _assert_same(single, member)
 
 
+def test_a_member_trained_with_another_members_dropout_masks_fails_the_comparison(
+    compose_cfg, tmp_path, float64, monkeypatch
+):
+    """The tolerance is tight enough to see the bug it guards against: members 1 and 2
+    swap their dropout generators in the population, and the comparison fails."""
+    import kd.recipes
+
+    settings = [["optim.lr=2e-3", "seed=1"], ["optim.lr=2e-3", "seed=2"]]
+    cfgs, ctx, teacher, members = _members(compose_cfg, tmp_path, settings)
+    own = kd.recipes.dropout_generator
+    monkeypatch.setattr(kd.recipes, "dropout_generator", lambda seed, device: own(3 - seed, device))
+    outcomes = train_population(members, ctx, teacher)
+    monkeypatch.setattr(kd.recipes, "dropout_generator", own)
+    single = train_model(resolve(cfgs[0]).student, resolve(cfgs[0]).new_loss(), ctx, teacher=teacher)
+    with pytest.raises(AssertionError, match="relative difference"):
+        _assert_same(single, outcomes[0])
+
+
 def test_members_draw_their_own_dropout_masks(compose_cfg, tmp_path):
     """Two members of the same seed stay identical; without per-member masks (one
     shared random draw across the stack) they would drift apart."""
