@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.kd_sweeper import flight
 from hydra_plugins.kd_sweeper.flight import Flight, joblib_in_process, runs_in_flight
+from hydra_plugins.kd_sweeper.refusals import interrupted
 from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials
 
 
@@ -251,6 +252,31 @@ def test_an_interrupt_fails_every_trial_in_flight_and_stops_local_workers(monkey
     assert stopped == [True] and not f.in_flight
     assert "stopped with trials [1] in flight: marked failed (interrupted)" in caplog.text
     sweeper.launcher.release(1)
+
+
+def test_a_ctrl_c_that_broke_the_launchers_pool_stops_the_sweep_as_an_interrupt(monkeypatch):
+    f, sweeper, study = _flight(n_trials=4, n_jobs=2)
+    monkeypatch.setattr(flight, "stop_local_workers", lambda: None)
+    thread, result = _run(f)
+    sweeper.launcher.wait_launched(2)
+    broken = RuntimeError("A task has failed to un-serialize.")
+    broken.__cause__ = RuntimeError('Traceback (most recent call last):\n  ...\nKeyboardInterrupt\n"""')
+    sweeper.launcher.release(0, broken)  # what joblib raises when the SIGINT lands in a worker
+    thread.join(30)
+    assert isinstance(result["error"], KeyboardInterrupt) and result["error"].__cause__ is broken
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL] and not f.in_flight
+    sweeper.launcher.release(1)
+
+
+def test_only_an_error_chained_to_a_keyboard_interrupt_counts_as_one():
+    assert interrupted(KeyboardInterrupt()) and not interrupted(None)
+    chained = OSError("pool broke")
+    chained.__context__ = ValueError("worker: KeyboardInterrupt")
+    assert interrupted(chained)
+    loop = OSError("a")
+    loop.__cause__ = OSError("b")
+    loop.__cause__.__cause__ = loop  # a cycle ends the walk
+    assert not interrupted(loop) and not interrupted(OSError("sbatch: command not found"))
 
 
 def test_a_launcher_that_fails_fails_its_trial_and_the_sweep():

@@ -26,6 +26,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from hydra_plugins.kd_sweeper.config import available_cores
+from hydra_plugins.kd_sweeper.refusals import interrupted
 from hydra_plugins.kd_sweeper.study import ERROR, INTERRUPTED, counted_trials, fail_stale_trials
 
 # Launchers that run a job in the sweeper's own process: one job at a time, in batches.
@@ -159,6 +160,8 @@ class Flight:
         error = future.exception()
         if error is not None:  # the launcher itself failed: the trial never ran
             self.sweeper._fail(self.study, trial, None, self.heartbeat)
+            if interrupted(error):
+                raise KeyboardInterrupt from error
             raise error
         ret = future.result()
         number = job_number(ret)

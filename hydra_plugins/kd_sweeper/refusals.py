@@ -92,3 +92,17 @@ class Interrupts:
         """Raise KeyboardInterrupt if Ctrl-C came, whether or not its first one was dropped."""
         if self.seen:
             raise KeyboardInterrupt
+
+
+def interrupted(error: BaseException | None) -> bool:
+    """Whether a launcher's error is a Ctrl-C that reached its workers first. The SIGINT
+    of the whole process group can land in a joblib worker while it unpickles its task;
+    the pool then breaks ("a task has failed to un-serialize"), and only the worker's
+    traceback, chained to the error, says KeyboardInterrupt."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

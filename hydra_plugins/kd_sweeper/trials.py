@@ -20,7 +20,7 @@ from hydra_plugins.kd_sweeper import _compat, constraints
 from hydra_plugins.kd_sweeper.constraints import returned_metrics
 from hydra_plugins.kd_sweeper.job import ARTIFACTS_ENV, REPLICATE_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.kd_sweeper.liveness import OWNER, Heartbeat, SilentTrials, this_process
-from hydra_plugins.kd_sweeper.refusals import Interrupts
+from hydra_plugins.kd_sweeper.refusals import Interrupts, interrupted
 from hydra_plugins.kd_sweeper.space import trial_seed
 from hydra_plugins.kd_sweeper.study import (
     DIVERGED,
@@ -126,9 +126,11 @@ class TrialRunner:
             return []
         try:
             returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-        except BaseException:
+        except BaseException as err:
             for trial in trials:  # the launcher itself failed: these trials never ran
                 self._fail(study, trial, None, heartbeat)
+            if interrupted(err) and not isinstance(err, KeyboardInterrupt):
+                raise KeyboardInterrupt from err  # Ctrl-C reached a worker first (refusals.interrupted)
             raise
         reasons = [self.settle(study, trial, ret, heartbeat) for trial, ret in zip(trials, returns, strict=True)]
         return [r for r in reasons if r is not None]
