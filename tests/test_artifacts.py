@@ -42,6 +42,7 @@ def test_a_job_uploads_to_its_trial_and_the_files_come_back_by_trial(tmp_path):
     assert sorted(p.name for p in fetched) == ["metrics.json", "model.pt"]
     assert (tmp_path / "back" / "model.pt").read_bytes() == b"weights"
     artifacts.fetch(study, 0, tmp_path / "back")  # fetched again: replaced, not refused
+    assert len(artifacts.fetch(study, 0, tmp_path / "new" / "deep")) == 2  # parents made
     with pytest.raises(ValueError, match="has no trial 5"):
         artifacts.fetch(study, 5, tmp_path / "x")
 
@@ -57,6 +58,16 @@ def test_fetching_says_why_there_is_nothing(tmp_path):
         artifacts.fetch(optuna.load_study(study_name="s", storage=storage2), 0, tmp_path / "y")
     with pytest.raises(CheckpointError, match=r"^--study .* is neither a sweep folder nor a storage URL"):
         fetch_trial(str(tmp_path / "nowhere"), 0, tmp_path / "z")
+
+
+def test_buckets_map_to_optunas_cloud_stores_and_folders_are_made(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(optuna.artifacts, "Boto3ArtifactStore", lambda bucket: made.append(("s3", bucket)) or "s3")
+    monkeypatch.setattr(optuna.artifacts, "GCSArtifactStore", lambda bucket: made.append(("gs", bucket)) or "gs")
+    assert artifacts.store("s3://my-bucket") == "s3" and artifacts.store("gs://other") == "gs"
+    assert made == [("s3", "my-bucket"), ("gs", "other")]
+    deep = tmp_path / "a" / "b" / "store"
+    assert isinstance(artifacts.store(str(deep)), optuna.artifacts.FileSystemArtifactStore) and deep.is_dir()
 
 
 def test_where_makes_folders_absolute_and_leaves_buckets():

@@ -52,6 +52,8 @@ def test_the_answer_is_the_best_feasible_trial_or_the_front():
     front = _finished(("maximize", "minimize"), ((1.0, 1.0), (3.0, 3.0), (2.0, 4.0)))
     assert [t.number for t in warm.answer(front)] == [0, 1]
     assert warm.answer(optuna.create_study()) == []
+    tied = _finished(values=((3.0,), (3.0,), (1.0,)))
+    assert [t.number for t in warm.answer(tied)] == [0]  # one best trial, even when another ties it
 
 
 def test_a_study_is_found_from_a_sweep_folder_or_a_storage_url(tmp_path):
@@ -112,3 +114,53 @@ def test_a_warm_start_from_nowhere_is_refused_in_one_line(tmp_path):
     proc = sweep(tmp_path, f"hydra.sweeper.warm_start={tmp_path / 'missing'}")
     assert proc.returncode != 0
     assert "hydra.sweeper.warm_start=" in proc.stderr and "neither a sweep folder nor a storage URL" in proc.stderr
+
+
+def _source(tmp_path, params: dict, name: str = "src") -> str:
+    url = f"sqlite:///{tmp_path / (name + '.db')}"
+    source = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    dists = {k: FloatDistribution(0, 10) for k in params}
+    source.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=1.0))
+    return url
+
+
+def test_the_log_says_what_was_queued_and_what_changed(tmp_path, caplog):
+    url = _source(tmp_path, {"t": 6.0, "gone": 1.0})
+    caplog.set_level("INFO", logger="hydra_plugins.kd_sweeper.warm")
+    target = optuna.create_study(direction="maximize")
+    warm.warm_start(target, url, {"t": FloatDistribution(1.0, 4.0)})
+    assert caplog.messages == [
+        "warm start: trial 0 of src queued first (t=6.0 clipped to 4.0 ([1.0, 4.0]); gone=1.0 dropped (not in this "
+        "search space))"
+    ]
+    caplog.clear()
+    wide = {"t": FloatDistribution(0.0, 10.0), "gone": FloatDistribution(0.0, 10.0)}
+    warm.warm_start(optuna.create_study(direction="maximize"), url, wide)
+    assert caplog.messages == ["warm start: trial 0 of src queued first"]
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(study_name="empty", storage=empty)
+    caplog.clear()
+    nothing = optuna.create_study()
+    warm.warm_start(nothing, empty, {})
+    assert caplog.messages == ["warm start: empty has no completed (feasible) trial to start from"]
+    assert nothing.user_attrs[warm.WARM_START] == {"from": empty, "study": "empty", "trials": []}
+
+
+def test_the_study_records_its_source_as_given(tmp_path):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    _source(folder, {"t": 2.0}, name="optuna")
+    for spec, recorded in ((str(folder), str(folder)), (f"{folder}#optuna", f"{folder}#optuna")):
+        target = optuna.create_study(direction="maximize")
+        warm.warm_start(target, spec, {"t": FloatDistribution(0, 10)})
+        assert target.user_attrs[warm.WARM_START]["from"] == recorded
+    with pytest.raises(ValueError, match=r"^hydra.sweeper.warm_start=\S+nowhere is neither a sweep folder"):
+        warm.warm_start(optuna.create_study(), str(tmp_path / "nowhere"), {})
+
+
+def test_a_trial_queued_before_a_crash_is_not_queued_twice(tmp_path):
+    url = _source(tmp_path, {"t": 2.0})
+    target = optuna.create_study(direction="maximize")
+    target.enqueue_trial({"t": 2.0})  # queued, then the sweeper died before recording its source
+    warm.warm_start(target, url, {"t": FloatDistribution(0, 10)})
+    assert len(target.get_trials(states=(TrialState.WAITING,))) == 1
