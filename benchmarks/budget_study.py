@@ -124,9 +124,13 @@ def main() -> None:
     picked = choices(args.out, args.bound)
     fresh = {}
     for name, choice in picked.items():
-        if choice is not None:
+        params = choice["params"] if choice is not None else None
+        same = next((n for n in fresh if picked[n] is not None and picked[n]["params"] == params), None)
+        if same is not None:  # both ways chose one setting: its fresh runs answer for both
+            fresh[name] = fresh[same]
+        elif choice is not None:
             fresh[name] = rerun(args.out, name, choice, common, args.seeds, run=not args.summarise_only)
-            print(f"{name}: {json.dumps(fresh[name])}", flush=True)
+        print(f"{name}: {json.dumps(fresh.get(name))}", flush=True)
     record = {
         "command": "python benchmarks/budget_study.py " + " ".join(sys.argv[1:]),
         "device": device_name(__import__("torch").device("cpu")),
@@ -136,6 +140,9 @@ def main() -> None:
         "sweeps": {name: trials_of(args.out / name) for name in ("budget", "front")},
         "choices": picked,
         "fresh": fresh,
+        "same_choice": picked["constrained"] is not None
+        and picked["front_pick"] is not None
+        and picked["constrained"]["params"] == picked["front_pick"]["params"],
         "constrained_minus_front_pick": compare(fresh),
     }
     (args.out / "budget.json").write_text(json.dumps(record, indent=2) + "\n")
