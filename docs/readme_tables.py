@@ -348,7 +348,38 @@ def population_kernels() -> str:
     return f"{table(['oneDNN', 'threads', 'pytest'], rows, align='llr')}\n\n{bench['device']}, {bench['cores']} cores."
 
 
+def budget_study() -> str:
+    """benchmarks/budget_study.py: a constrained sweep against picking from the front, fresh seeds."""
+    bench = _load(RESULTS / "budget" / "budget.json")
+    rows = []
+    for name, label in (("constrained", "constrained sweep's answer"), ("front_pick", "pick from the front")):
+        choice, fresh = bench["choices"].get(name), bench["fresh"].get(name)
+        if choice is None or fresh is None:
+            rows.append([label, "—", "—", "—", "—", "—", "—"])
+            continue
+        p = choice["params"]
+        setting = f"T {p['loss.temperature']:.3g}, α {p['loss.alpha']:.3g}, width {p['model.width']:.3g}"
+        rows.append([label, setting, si(fresh["flops"]), f"{choice['val_acc']:.2f} %", fmt_mean_se(fresh["val_acc"]),
+                     fmt_mean_se(fresh["test_acc"]), fmt_difference(fresh["kd_minus_ce"]["val_acc"])])  # fmt: skip
+    head = ["choice", "setting", "FLOPs", "sweep val (seed 42)", "fresh val", "fresh test", "KD − CE val [95 % CI]"]
+    sweeps = bench["sweeps"]
+    feasible = sum(t["feasible"] for t in sweeps["budget"])
+    under = sum(t["flops"] <= float(bench["bound"].split("<=")[1]) for t in sweeps["front"])
+    diff = bench.get("constrained_minus_front_pick") or {}
+    line = (
+        f"{bench['trials_per_sweep']} trials each; {feasible} of the constrained sweep's and {under} of the "
+        f"front sweep's trials met `{bench['bound']}`. "
+    )
+    if bench.get("same_choice"):
+        line += f"Both ways chose the same setting; its runs on the fresh seeds {bench['fresh_seeds']} answer for both."
+    else:
+        val, test = fmt_difference(diff.get("val_acc")), fmt_difference(diff.get("test_acc"))
+        line += f"Constrained − front pick on the fresh seeds {bench['fresh_seeds']}: val {val}, test {test}."
+    return f"{table(head, rows, align='llrrrrl')}\n\n{line}"
+
+
 TABLES = {
+    "budget-study": budget_study,
     "job-overhead": job_overhead,
     "student-compile": student_compile,
     "population-kernels": population_kernels,
