@@ -20,6 +20,7 @@ finished re-runs. Writes ``OUT/budget.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def choices(out: Path, bound: float) -> dict[str, dict | None]:
 
 def rerun(out: Path, name: str, choice: dict, common: list[str], seeds: str, run: bool) -> dict | None:
     """``choice`` on the fresh seeds, paired with CE (None when not run yet and ``run`` is off)."""
-    run_dir = out / "fresh" / name
+    digest = hashlib.sha1(json.dumps(choice["params"], sort_keys=True).encode()).hexdigest()[:8]
+    run_dir = out / "fresh" / f"{name}-{digest}"  # a setting's own folder: a resumed study may choose anew
     overrides = [*common, f"trial.seeds={seeds}", "trial.baseline=true", "loss=kd",
                  *(f"{k}={v}" for k, v in choice["params"].items())]  # fmt: skip
     if run and not finished(run_dir):
