@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.visualization import matplotlib as optuna_plots
 
 from hydra_plugins.kd_sweeper.constraints import feasible
 from hydra_plugins.kd_sweeper.journal import DamagedStorage
-from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials, masked, open_readonly
+from hydra_plugins.kd_sweeper.study import FAIL_REASON, counted_trials, masked, open_readonly, recorded_results
 from kd.errors import ReportError
 from kd.markdown import short, table
 from kd.race_report import race_markdown, seed_spread_plot
@@ -36,17 +35,8 @@ def sweep_storage(sweep_dir: Path, storage: str | None = None) -> str | None:
     storage (a plain multirun, a study kept in memory)."""
     if (sweep_dir / "optuna.db").exists():
         return SQLITE
-    results = _recorded_results(sweep_dir)
+    results = recorded_results(sweep_dir)
     return (storage or results.get("storage")) if results else None
-
-
-def _recorded_results(sweep_dir: Path) -> dict:
-    """A finished sweep's optimization_results.yaml ({} when missing or unreadable)."""
-    try:
-        results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return results if isinstance(results, dict) else {}
 
 
 def load_study(sweep_dir: Path, notes: list[str], storage: str | None = None) -> Any:
@@ -67,7 +57,7 @@ def load_study(sweep_dir: Path, notes: list[str], storage: str | None = None) ->
     try:
         backend = open_readonly(where)
         names = [s.study_name for s in optuna.get_all_study_summaries(backend)]
-        name = _recorded_results(sweep_dir).get("study_name") or (names[0] if len(names) == 1 else None)
+        name = recorded_results(sweep_dir).get("study_name") or (names[0] if len(names) == 1 else None)
         if name not in names:
             notes.append(f"{sweep_dir}: {where} holds no study {name or '(none named)'}: its sweep table is left out.")
             return None

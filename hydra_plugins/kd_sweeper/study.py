@@ -189,7 +189,8 @@ def why_not_resumable(storage: Any, study_name: str | None, sweep_dir: str, raw_
     return None
 
 
-def _recorded(sweep_dir: Path) -> dict:
+def recorded_results(sweep_dir: Path) -> dict:
+    """A finished sweep's optimization_results.yaml ({} when missing or unreadable)."""
     try:
         results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -204,7 +205,7 @@ def find_study(spec: str) -> optuna.Study:
     url, _, name = str(spec).partition("#")
     where = Path(url)
     if where.is_dir():
-        recorded = _recorded(where)
+        recorded = recorded_results(where)
         name = name or recorded.get("study_name", "")
         url = f"sqlite:///{where / 'optuna.db'}" if (where / "optuna.db").exists() else recorded.get("storage")
         if not url:
